@@ -1,0 +1,419 @@
+"""One-Token Rollout over vocab-parallel logits, with no vocabulary-sized communication.
+
+Each tensor-parallel rank holds logits ``[N, V/tp]`` for global ids ``[rank*V/tp, (rank+1)*V/tp)``.
+Per token only O(tp) numbers cross ranks, whatever K is:
+
+1. one small all-gather of input fingerprints (shapes, label and key checksums, settings), so a
+   mismatched rank raises instead of silently training on wrong numbers;
+2. one all-gather of per-rank statistics: max, sum exp at temperature 1 and at kappa, the label's
+   logit (owner only), and for the expected estimator the tempered mean logit;
+3. (sample only) one all-reduce of the reward-weighted sampled logits and the hit counts.
+
+The backward uses the saved global statistics and needs no collective.
+
+Sampling is an exact hierarchical inverse CDF with one uniform per sample: the uniform is mapped
+to a global CDF position, the per-rank masses pick the owning rank (the same decision on every
+rank), the owner picks a block of ``_BLOCK`` ids from block masses kept in the forward pass, and
+recomputes only that block to find the token. Samples therefore equal a single-device inverse-CDF
+draw except where float rounding moves a CDF boundary, and the cost per token is one pass over the
+shard plus O(K * _BLOCK / tp), never K x V.
+"""
+
+from __future__ import annotations
+
+import math
+import struct
+import zlib
+
+import torch
+import torch.distributed as dist
+
+from otr_megatron.core.config import OTRConfig
+from otr_megatron.core.random import token_uniforms
+
+_BLOCK = 32  # ids per block of the two-level sampling search
+_FLOAT_DTYPES = (torch.float32, torch.bfloat16, torch.float16, torch.float64)
+_INT_DTYPES = (torch.int64, torch.int32)
+
+
+def _default_chunk_tokens(shard: int) -> int:
+    # ~2M elements (8 MB of fp32) per temporary: fits caches on CPU, large enough for GPU kernels.
+    return max(1, (1 << 21) // max(shard, 1))
+
+
+def _tp_layout(tp_group) -> tuple[int, int]:
+    if tp_group is None:
+        return 1, 0
+    return dist.get_world_size(tp_group), dist.get_rank(tp_group)
+
+
+def _settings_id(cfg: OTRConfig, step: int, ignore_index: int) -> int:
+    """Deterministic id of everything that must agree across TP ranks (Python's hash() is salted)."""
+    raw = struct.pack("<qdd", cfg.num_samples, cfg.temperature, cfg.neg_reward)
+    raw += f"{cfg.estimator}|{cfg.seed}|{step}|{ignore_index}".encode()
+    return zlib.crc32(raw)
+
+
+# --------------------------------------------------------------------------------------------
+# input checks: one tiny collective and one host sync, so a mistake fails loudly on every rank
+# --------------------------------------------------------------------------------------------
+
+
+def _check_args(logits, labels, cfg, token_keys, vocab_size, padded_vocab_size, step, world):
+    if not isinstance(cfg, OTRConfig):
+        raise TypeError(f"cfg must be an otr_megatron.OTRConfig, got {type(cfg).__name__}")
+    if not isinstance(logits, torch.Tensor) or logits.dtype not in _FLOAT_DTYPES:
+        got = logits.dtype if isinstance(logits, torch.Tensor) else type(logits).__name__
+        raise TypeError(f"logits must be a bf16, fp16, fp32 or fp64 tensor, got {got}")
+    if logits.dim() < 1 or logits.size(-1) < 1:
+        raise ValueError(f"logits must have shape [..., V/tp] with V/tp >= 1, got {tuple(logits.shape)}")
+    if not isinstance(labels, torch.Tensor) or labels.dtype not in _INT_DTYPES:
+        got = labels.dtype if isinstance(labels, torch.Tensor) else type(labels).__name__
+        raise TypeError(f"labels must be an int64 (or int32) tensor of token ids, got {got}")
+    if tuple(labels.shape) != tuple(logits.shape[:-1]):
+        raise ValueError(
+            f"labels shape {tuple(labels.shape)} must equal logits shape without its last dimension "
+            f"{tuple(logits.shape[:-1])}"
+        )
+    if labels.device != logits.device:
+        raise ValueError(f"labels are on {labels.device} but logits on {logits.device}")
+    if token_keys is not None:
+        if not isinstance(token_keys, torch.Tensor) or token_keys.dtype not in _INT_DTYPES:
+            got = token_keys.dtype if isinstance(token_keys, torch.Tensor) else type(token_keys).__name__
+            raise TypeError(f"token_keys must be an int64 tensor like labels, got {got}")
+        if tuple(token_keys.shape) != tuple(labels.shape):
+            raise ValueError(f"token_keys shape {tuple(token_keys.shape)} must equal labels shape {tuple(labels.shape)}")
+    if isinstance(step, bool) or not isinstance(step, int) or step < 0:
+        raise ValueError(f"step must be an integer >= 0 (the training iteration), got {step!r}")
+    shard = logits.size(-1)
+    if padded_vocab_size is not None and shard * world != padded_vocab_size:
+        raise ValueError(
+            f"logits last dimension {shard} x tensor-parallel size {world} = {shard * world} does not match "
+            f"padded_vocab_size={padded_vocab_size}; pass this rank's vocabulary shard, not gathered logits"
+        )
+    if vocab_size is None:
+        vocab_size = shard * world
+    if isinstance(vocab_size, bool) or not isinstance(vocab_size, int) or not 1 <= vocab_size <= shard * world:
+        raise ValueError(
+            f"vocab_size must be an integer in [1, logits.size(-1) * tp = {shard * world}], got {vocab_size!r}"
+        )
+    return vocab_size
+
+
+def _fingerprint(labels, keys, vocab_size, ignore_index, cfg, step, shard) -> torch.Tensor:
+    n = labels.numel()
+    weights = torch.arange(1, n + 1, dtype=torch.int64, device=labels.device)
+    bad = ((labels < 0) & (labels != ignore_index)) | (labels >= vocab_size)
+    head = torch.tensor([n, shard, vocab_size, _settings_id(cfg, step, ignore_index)], dtype=torch.int64, device=labels.device)
+    tail = torch.stack([(labels * weights).sum(), (keys * weights).sum(), bad.sum()])
+    return torch.cat([head, tail])
+
+
+def _verify_fingerprints(prints: torch.Tensor, labels, vocab_size, ignore_index) -> None:
+    rows = prints.tolist()
+    names = ["number of tokens", "logits last dimension", "vocab_size", "OTR settings / step / ignore_index",
+             "labels", "token_keys"]
+    for field, name in enumerate(names):
+        values = [r[field] for r in rows]
+        if len(set(values)) > 1:
+            raise ValueError(
+                f"tensor-parallel ranks disagree on {name} (per rank: {values}); every TP rank must call "
+                "vocab_parallel_otr_loss with the same labels, token keys and settings and equally shaped logits"
+            )
+    if rows[0][6]:
+        bad = ((labels < 0) & (labels != ignore_index)) | (labels >= vocab_size)
+        example = labels[bad].flatten()[:5].tolist()
+        raise ValueError(
+            f"labels must be token ids in [0, vocab_size={vocab_size}) or ignore_index={ignore_index}; "
+            f"found {rows[0][6]} outside, e.g. {example}"
+        )
+
+
+def _all_gather(t: torch.Tensor, group, world: int) -> torch.Tensor:
+    if group is None:
+        return t.unsqueeze(0)
+    out = torch.empty((world,) + tuple(t.shape), dtype=t.dtype, device=t.device)
+    dist.all_gather_into_tensor(out, t.contiguous(), group=group)
+    return out
+
+
+# --------------------------------------------------------------------------------------------
+# the autograd function
+# --------------------------------------------------------------------------------------------
+
+
+class _VocabParallelOTR(torch.autograd.Function):
+    """Forward: statistics, sampling and loss. Backward: recompute softmax chunk by chunk."""
+
+    @staticmethod
+    def forward(ctx, logits, labels, keys, cfg, group, world, rank, step, vocab_size, ignore_index, stats_out):
+        n_tok, shard = logits.shape
+        dev = logits.device
+        start = rank * shard
+        n_real = min(max(vocab_size - start, 0), shard)  # real (unpadded) ids held here
+        est = cfg.estimator
+        kappa, beta, k = float(cfg.temperature), float(cfg.neg_reward), cfg.num_samples
+        tempered = est in ("sample", "expected")
+        chunk = cfg.chunk_tokens or _default_chunk_tokens(shard)
+
+        valid = labels != ignore_index
+        local_label = labels - start
+        owns_label = valid & (local_label >= 0) & (local_label < n_real)
+        label_col = torch.where(owns_label, local_label, torch.zeros_like(local_label))
+
+        # ---- pass 1: per-rank statistics (and block masses of the tempered distribution) ----
+        # columns: 0 max, 1 sum exp(x - max), 2 label logit, 3 sum exp((x - max)/kappa),
+        #          4 sum exp((x - max)/kappa) * (x - max)   (expected estimator only)
+        ncols = 3 + tempered + (est == "expected")
+        stats = torch.zeros(n_tok, ncols, dtype=torch.float64, device=dev)
+        n_blocks = -(-n_real // _BLOCK)
+        blocks = torch.zeros(n_tok, n_blocks, dtype=torch.float32, device=dev) if est == "sample" else None
+        if n_real == 0:
+            stats[:, 0] = -math.inf
+        for lo in range(0, n_tok if n_real else 0, chunk):
+            hi = min(n_tok, lo + chunk)
+            x = logits[lo:hi, :n_real]
+            d = x.float()
+            m = d.amax(dim=-1, keepdim=True)
+            d = d - m if d.data_ptr() == x.data_ptr() else d.sub_(m)  # never modify the input
+            e = torch.exp(d)
+            stats[lo:hi, 0] = m.squeeze(-1)
+            stats[lo:hi, 1] = e.sum(-1)
+            if tempered:
+                torch.mul(d, 1.0 / kappa, out=e).exp_()
+                stats[lo:hi, 3] = e.sum(-1)
+                if blocks is not None:
+                    full = (n_real // _BLOCK) * _BLOCK
+                    if full:
+                        blocks[lo:hi, : full // _BLOCK] = e[:, :full].reshape(hi - lo, -1, _BLOCK).sum(-1)
+                    if full < n_real:
+                        blocks[lo:hi, -1] = e[:, full:].sum(-1)
+                if est == "expected":
+                    stats[lo:hi, 4] = torch.matmul(e.unsqueeze(1), d.unsqueeze(2)).view(-1)
+        rows = torch.arange(n_tok, device=dev)
+        stats[:, 2] = torch.where(owns_label, logits[rows, label_col].double(), 0.0)
+
+        # ---- collective: per-rank statistics -> global normalisers, identically on every rank ----
+        allstats = _all_gather(stats, group, world)  # [tp, N, ncols]
+        m_r = allstats[..., 0]
+        big = m_r.amax(0)  # global max (NaN if any rank saw NaN)
+        lse = big + torch.log((allstats[..., 1] * torch.exp(m_r - big)).sum(0))
+        label_logit = allstats[..., 2].sum(0)
+        ok = valid & torch.isfinite(lse)
+        if tempered:
+            scale = torch.exp((m_r - big) / kappa)  # rank r's tempered mass unit, relative to global max
+            mass_r = allstats[..., 3] * scale  # [tp, N]
+            mass = mass_r.sum(0)
+            lse_k = big / kappa + torch.log(mass)  # log-normaliser of logits / kappa
+            ok &= torch.isfinite(lse_k)
+            q_label = torch.exp(label_logit / kappa - lse_k)
+        label_logprob = label_logit - lse
+
+        # ---- per-token loss and backward coefficients: grad = g * (a*pi + b*q + sparse) ----
+        zero = torch.zeros(n_tok, dtype=torch.float64, device=dev)
+        coef_q = None
+        if est == "sample":
+            hits, wsum, sparse = _sample(logits, keys, cfg, step, rank, world, n_real, label_col, owns_label,
+                                         ok, m_r, big, scale, mass_r, mass, blocks, chunk, group)
+            reward = hits + beta * (k - hits)  # S_t
+            loss = reward / k * lse - wsum / k
+            coef_pi = reward / k
+            stats_out["hits"] = hits
+            stats_out["owned_samples"] = sparse
+            stats_out["reward_mean"] = reward / k
+        else:
+            if est == "expected":
+                # sum_a q(a) l(a): every rank's tempered mean logit, weighted by its mass
+                m_safe = torch.where(allstats[..., 3] > 0, m_r, torch.zeros_like(m_r))
+                mean_logit = ((allstats[..., 4] + m_safe * allstats[..., 3]) * scale).sum(0) / mass
+                qy_logp = torch.where(q_label > 0, q_label * label_logprob, zero)
+                loss = -((1 - beta) * qy_logp + beta * (mean_logit - lse))
+                coef_pi = (1 - beta) * q_label + beta
+                coef_label = -(1 - beta) * q_label
+                coef_q = torch.full_like(zero, -beta) if beta != 0 else None
+            elif est == "sft":
+                loss = -label_logprob
+                coef_pi = torch.ones_like(zero)
+                coef_label = -coef_pi
+            else:  # dft: -stopgrad(p_y) * log p_y
+                p_label = torch.exp(label_logprob)
+                loss = -p_label * label_logprob
+                coef_pi = p_label
+                coef_label = -p_label
+            own = (owns_label & ok).nonzero().squeeze(1)
+            sparse = (own, label_col[own], coef_label[own].float())
+
+        nan = torch.full_like(zero, math.nan)
+        loss = torch.where(ok, loss, torch.where(valid, nan, zero))
+        # non-finite logits give a non-finite gradient too; ignored tokens get exactly zero
+        coef_pi = torch.where(ok, coef_pi, torch.where(valid, nan, zero)).float()
+        if coef_q is not None:
+            coef_q = torch.where(ok, coef_q, zero).float()
+
+        stats_out["label_logprob"] = label_logprob.float()
+        if tempered:
+            stats_out["label_prob_tempered"] = q_label.float()
+        stats_out["valid"] = valid
+
+        ctx.save_for_backward(logits)
+        ctx.lse = lse.float()
+        ctx.lse_k = lse_k.float() if coef_q is not None else None
+        ctx.coef_pi, ctx.coef_q, ctx.sparse = coef_pi, coef_q, sparse
+        ctx.ignored = (~valid).nonzero().squeeze(1)
+        ctx.kappa, ctx.n_real, ctx.chunk, ctx.inplace = kappa, n_real, chunk, cfg.inplace_backward
+        return loss.float()
+
+    @staticmethod
+    def backward(ctx, grad_loss):
+        (logits,) = ctx.saved_tensors
+        n_tok, shard = logits.shape
+        g = grad_loss.reshape(-1).float()
+        a = ctx.coef_pi * g
+        b = ctx.coef_q * g if ctx.coef_q is not None else None
+        tok, col, coef = ctx.sparse
+        vals = coef * g[tok]  # upstream gradient applied in fp32, before any rounding
+        out = logits if ctx.inplace else torch.empty_like(logits)
+        for lo in range(0, n_tok, ctx.chunk):
+            hi = min(n_tok, lo + ctx.chunk)
+            x = logits[lo:hi]
+            p = torch.sub(x.float(), ctx.lse[lo:hi, None]).exp_().mul_(a[lo:hi, None])
+            if b is not None:
+                q = torch.mul(x.float(), 1.0 / ctx.kappa).sub_(ctx.lse_k[lo:hi, None]).exp_()
+                p.addcmul_(q, b[lo:hi, None])
+            if ctx.n_real < shard:
+                p[:, ctx.n_real:] = 0.0  # padded ids: not part of the softmax
+            i0, i1 = torch.searchsorted(tok, torch.tensor([lo, hi], device=tok.device)).tolist()
+            if i1 > i0:  # scatter-add: duplicate samples accumulate
+                p.view(-1).index_add_(0, (tok[i0:i1] - lo) * shard + col[i0:i1], vals[i0:i1])
+            ig = ctx.ignored[(ctx.ignored >= lo) & (ctx.ignored < hi)]
+            if ig.numel():
+                p.index_fill_(0, ig - lo, 0.0)
+            out[lo:hi].copy_(p)  # the one rounding to the input dtype
+        return out, None, None, None, None, None, None, None, None, None, None
+
+
+def _sample(logits, keys, cfg, step, rank, world, n_real, label_col, owns_label, ok, m_r, big, scale, mass_r,
+            mass, blocks, chunk, group):
+    """Draw K samples per token; return hit counts, sum_j R_j * logit(a_j) (global) and owned samples."""
+    n_tok, shard = logits.shape
+    dev = logits.device
+    k, kappa, beta = cfg.num_samples, float(cfg.temperature), float(cfg.neg_reward)
+    partial = torch.zeros(n_tok, 2, dtype=torch.float64, device=dev)  # hits, sum of R * logit
+    toks, cols, weights = [], [], []
+    todo = ok.nonzero().squeeze(1)
+    ranks = torch.arange(world, device=dev)
+    last_rank = torch.where(mass_r > 0, ranks[:, None], 0).amax(0)  # clamp target for rounding
+    block_ids = torch.arange(blocks.size(1), device=dev)
+    in_block = torch.arange(_BLOCK, device=dev)
+    rows_per_step = max(1, min(chunk, (1 << 20) // (k * _BLOCK)))
+    for s in range(0, todo.numel(), rows_per_step):
+        r = todo[s : s + rows_per_step]
+        t = token_uniforms(keys[r], k, cfg.seed, step) * mass[r, None]  # global CDF positions [R, K]
+        cum = mass_r[:, r].T.cumsum(-1)  # [R, tp]
+        owner = torch.minimum(torch.searchsorted(cum, t, right=True), last_rank[r, None])
+        mine = owner == rank
+        if n_real == 0 or not bool(mine.any()):
+            continue
+        before = cum[:, rank] - mass_r[rank, r]
+        t_local = torch.where(mine, (t - before[:, None]) / scale[rank][r].unsqueeze(1), 0.0)  # in this rank's units
+        cum_blocks = blocks[r].double().cumsum(-1)
+        last_block = torch.where(blocks[r] > 0, block_ids, 0).amax(-1)
+        blk = torch.minimum(torch.searchsorted(cum_blocks, t_local, right=True), last_block[:, None])
+        t_in = t_local - torch.where(blk > 0, cum_blocks.gather(1, (blk - 1).clamp(min=0)), 0.0)
+        ri, j = mine.nonzero(as_tuple=True)
+        tok = r[ri]
+        blk, t_in = blk[ri, j], t_in[ri, j]
+        c = blk[:, None] * _BLOCK + in_block  # [M, BLOCK] candidate columns
+        real = c < n_real
+        xb = logits[tok[:, None], c.clamp(max=n_real - 1)].float()
+        eb = torch.where(real, torch.exp((xb - m_r[rank][tok].unsqueeze(1).float()) / kappa), 0.0)
+        last_in = torch.where(eb > 0, in_block, 0).amax(-1)
+        pos = torch.searchsorted(eb.double().cumsum(-1), t_in[:, None], right=True).squeeze(1)
+        pos = torch.minimum(pos, last_in)
+        col = blk * _BLOCK + pos
+        hit = owns_label[tok] & (col == label_col[tok])
+        w = torch.where(hit, 1.0, beta)
+        partial[:, 0].index_add_(0, tok, hit.double())
+        partial[:, 1].index_add_(0, tok, w * xb.gather(1, pos[:, None]).squeeze(1).double())
+        toks.append(tok)
+        cols.append(col)
+        weights.append((-w / k).float())
+    if group is not None:
+        dist.all_reduce(partial, group=group)
+    if toks:
+        sparse = (torch.cat(toks), torch.cat(cols), torch.cat(weights))
+    else:
+        empty = torch.zeros(0, dtype=torch.int64, device=dev)
+        sparse = (empty, empty, torch.zeros(0, dtype=torch.float32, device=dev))
+    return partial[:, 0], partial[:, 1], sparse
+
+
+# --------------------------------------------------------------------------------------------
+# public entry point
+# --------------------------------------------------------------------------------------------
+
+
+def vocab_parallel_otr_loss(
+    logits: torch.Tensor,
+    labels: torch.Tensor,
+    cfg: OTRConfig,
+    tp_group=None,
+    step: int = 0,
+    vocab_size: int | None = None,
+    token_keys: torch.Tensor | None = None,
+    ignore_index: int = -100,
+    return_stats: bool = False,
+    padded_vocab_size: int | None = None,
+):
+    """Per-token One-Token Rollout loss over this rank's vocabulary shard.
+
+    logits: ``[..., V/tp]`` shard of rank ``r`` (global ids ``[r*V/tp, (r+1)*V/tp)``), any float dtype.
+    labels: ``[...]`` int64 global ids, identical on every TP rank; ``ignore_index`` marks unsupervised
+        positions (zero loss, zero gradient, no samples drawn).
+    step / token_keys: with ``cfg.seed`` the whole random key: each token's samples depend only on
+        (seed, step, key, sample index). Default keys are the flat token index within this call;
+        pass global keys (sample id x max length + position) for layout- and resume-invariant draws.
+    vocab_size: real vocabulary size; padded ids are never sampled and excluded from the softmax.
+    padded_vocab_size: if given, checked against ``logits.size(-1) * tp`` (catches gathered logits).
+
+    Returns the float32 per-token loss shaped like ``labels`` (normalisation is the caller's), and
+    with ``return_stats=True`` also a dict of per-token tensors: ``label_logprob``, ``valid`` and, for
+    the tempered estimators, ``label_prob_tempered``; for ``estimator="sample"`` ``hits`` (how many of
+    the K samples equal the label), ``reward_mean`` (sum_j R_j / K) and ``owned_samples``, a pair
+    (flat token index, global id) of 1-D tensors listing the samples this rank drew.
+    """
+    world, rank = _tp_layout(tp_group)
+    vocab_size = _check_args(logits, labels, cfg, token_keys, vocab_size, padded_vocab_size, step, world)
+    shape = labels.shape
+    shard = logits.size(-1)
+    flat_logits = logits.reshape(-1, shard)
+    if not flat_logits.is_contiguous():
+        flat_logits = flat_logits.contiguous()
+    flat_labels = labels.reshape(-1).to(torch.int64)
+    keys = (torch.arange(flat_labels.numel(), device=labels.device) if token_keys is None
+            else token_keys.reshape(-1).to(torch.int64))
+
+    prints = _all_gather(_fingerprint(flat_labels, keys, vocab_size, ignore_index, cfg, step, shard), tp_group, world)
+    _verify_fingerprints(prints, flat_labels, vocab_size, ignore_index)
+
+    stats: dict = {}
+    loss = _VocabParallelOTR.apply(flat_logits, flat_labels, keys, cfg, tp_group, world, rank, step, vocab_size,
+                                   ignore_index, stats)
+    loss = loss.view(shape)
+    if not return_stats:
+        return loss
+    out = {}
+    valid = stats["valid"]
+    sparse = stats.pop("owned_samples", None)
+    for name, value in stats.items():
+        if value.is_floating_point():
+            value = torch.where(valid, value, torch.zeros_like(value))
+        if name == "hits":
+            value = value.round().to(torch.int64)
+        elif value.dtype == torch.float64:
+            value = value.float()
+        out[name] = value.view(shape)
+    if sparse is not None:
+        # this rank's draws, one entry per sample (duplicates repeated): (flat token index, global id)
+        out["owned_samples"] = (sparse[0], sparse[1] + rank * shard)
+    return loss, out

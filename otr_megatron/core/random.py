@@ -1,0 +1,63 @@
+"""Counter-based uniforms for sampling: a pure function of (seed, step, token key, sample index).
+
+Why not torch/Megatron generators: Megatron's default and data-parallel streams are identical on
+every DP rank and its model-parallel stream drives dropout (see the reference notes). A hash of
+global ids gives the same draws on every TP rank, independent draws across DP/CP ranks, the same
+draws after a resume, and the same draws for any TP layout, with no generator state to save.
+
+The mixer is SplitMix64 (Steele, Lea, Flood 2014) evaluated in int64 tensor arithmetic, which wraps
+modulo 2**64 on CPU and CUDA; `tests/core/test_random.py` checks it bit for bit against Python ints.
+"""
+
+from __future__ import annotations
+
+import torch
+
+_MASK64 = (1 << 64) - 1
+_GOLDEN = 0x9E3779B97F4A7C15
+_MUL1 = 0xBF58476D1CE4E5B9
+_MUL2 = 0x94D049BB133111EB
+
+
+def _as_i64(c: int) -> int:
+    """Two's-complement view of an unsigned 64-bit constant, as torch int64 needs."""
+    c &= _MASK64
+    return c - (1 << 64) if c >= 1 << 63 else c
+
+
+def _shr(x: torch.Tensor, s: int) -> torch.Tensor:
+    """Logical right shift on int64 (torch's >> is arithmetic)."""
+    return (x >> s) & ((1 << (64 - s)) - 1)
+
+
+def splitmix64(x: torch.Tensor) -> torch.Tensor:
+    """SplitMix64 finaliser of (x + golden), elementwise on int64 tensors."""
+    z = x + _as_i64(_GOLDEN)
+    z = (z ^ _shr(z, 30)) * _as_i64(_MUL1)
+    z = (z ^ _shr(z, 27)) * _as_i64(_MUL2)
+    return z ^ _shr(z, 31)
+
+
+def splitmix64_int(x: int) -> int:
+    """Reference SplitMix64 on Python ints (unsigned 64-bit)."""
+    z = (x + _GOLDEN) & _MASK64
+    z = ((z ^ (z >> 30)) * _MUL1) & _MASK64
+    z = ((z ^ (z >> 27)) * _MUL2) & _MASK64
+    return z ^ (z >> 31)
+
+
+def stream_key(seed: int, step: int) -> int:
+    """Mix seed and step into one 64-bit key (signed view) shared by all tokens of a call."""
+    return _as_i64(splitmix64_int(splitmix64_int(seed & _MASK64) ^ (step & _MASK64)))
+
+
+def token_uniforms(token_keys: torch.Tensor, num_samples: int, seed: int, step: int) -> torch.Tensor:
+    """float64 uniforms in [0, 1) of shape [*token_keys.shape, num_samples], 53 random bits each.
+
+    Token bases are a bijection of the keys, so distinct keys never share a stream start; sample j
+    of a token is the (j+1)-th element of a Weyl sequence from that base, as SplitMix64 intends.
+    """
+    base = splitmix64(token_keys.to(torch.int64) ^ stream_key(seed, step))
+    j = torch.arange(1, num_samples + 1, dtype=torch.int64, device=token_keys.device)
+    bits = splitmix64(base.unsqueeze(-1) + j * _as_i64(_GOLDEN))
+    return _shr(bits, 11).to(torch.float64) * (2.0**-53)

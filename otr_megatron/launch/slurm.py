@@ -1,0 +1,375 @@
+"""`otr-megatron slurm [options] -- <command ...>`: write a ready sbatch script for a training command.
+
+One launch model per script, never mixed (mixing torchrun with one task per GPU and
+`$SLURM_PROCID` as node rank is a known public bug):
+
+* `--launcher srun`: one SLURM task per GPU; each task exports RANK / LOCAL_RANK / WORLD_SIZE from
+  SLURM_PROCID / SLURM_LOCALID / SLURM_NTASKS and runs the command directly (env:// rendezvous).
+* `--launcher torchrun`: one SLURM task per node; torchrun starts `gpus_per_node` workers with
+  `--node_rank=$SLURM_NODEID` and a static rendezvous on the first host of the allocation.
+
+Containers go through Pyxis (`srun --container-image/--container-mounts`). The script exports the
+environment Megatron jobs usually need, writes one log per job (`%x-%j.out`), and with `--requeue`
+traps the warning signal SLURM sends before the time limit and requeues the job (the training
+command must save a checkpoint on SIGTERM, e.g. Megatron's exit-signal handler, to resume).
+"""
+
+from __future__ import annotations
+
+import argparse
+import re
+import shlex
+import shutil
+import subprocess
+import sys
+from dataclasses import dataclass, field
+from pathlib import Path
+
+LAUNCHERS = ("srun", "torchrun")
+
+# Environment for Megatron jobs on H100 clusters (see the project notes on NeMo/Megatron launches).
+DEFAULT_ENV: dict[str, str] = {
+    # TP/SP communication overlap relies on kernels being queued in issue order.
+    "CUDA_DEVICE_MAX_CONNECTIONS": "1",
+    "TORCH_NCCL_AVOID_RECORD_STREAMS": "1",
+    "TORCH_NCCL_HIGH_PRIORITY": "1",
+    "NCCL_NVLS_ENABLE": "0",
+    "NCCL_GRAPH_REGISTER": "0",
+    "PYTORCH_CUDA_ALLOC_CONF": "expandable_segments:True",
+    "NVTE_FUSED_ATTN": "1",
+}
+
+_TIME_RE = re.compile(r"^(\d+-)?\d{1,2}(:\d{2}){0,2}$|^\d+$")
+_ENV_KEY_RE = re.compile(r"^[A-Za-z_][A-Za-z0-9_]*$")
+_JOB_NAME_RE = re.compile(r"^[A-Za-z0-9_.+-]+$")
+
+
+class SlurmSpecError(ValueError):
+    """A launch option has a value the script cannot be rendered with."""
+
+
+@dataclass
+class SlurmSpec:
+    """Everything that goes into one sbatch script."""
+
+    command: list[str]
+    nodes: int = 1
+    gpus_per_node: int = 8
+    launcher: str = "srun"
+    job_name: str = "otr"
+    partition: str | None = None
+    account: str | None = None
+    qos: str | None = None
+    time: str = "04:00:00"
+    cpus_per_task: int | None = None
+    exclusive: bool = True
+    container_image: str | None = None
+    container_mounts: list[str] = field(default_factory=list)
+    container_workdir: str | None = None
+    log_dir: str = "logs"
+    master_port: str = "auto"  # "auto": derived from the job id so co-located jobs do not collide
+    env: dict[str, str] = field(default_factory=lambda: dict(DEFAULT_ENV))
+    requeue: bool = False
+    requeue_signal_seconds: int = 300
+    max_requeues: int = 3
+    setup: list[str] = field(default_factory=list)
+    sbatch_extra: list[str] = field(default_factory=list)
+
+    def validate(self) -> None:
+        if not self.command:
+            raise SlurmSpecError("no command to launch: put it after `--`, e.g. `-- otr-megatron bridge --recipe ...`")
+        if self.launcher not in LAUNCHERS:
+            raise SlurmSpecError(f"--launcher {self.launcher!r}: expected one of {', '.join(LAUNCHERS)}")
+        if self.nodes < 1:
+            raise SlurmSpecError(f"--nodes {self.nodes}: expected an integer >= 1")
+        if not 1 <= self.gpus_per_node <= 64:
+            raise SlurmSpecError(f"--gpus-per-node {self.gpus_per_node}: expected an integer in 1..64")
+        if not _TIME_RE.match(self.time):
+            raise SlurmSpecError(f"--time {self.time!r}: expected SLURM time like 04:00:00, 1-00:00:00 or minutes")
+        if not _JOB_NAME_RE.match(self.job_name):
+            raise SlurmSpecError(f"--job-name {self.job_name!r}: use letters, digits and _.+- only")
+        if self.master_port != "auto" and not (self.master_port.isdigit() and 1024 <= int(self.master_port) <= 65535):
+            raise SlurmSpecError(f"--master-port {self.master_port!r}: expected 'auto' or a port in 1024..65535")
+        for m in self.container_mounts:
+            parts = m.split(":")
+            if len(parts) not in (2, 3) or not all(parts[:2]) or "," in m:
+                raise SlurmSpecError(f"--container-mounts entry {m!r}: expected SRC:DST or SRC:DST:FLAGS")
+        if (self.container_mounts or self.container_workdir) and not self.container_image:
+            raise SlurmSpecError("--container-mounts/--container-workdir need --container-image (Pyxis)")
+        for key in self.env:
+            if not _ENV_KEY_RE.match(key):
+                raise SlurmSpecError(f"--env key {key!r}: not a valid environment variable name")
+        if self.requeue_signal_seconds < 1 or self.max_requeues < 0:
+            raise SlurmSpecError("--requeue-signal-seconds must be >= 1 and --max-requeues >= 0")
+
+    @property
+    def ntasks_per_node(self) -> int:
+        return self.gpus_per_node if self.launcher == "srun" else 1
+
+
+def task_script(spec: SlurmSpec) -> str:
+    """The shell text each SLURM task runs (inside the container, if any).
+
+    Kept separate so tests can evaluate it with simulated SLURM variables.
+    """
+    cmd = " ".join(shlex.quote(c) for c in spec.command)
+    if spec.launcher == "srun":
+        lines = [
+            'export RANK="$SLURM_PROCID" LOCAL_RANK="$SLURM_LOCALID" WORLD_SIZE="$SLURM_NTASKS"',
+            f'export LOCAL_WORLD_SIZE={spec.gpus_per_node} NODE_RANK="$SLURM_NODEID"',
+            f'if [ "$WORLD_SIZE" -ne $(( SLURM_JOB_NUM_NODES * {spec.gpus_per_node} )) ]; then '
+            f'echo "otr-launch: WORLD_SIZE=$WORLD_SIZE but expected nodes*gpus=$(( SLURM_JOB_NUM_NODES * {spec.gpus_per_node} ))" >&2; exit 3; fi',
+            f"exec {cmd}",
+        ]
+    else:
+        lines = [
+            f'if [ "$SLURM_NTASKS" -ne "$SLURM_JOB_NUM_NODES" ]; then '
+            'echo "otr-launch: torchrun needs one task per node, got SLURM_NTASKS=$SLURM_NTASKS for $SLURM_JOB_NUM_NODES nodes" >&2; exit 3; fi',
+            'export NODE_RANK="$SLURM_NODEID"',
+            f'exec torchrun --nnodes="$SLURM_JOB_NUM_NODES" --nproc_per_node={spec.gpus_per_node} '
+            '--node_rank="$SLURM_NODEID" --master_addr="$MASTER_ADDR" --master_port="$MASTER_PORT" '
+            f"--no-python {cmd}",
+        ]
+    return "\n".join(lines)
+
+
+def srun_command(spec: SlurmSpec) -> list[str]:
+    """srun arguments (before `bash -c`), one task per GPU or per node."""
+    args = [
+        "srun",
+        f"--nodes={spec.nodes}",
+        f"--ntasks-per-node={spec.ntasks_per_node}",
+        "--kill-on-bad-exit=1",
+    ]
+    if spec.container_image:
+        args.append(f"--container-image={spec.container_image}")
+        if spec.container_mounts:
+            args.append(f"--container-mounts={','.join(spec.container_mounts)}")
+        if spec.container_workdir:
+            args.append(f"--container-workdir={spec.container_workdir}")
+    return args
+
+
+def render_sbatch(spec: SlurmSpec) -> str:
+    """Render the full sbatch script text."""
+    spec.validate()
+    sb = [
+        "#!/bin/bash",
+        f"#SBATCH --job-name={spec.job_name}",
+        f"#SBATCH --nodes={spec.nodes}",
+        f"#SBATCH --ntasks-per-node={spec.ntasks_per_node}",
+        f"#SBATCH --gpus-per-node={spec.gpus_per_node}",
+        f"#SBATCH --time={spec.time}",
+        f"#SBATCH --output={spec.log_dir}/%x-%j.out",
+        "#SBATCH --open-mode=append",
+    ]
+    if spec.partition:
+        sb.append(f"#SBATCH --partition={spec.partition}")
+    if spec.account:
+        sb.append(f"#SBATCH --account={spec.account}")
+    if spec.qos:
+        sb.append(f"#SBATCH --qos={spec.qos}")
+    if spec.cpus_per_task:
+        sb.append(f"#SBATCH --cpus-per-task={spec.cpus_per_task}")
+    if spec.exclusive:
+        sb += ["#SBATCH --exclusive", "#SBATCH --mem=0"]
+    if spec.requeue:
+        sb += ["#SBATCH --requeue", f"#SBATCH --signal=B:USR1@{spec.requeue_signal_seconds}"]
+    sb += [f"#SBATCH {x}" for x in spec.sbatch_extra]
+
+    body = [
+        "",
+        f"# Rendered by `otr-megatron slurm` (launcher: {spec.launcher}, "
+        f"{spec.nodes} node(s) x {spec.gpus_per_node} GPU(s), {spec.ntasks_per_node} task(s) per node).",
+        "set -euo pipefail",
+        "",
+        "# Rendezvous: the first host of the allocation.",
+        'MASTER_ADDR="$(scontrol show hostnames "$SLURM_JOB_NODELIST" | head -n1)"',
+    ]
+    if spec.master_port == "auto":
+        body.append('MASTER_PORT="${MASTER_PORT:-$(( 20000 + ${SLURM_JOB_ID:-0} % 20000 ))}"')
+    else:
+        body.append(f"MASTER_PORT={spec.master_port}")
+    body += [
+        "export MASTER_ADDR MASTER_PORT",
+        f"export GPUS_PER_NODE={spec.gpus_per_node}",
+        "",
+        "# Environment for Megatron jobs.",
+    ]
+    body += [f"export {k}={shlex.quote(v)}" for k, v in spec.env.items()]
+    if spec.setup:
+        body += ["", "# Setup."] + list(spec.setup)
+    body += [
+        "",
+        'echo "otr-launch: job ${SLURM_JOB_ID:-?} on ${SLURM_JOB_NUM_NODES:-?} node(s), '
+        'master ${MASTER_ADDR}:${MASTER_PORT}, restart ${SLURM_RESTART_COUNT:-0}"',
+        "",
+        "# What each task runs.",
+        f"OTR_TASK_SCRIPT={shlex.quote(task_script(spec))}",
+        "",
+    ]
+    srun = " ".join(shlex.quote(a) for a in srun_command(spec)) + ' bash -c "$OTR_TASK_SCRIPT"'
+    if spec.requeue:
+        body += [
+            "# Requeue: SLURM sends USR1 to this shell before the time limit; requeueing ends the job",
+            "# steps with SIGTERM (the training command should save a checkpoint then) and restarts the",
+            "# job, which resumes from the latest checkpoint.",
+            "otr_requeue() {",
+            f'  if [ "${{SLURM_RESTART_COUNT:-0}}" -lt {spec.max_requeues} ]; then',
+            '    echo "otr-launch: time limit near, requeueing job $SLURM_JOB_ID"',
+            '    scontrol requeue "$SLURM_JOB_ID"',
+            "  else",
+            f'    echo "otr-launch: time limit near, {spec.max_requeues} requeue(s) already used; not requeueing"',
+            "  fi",
+            "}",
+            "trap otr_requeue USR1",
+            "",
+            f"{srun} &",
+            "OTR_STEP_PID=$!",
+            "# `wait` returns early when a trapped signal arrives: wait again for the step to finish.",
+            'while true; do',
+            '  set +e; wait "$OTR_STEP_PID"; rc=$?; set -e',
+            '  if kill -0 "$OTR_STEP_PID" 2>/dev/null; then continue; fi',
+            '  exit "$rc"',
+            "done",
+        ]
+    else:
+        body.append(srun)
+    return "\n".join(sb + body) + "\n"
+
+
+def _parse_env(items: list[str]) -> dict[str, str]:
+    env = {}
+    for item in items:
+        if "=" not in item:
+            raise SlurmSpecError(f"--env {item!r}: expected KEY=VALUE")
+        k, v = item.split("=", 1)
+        env[k] = v
+    return env
+
+
+def build_parser() -> argparse.ArgumentParser:
+    ap = argparse.ArgumentParser(
+        prog="otr-megatron slurm",
+        description="Write an sbatch script that launches COMMAND on a SLURM cluster.",
+        epilog="example: otr-megatron slurm --nodes 4 --partition batch --account acct "
+        "--container-image nvcr.io/nvidia/nemo:26.02 -o job.sbatch -- otr-megatron bridge --recipe "
+        "megatron.bridge.recipes.llama:llama3_70b_sft_config otr.num_samples=256",
+    )
+    ap.add_argument("--config", help="configs/*.yaml: default nodes, GPUs per node and job name from it")
+    ap.add_argument("--nodes", type=int)
+    ap.add_argument("--gpus-per-node", type=int)
+    ap.add_argument("--launcher", choices=LAUNCHERS, default="srun")
+    ap.add_argument("--job-name")
+    ap.add_argument("--partition")
+    ap.add_argument("--account")
+    ap.add_argument("--qos")
+    ap.add_argument("--time", default="04:00:00")
+    ap.add_argument("--cpus-per-task", type=int)
+    ap.add_argument("--no-exclusive", action="store_true", help="share nodes (no --exclusive / --mem=0)")
+    ap.add_argument("--container-image", help="Pyxis image, e.g. nvcr.io/nvidia/nemo:26.02 or a .sqsh file")
+    ap.add_argument("--container-mounts", action="append", default=[], help="SRC:DST[:FLAGS], comma list or repeated")
+    ap.add_argument("--container-workdir")
+    ap.add_argument("--log-dir", default="logs", help="directory for %%x-%%j.out job logs (must exist at submit time)")
+    ap.add_argument("--master-port", default="auto")
+    ap.add_argument("--env", action="append", default=[], help="KEY=VALUE to export (overrides defaults)")
+    ap.add_argument("--no-env", action="append", default=[], help="KEY of a default variable to leave unset")
+    ap.add_argument("--hf-home", help="HF_HOME on a shared filesystem (also sets TRANSFORMERS_OFFLINE=1)")
+    ap.add_argument("--setup", action="append", default=[], help="shell line run in the batch shell before launch")
+    ap.add_argument("--sbatch", action="append", default=[], help="extra #SBATCH option, e.g. --sbatch=--constraint=h100")
+    ap.add_argument("--requeue", action="store_true", help="requeue before the time limit and resume")
+    ap.add_argument("--requeue-signal-seconds", type=int, default=300)
+    ap.add_argument("--max-requeues", type=int, default=3)
+    ap.add_argument("-o", "--output", help="write the script here (default: stdout)")
+    ap.add_argument("--submit", action="store_true", help="run sbatch on the written script")
+    ap.add_argument("command", nargs=argparse.REMAINDER, help="-- COMMAND ...")
+    return ap
+
+
+def spec_from_args(ns: argparse.Namespace) -> SlurmSpec:
+    """Turn parsed options (plus an optional config file) into a spec."""
+    nodes, gpus, name = ns.nodes, ns.gpus_per_node, ns.job_name
+    if ns.config:
+        import yaml
+
+        p = Path(ns.config)
+        if not p.is_file():
+            raise SlurmSpecError(f"--config {ns.config!r}: no such file")
+        cfg = yaml.safe_load(p.read_text()) or {}
+        cluster = cfg.get("cluster") or {}
+        nodes = nodes if nodes is not None else cluster.get("nodes")
+        gpus = gpus if gpus is not None else cluster.get("gpus_per_node")
+        name = name or cfg.get("name")
+    command = list(ns.command)
+    if command and command[0] == "--":
+        command = command[1:]
+    env = dict(DEFAULT_ENV)
+    if ns.hf_home:
+        env["HF_HOME"] = ns.hf_home
+        env["TRANSFORMERS_OFFLINE"] = "1"
+    for key in ns.no_env:
+        env.pop(key, None)
+    env.update(_parse_env(ns.env))
+    mounts = [m for item in ns.container_mounts for m in item.split(",") if m]
+    return SlurmSpec(
+        command=command,
+        nodes=int(nodes if nodes is not None else 1),
+        gpus_per_node=int(gpus if gpus is not None else 8),
+        launcher=ns.launcher,
+        job_name=str(name or "otr"),
+        partition=ns.partition,
+        account=ns.account,
+        qos=ns.qos,
+        time=ns.time,
+        cpus_per_task=ns.cpus_per_task,
+        exclusive=not ns.no_exclusive,
+        container_image=ns.container_image,
+        container_mounts=mounts,
+        container_workdir=ns.container_workdir,
+        log_dir=ns.log_dir,
+        master_port=str(ns.master_port),
+        env=env,
+        requeue=ns.requeue,
+        requeue_signal_seconds=ns.requeue_signal_seconds,
+        max_requeues=ns.max_requeues,
+        setup=list(ns.setup),
+        sbatch_extra=list(ns.sbatch),
+    )
+
+
+def submit(script_path: str, log_dir: str) -> str:
+    """Run `sbatch script_path` and return its output (the job id line)."""
+    sbatch = shutil.which("sbatch")
+    if sbatch is None:
+        raise SlurmSpecError("--submit: `sbatch` is not on PATH; run this on a SLURM login node or submit the file yourself")
+    Path(log_dir).mkdir(parents=True, exist_ok=True)  # SLURM does not create the log directory
+    res = subprocess.run([sbatch, script_path], capture_output=True, text=True)
+    if res.returncode != 0:
+        raise SlurmSpecError(f"sbatch {script_path} failed ({res.returncode}): {res.stderr.strip()}")
+    return res.stdout.strip()
+
+
+def main(argv: list[str] | None = None) -> int:
+    ap = build_parser()
+    ns = ap.parse_args(sys.argv[1:] if argv is None else argv)
+    try:
+        spec = spec_from_args(ns)
+        text = render_sbatch(spec)
+        if ns.submit and not ns.output:
+            raise SlurmSpecError("--submit needs -o/--output FILE so the submitted script is kept")
+        if ns.output:
+            Path(ns.output).parent.mkdir(parents=True, exist_ok=True)
+            Path(ns.output).write_text(text)
+            print(f"otr-megatron slurm: wrote {ns.output}", file=sys.stderr)
+        else:
+            sys.stdout.write(text)
+        if ns.submit:
+            print(submit(ns.output, spec.log_dir))
+    except SlurmSpecError as exc:
+        print(f"otr-megatron slurm: {exc}", file=sys.stderr)
+        return 2
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,215 @@
+"""Run megatron-core (0.16 ... 0.19+) on a CPU-only machine with the gloo backend.
+
+Megatron-Core assumes CUDA in a handful of places that have nothing to do with the math (device
+placement of scratch buffers, stream bookkeeping, RNG state trackers). `enable_cpu_backend()`
+redirects exactly those calls to the CPU so that the *unmodified* megatron-core code paths
+(tensor/sequence/pipeline/data parallelism, DDP, schedules, distributed checkpoints) run under
+gloo. Each patch below was found by a real failure; see `shared/reference/megatron.md`:
+
+1. `torch.cuda.current_device()` is used as a device for buffers  -> returns "cpu".
+2. `torch.cuda.synchronize` / `set_device`                          -> no-ops.
+3. `Tensor.cuda()`                                                  -> identity.
+4. factory calls with `device="cuda"` (and `.to("cuda")`)           -> CPU, via a TorchFunctionMode.
+5. RNG tracker reads/writes CUDA RNG states                         -> aliased to the CPU generator
+   (seeded with `torch.default_generator.manual_seed`, never `torch.manual_seed`, which calls
+   `torch.cuda.manual_seed_all` and would recurse into the patch).
+6. CUDA streams / events (0.19 DDP grad sync)                       -> null objects.
+7. Sequence parallelism with the local spec: the torch-norm wrapper refuses SP -> `SPTorchNorm`
+   (used by `otr_megatron.mcore.model`), a plain torch norm whose parameters carry the
+   `sequence_parallel` tag that `finalize_model_grads` uses to all-reduce their gradients.
+
+The patches are process-global and idempotent. They are applied only when CUDA is unavailable
+or when explicitly forced (`force=True`), so the same code runs unchanged on a GPU machine.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import threading
+
+import torch
+from torch.overrides import TorchFunctionMode
+
+_LOCK = threading.Lock()
+_STATE = {"enabled": False, "mode": None}
+
+
+def cpu_backend_enabled() -> bool:
+    """True once `enable_cpu_backend` has patched this process."""
+    return bool(_STATE["enabled"])
+
+
+def _is_cuda_device(dev) -> bool:
+    if isinstance(dev, str):
+        return dev == "cuda" or dev.startswith("cuda:")
+    if isinstance(dev, torch.device):
+        return dev.type == "cuda"
+    return False
+
+
+class _CudaToCpuMode(TorchFunctionMode):
+    """Rewrites `device="cuda"` (keyword or a positional device in `.to()`) to the CPU."""
+
+    def __torch_function__(self, func, types, args=(), kwargs=None):
+        kwargs = kwargs or {}
+        dev = kwargs.get("device")
+        if dev is not None and (_is_cuda_device(dev) or isinstance(dev, int)):
+            kwargs = dict(kwargs)
+            kwargs["device"] = "cpu"
+        if args and any(_is_cuda_device(a) for a in args):
+            args = tuple("cpu" if _is_cuda_device(a) else a for a in args)
+        return func(*args, **kwargs)
+
+
+class _NullStream:
+    """Stands in for `torch.cuda.Stream`: every operation is already synchronous on the CPU."""
+
+    def __init__(self, *args, **kwargs):
+        pass
+
+    def wait_stream(self, *args, **kwargs):
+        pass
+
+    def wait_event(self, *args, **kwargs):
+        pass
+
+    def record_event(self, event=None):
+        return event if event is not None else _NullEvent()
+
+    def synchronize(self):
+        pass
+
+    def query(self):
+        return True
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc):
+        return False
+
+
+class _NullEvent:
+    def __init__(self, *args, **kwargs):
+        pass
+
+    def record(self, *args, **kwargs):
+        pass
+
+    def wait(self, *args, **kwargs):
+        pass
+
+    def synchronize(self):
+        pass
+
+    def query(self):
+        return True
+
+    def elapsed_time(self, other):
+        return 0.0
+
+
+def _cpu_get_rng_state(device="cuda"):
+    return torch.default_generator.get_state()
+
+
+def _cpu_set_rng_state(new_state, device="cuda"):
+    torch.default_generator.set_state(new_state)
+
+
+def _cpu_manual_seed(seed):
+    # Not torch.manual_seed: it calls torch.cuda.manual_seed_all, i.e. back into this patch.
+    torch.default_generator.manual_seed(int(seed))
+
+
+def _patch_megatron_rng() -> None:
+    """Point megatron's private CUDA RNG helpers at the CPU generator (if megatron is present)."""
+    try:
+        from megatron.core.tensor_parallel import random as mrandom
+    except ImportError:  # megatron-core absent: nothing else to patch
+        return
+
+    def _get(device="cuda", clone=False, graph_safe=False):
+        return torch.default_generator.get_state()
+
+    def _set(new_state, device=-1, graph_safe=False):
+        torch.default_generator.set_state(new_state)
+
+    mrandom._get_cuda_rng_state = _get
+    mrandom._set_cuda_rng_state = _set
+
+
+def enable_cpu_backend(force: bool = False) -> bool:
+    """Patch torch/megatron so that megatron-core runs on the CPU.
+
+    Returns True when the CPU backend is active after the call. Does nothing (returns False) when
+    CUDA is available and `force` is False, so GPU runs are never altered. Safe to call many times.
+    Also honoured: environment variable `OTR_FORCE_CPU=1` acts like `force=True`.
+    """
+    force = force or os.environ.get("OTR_FORCE_CPU", "") == "1"
+    with _LOCK:
+        if _STATE["enabled"]:
+            _patch_megatron_rng()  # megatron may have been imported after the first call
+            return True
+        if torch.cuda.is_available() and not force:
+            return False
+
+        cuda = torch.cuda
+        cuda.is_available = lambda: False
+        cuda.current_device = lambda: "cpu"
+        cuda.synchronize = lambda *a, **k: None
+        cuda.set_device = lambda *a, **k: None
+        cuda.empty_cache = lambda *a, **k: None
+        cuda.device_count = lambda: 0
+        torch.Tensor.cuda = lambda self, *a, **k: self
+
+        cuda.get_rng_state = _cpu_get_rng_state
+        cuda.set_rng_state = _cpu_set_rng_state
+        cuda.manual_seed = _cpu_manual_seed
+        cuda.manual_seed_all = _cpu_manual_seed
+        cuda.random.get_rng_state = _cpu_get_rng_state
+        cuda.random.set_rng_state = _cpu_set_rng_state
+        cuda.random.manual_seed = _cpu_manual_seed
+        cuda.random.manual_seed_all = _cpu_manual_seed
+
+        cuda.Stream = _NullStream
+        cuda.Event = _NullEvent
+        cuda.current_stream = lambda *a, **k: _NullStream()
+        cuda.default_stream = lambda *a, **k: _NullStream()
+        cuda.stream = lambda *a, **k: contextlib.nullcontext()
+        cuda.set_stream = lambda *a, **k: None
+
+        mode = _CudaToCpuMode()
+        mode.__enter__()  # stays active for the life of the process
+        _STATE["mode"] = mode
+        _STATE["enabled"] = True
+        _patch_megatron_rng()
+        return True
+
+
+class SPTorchNorm:
+    """Torch LayerNorm/RMSNorm for the local spec that also works with sequence parallelism.
+
+    Megatron's `WrappedTorchNorm` refuses `sequence_parallel`; the math does not need anything
+    special, only that the norm parameters are tagged `sequence_parallel=True` so that
+    `finalize_model_grads` all-reduces their gradients over the TP group (each TP rank sees a
+    different slice of the sequence).
+    """
+
+    def __new__(cls, config, hidden_size: int, eps: float = 1e-5, **unused):
+        norm = getattr(config, "normalization", "LayerNorm")
+        if norm == "LayerNorm":
+            module = torch.nn.LayerNorm(hidden_size, eps=eps)
+        elif norm == "RMSNorm":
+            module = torch.nn.RMSNorm(hidden_size, eps=eps)
+        else:
+            raise ValueError(
+                f"SPTorchNorm: config.normalization={norm!r} is not supported; "
+                "expected 'LayerNorm' or 'RMSNorm'"
+            )
+        if getattr(config, "layernorm_zero_centered_gamma", False):
+            raise ValueError("SPTorchNorm: layernorm_zero_centered_gamma=True is not supported")
+        for p in module.parameters():
+            p.sequence_parallel = bool(getattr(config, "sequence_parallel", False))
+        return module

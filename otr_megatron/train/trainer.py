@@ -1,0 +1,539 @@
+"""The `otr-megatron train` loop: megatron-core GPTModel, DDP, Megatron optimizer and schedules.
+
+One process per rank (world = tp x pp x dp); the launcher in `main.py` has already initialized
+`torch.distributed`. The same code runs on CPU (gloo, `enable_cpu_backend`) and GPU (NCCL).
+
+Stages: `pretrain_iters` steps of plain cross entropy (Megatron's own loss, no hook) give the tiny
+model a base distribution, then `finetune_iters` steps with `cfg.loss`. Every loss except the
+pretraining CE goes through the OTR hook (`enable_otr`), whose core loss implements sft/dft as
+estimators too, so the A/B runs share every other line of code.
+
+Randomness: model init is layout-invariant (`layout_invariant_init_`); the OTR stream is keyed on
+(seed, iteration, global token key), token key = (sample_id + 1) * seq_length + position: the same
+samples in any TP/PP/DP layout and after a resume. Data position = iteration (each stage's
+consumed_samples = steps_in_stage x global_batch_size), saved in the checkpoint and checked.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import shutil
+import time
+from functools import partial
+
+import torch
+
+from otr_megatron.data import (
+    GlobalBatchSampler,
+    RecordKeys,
+    build_sft_dataset,
+    build_tokenizer,
+    eval_microbatches,
+    num_microbatches,
+    split_global_batch,
+)
+from otr_megatron.train.config import TrainConfig, dump_yaml, resolve_path, to_dict
+
+LOSS_TO_ESTIMATOR = {"otr": "sample", "otr-expected": "expected", "sft": "sft", "dft": "dft"}
+
+
+def token_keys(sample_ids: torch.Tensor, position_ids: torch.Tensor, seq_length: int) -> torch.Tensor:
+    """Global int64 key per token, ``(sample_id + 1) * seq_length + position``: unique, independent of
+    packing/batching/parallel layout (padding, sample_id -1, maps to [0, seq_length))."""
+    return (sample_ids.to(torch.int64) + 1) * int(seq_length) + position_ids.to(torch.int64)
+
+
+def _rank0() -> bool:
+    return not torch.distributed.is_initialized() or torch.distributed.get_rank() == 0
+
+
+def _log(msg: str) -> None:
+    if _rank0():
+        print(msg, flush=True)
+
+
+class Trainer:
+    """Builds everything from a `TrainConfig` and runs (or resumes) the job."""
+
+    def __init__(self, cfg: TrainConfig):
+        self.cfg = cfg
+        self.out = cfg.output_dir
+        self.ckpt_root = os.path.join(self.out, "checkpoints")
+        self.metrics_path = os.path.join(self.out, "metrics.jsonl")
+        self.iteration = 0
+        self.loss_mode = None  # the loss currently installed on the model
+
+    # -- setup -------------------------------------------------------------------------------
+    def setup(self) -> None:
+        cfg = self.cfg
+        from megatron.core import parallel_state as ps
+        from megatron.core import tensor_parallel
+
+        ps.initialize_model_parallel(tensor_model_parallel_size=cfg.tp, pipeline_model_parallel_size=cfg.pp)
+        torch.default_generator.manual_seed(cfg.seed)
+        tensor_parallel.model_parallel_cuda_manual_seed(cfg.seed)
+        self.dp_rank = ps.get_data_parallel_rank()
+        self.dp_size = ps.get_data_parallel_world_size()
+        self.is_last_stage = ps.is_pipeline_last_stage()
+        self.tp_rank = ps.get_tensor_model_parallel_rank()
+
+        self._build_data()
+        self._build_model()
+        self._build_optimizer()
+
+    def _build_data(self) -> None:
+        cfg, d = self.cfg, self.cfg.data
+        try:
+            import datasets
+
+            datasets.disable_progress_bars()
+            datasets.logging.set_verbosity_error()
+        except ImportError:
+            pass
+        self.tokenizer = build_tokenizer(d.tokenizer if d.tokenizer == "byte" else resolve_path(d.tokenizer))
+        keys = RecordKeys(d.prompt_key, d.response_key, d.messages_key)
+        common = dict(
+            pack=d.pack,
+            packed_attention_mask=d.packed_attention_mask,
+            on_overflow=d.on_overflow,
+            seed=cfg.seed,
+            keys=keys,
+            cache_dir=d.cache_dir,
+            verbose=_rank0(),
+        )
+
+        def build(name, paths):
+            ds = build_sft_dataset([resolve_path(p) for p in paths], self.tokenizer, d.seq_length, name=name, **common)
+            _log("data  " + ds.stats.summary(name))
+            return ds
+
+        self.pretrain_data = build("pretrain", d.pretrain) if cfg.pretrain_iters > 0 else None
+        self.train_data = build("train", d.train) if cfg.finetune_iters > 0 else None
+        self.eval_data = {name: build(f"eval/{name}", paths) for name, paths in d.eval.items()}
+        self.samplers = {}
+        for stage, ds in (("pretrain", self.pretrain_data), ("finetune", self.train_data)):
+            if ds is not None:
+                self.samplers[stage] = GlobalBatchSampler(len(ds), cfg.global_batch_size, seed=cfg.seed + (stage == "finetune"))
+        self.num_micro = num_microbatches(cfg.global_batch_size, cfg.micro_batch_size, self.dp_size)
+
+    def _build_model(self) -> None:
+        cfg, m = self.cfg, self.cfg.model
+        from megatron.core.distributed import DistributedDataParallel, DistributedDataParallelConfig
+
+        from otr_megatron.mcore.model import GPTBuildConfig, build_model_chunks, layout_invariant_init_
+
+        self.build_cfg = GPTBuildConfig(
+            vocab_size=self.tokenizer.vocab_size,
+            seq_length=cfg.data.seq_length,
+            hidden_size=m.hidden_size,
+            num_layers=m.num_layers,
+            num_attention_heads=m.num_attention_heads,
+            ffn_hidden_size=m.ffn_hidden_size,
+            make_vocab_size_divisible_by=m.make_vocab_size_divisible_by,
+            position_embedding_type=m.position_embedding_type,
+            share_embeddings_and_output_weights=m.share_embeddings_and_output_weights,
+            tensor_model_parallel_size=cfg.tp,
+            pipeline_model_parallel_size=cfg.pp,
+            sequence_parallel=m.sequence_parallel,
+            params_dtype="bfloat16" if m.bf16 else "float32",
+            use_te=m.transformer_impl == "transformer_engine",
+            fp8=m.fp8,
+            hidden_dropout=m.hidden_dropout,
+            attention_dropout=m.attention_dropout,
+            init_method_std=m.init_method_std,
+            calculate_per_token_loss=True,
+        )
+        chunks = build_model_chunks(self.build_cfg)
+        layout_invariant_init_(chunks, seed=cfg.seed, std=m.init_method_std)
+        if torch.cuda.is_available():
+            for c in chunks:
+                c.cuda()
+        self.tconfig = chunks[0].config
+        ddp_cfg = DistributedDataParallelConfig(grad_reduce_in_fp32=True, overlap_grad_reduce=False)
+        self.model = [
+            DistributedDataParallel(config=self.tconfig, ddp_config=ddp_cfg, module=c) for c in chunks
+        ]
+        n_params = sum(p.numel() for c in chunks for p in c.parameters())
+        _log(
+            f"model GPT {m.num_layers}L h{m.hidden_size} heads{m.num_attention_heads} vocab "
+            f"{self.tokenizer.vocab_size}->{self.build_cfg.padded_vocab_size}: {n_params} parameters on rank 0 "
+            f"(tp={cfg.tp} pp={cfg.pp} dp={cfg.dp})"
+        )
+
+    def _build_optimizer(self) -> None:
+        cfg, o = self.cfg, self.cfg.optim
+        from megatron.core.distributed import finalize_model_grads
+        from megatron.core.optimizer import OptimizerConfig, get_megatron_optimizer
+
+        ocfg = OptimizerConfig(
+            optimizer="adam",
+            lr=o.lr,
+            min_lr=o.min_lr,
+            weight_decay=o.weight_decay,
+            adam_beta1=o.adam_beta1,
+            adam_beta2=o.adam_beta2,
+            clip_grad=o.clip_grad,
+            bf16=cfg.model.bf16,
+            params_dtype=torch.bfloat16 if cfg.model.bf16 else torch.float32,
+            use_distributed_optimizer=False,
+        )
+        self.optimizer = get_megatron_optimizer(ocfg, self.model)
+        c = self.tconfig
+        c.finalize_model_grads_func = finalize_model_grads
+        c.grad_scale_func = self.optimizer.scale_loss
+        c.no_sync_func = self.model[0].no_sync if len(self.model) == 1 else [m.no_sync for m in self.model]
+
+    # -- loss switching ------------------------------------------------------------------------
+    def _install_loss(self, mode: str) -> None:
+        """The single place the loss is chosen: Megatron CE for pretraining, the OTR hook otherwise."""
+        if mode == self.loss_mode:
+            return
+        from otr_megatron.mcore.hook import disable_otr, enable_otr
+
+        if mode == "pretrain":
+            disable_otr(self.model)
+        else:
+            from otr_megatron.core.config import OTRConfig as CoreOTRConfig
+
+            o = self.cfg.otr
+            core_cfg = CoreOTRConfig(
+                num_samples=o.num_samples,
+                temperature=o.temperature,
+                neg_reward=o.beta,
+                estimator=LOSS_TO_ESTIMATOR[mode],
+                seed=self.cfg.seed,
+            )
+            enable_otr(self.model, core_cfg, vocab_size=self.tokenizer.vocab_size)
+        self.loss_mode = mode
+
+    # -- batches -------------------------------------------------------------------------------
+    def _with_keys(self, batch: dict) -> dict:
+        batch = dict(batch)
+        batch["token_keys"] = token_keys(batch["sample_ids"], batch["position_ids"], self.cfg.data.seq_length)
+        if torch.cuda.is_available():
+            batch = {k: (v.cuda(non_blocking=True) if torch.is_tensor(v) else v) for k, v in batch.items()}
+        return batch
+
+    def _stage_of(self, it: int) -> tuple[str, int]:
+        """('pretrain'|'finetune', step index within that stage) of global iteration `it`."""
+        if it < self.cfg.pretrain_iters:
+            return "pretrain", it
+        return "finetune", it - self.cfg.pretrain_iters
+
+    def _train_microbatches(self, it: int):
+        stage, k = self._stage_of(it)
+        ds = self.pretrain_data if stage == "pretrain" else self.train_data
+        rows = self.samplers[stage].global_batch(k * self.cfg.global_batch_size)
+        micro = split_global_batch(rows, self.cfg.micro_batch_size, self.dp_size, self.dp_rank)
+        return ds, [self._with_keys(ds.collate(mb)) for mb in micro]
+
+    # -- learning rate ---------------------------------------------------------------------------
+    def lr_at(self, it: int) -> float:
+        """Linear warmup then cosine decay to optim.min_lr, restarted at each stage."""
+        cfg = self.cfg
+        stage, k = self._stage_of(it)
+        n = cfg.pretrain_iters if stage == "pretrain" else cfg.finetune_iters
+        peak = (cfg.pretrain_lr if stage == "pretrain" else cfg.finetune_lr) or cfg.optim.lr
+        lo = min(cfg.optim.min_lr, peak)
+        w = min(cfg.optim.warmup_iters, max(n - 1, 0))
+        if k < w:
+            return peak * (k + 1) / w
+        frac = (k - w) / max(n - w, 1)
+        return lo + 0.5 * (peak - lo) * (1 + math.cos(math.pi * frac))
+
+    # -- one step ------------------------------------------------------------------------------
+    def train_step(self, it: int) -> dict:
+        from megatron.core.pipeline_parallel import get_forward_backward_func
+
+        from otr_megatron.mcore.hook import set_iteration
+        from otr_megatron.mcore.training import forward_step
+
+        stage, _ = self._stage_of(it)
+        self._install_loss("pretrain" if stage == "pretrain" else self.cfg.loss)
+        set_iteration(self.model, it)
+        lr = self.lr_at(it)
+        for g in self.optimizer.param_groups:
+            g["lr"] = lr
+        _, micro = self._train_microbatches(it)
+        for m in self.model:
+            m.zero_grad_buffer()
+        self.optimizer.zero_grad()
+        reports = get_forward_backward_func()(
+            forward_step_func=forward_step,
+            data_iterator=iter(micro),
+            model=self.model,
+            num_microbatches=self.num_micro,
+            seq_length=self.cfg.data.seq_length,
+            micro_batch_size=self.cfg.micro_batch_size,
+            forward_only=False,
+        )
+        ok, grad_norm, _ = self.optimizer.step()
+        if not ok:
+            raise FloatingPointError(f"iteration {it}: optimizer step skipped (non-finite gradients)")
+        sums = self._reduce_reports(reports)
+        tokens = sum(int((mb["sample_ids"] >= 0).sum()) for mb in micro)
+        t = torch.tensor([float(tokens)])
+        if torch.distributed.is_initialized():
+            t = t.to(_device())
+            torch.distributed.all_reduce(t, group=_dp_group())
+        out = {"iteration": it + 1, "stage": stage, "loss_name": "sft" if stage == "pretrain" else self.cfg.loss, "lr": lr}
+        for name, (s, n) in sums.items():
+            out[name.replace(" ", "_")] = s / max(n, 1.0)
+        out["grad_norm"] = float(grad_norm) if grad_norm is not None else None
+        out["tokens"] = float(t.item())
+        return out
+
+    def _reduce_reports(self, reports) -> dict[str, tuple[float, float]]:
+        """Sum `[sum, count]` reports over micro-batches, then over the world (only the last pipeline
+        stage's TP rank 0 contributes, so every rank gets the same DP-reduced totals)."""
+        names = ["lm loss", "otr hit rate", "otr mean reward", "otr label logprob"]
+        vec = torch.zeros(2 * len(names), dtype=torch.float64)
+        contribute = self.is_last_stage and self.tp_rank == 0
+        if contribute:
+            for r in reports or []:
+                for i, n in enumerate(names):
+                    if n in r:
+                        vec[2 * i : 2 * i + 2] += r[n].detach().double().cpu().reshape(-1)[:2]
+        if torch.distributed.is_initialized():
+            v = vec.to(_device())
+            torch.distributed.all_reduce(v)
+            vec = v.cpu()
+        return {n: (float(vec[2 * i]), float(vec[2 * i + 1])) for i, n in enumerate(names) if vec[2 * i + 1] > 0}
+
+    # -- evaluation ----------------------------------------------------------------------------
+    @torch.no_grad()
+    def evaluate(self) -> dict:
+        """Per split: mean CE of response tokens, per-token accuracy (argmax == label) and exact
+        match (every response token and the closing EOS are the argmax, i.e. greedy decoding
+        reproduces the answer)."""
+        from megatron.core.pipeline_parallel import get_forward_backward_func
+
+        for m in self.model:
+            m.eval()
+        out = {}
+        try:
+            for name, ds in self.eval_data.items():
+                micro = eval_microbatches(len(ds), self.cfg.micro_batch_size, self.dp_size, self.dp_rank)
+                batches = [self._with_keys(ds.collate(mb)) for mb in micro]
+                reports = get_forward_backward_func()(
+                    forward_step_func=partial(_eval_forward_step, self.tokenizer.vocab_size),
+                    data_iterator=iter(batches),
+                    model=self.model,
+                    num_microbatches=len(batches),
+                    seq_length=self.cfg.data.seq_length,
+                    micro_batch_size=self.cfg.micro_batch_size,
+                    forward_only=True,
+                )
+                names = ["ce", "token_acc", "exact_match"]
+                vec = torch.zeros(6, dtype=torch.float64)
+                if self.is_last_stage and self.tp_rank == 0:
+                    for r in reports or []:
+                        for i, n in enumerate(names):
+                            vec[2 * i : 2 * i + 2] += r[n].double().cpu()
+                if torch.distributed.is_initialized():
+                    v = vec.to(_device())
+                    torch.distributed.all_reduce(v)
+                    vec = v.cpu()
+                for i, n in enumerate(names):
+                    out[f"{name}/{n}"] = float(vec[2 * i] / max(vec[2 * i + 1], 1.0))
+                out[f"{name}/samples"] = int(vec[5])
+        finally:
+            for m in self.model:
+                m.train()
+        return out
+
+    # -- checkpoints ---------------------------------------------------------------------------
+    def save(self) -> str:
+        from otr_megatron.train.checkpoint import save_checkpoint
+
+        path = save_checkpoint(self, self.iteration)
+        _log(f"ckpt  saved iteration {self.iteration} to {path}")
+        return path
+
+    def maybe_resume(self) -> bool:
+        from otr_megatron.train.checkpoint import load_checkpoint, latest_checkpoint
+
+        if not self.cfg.resume:
+            return False
+        path = latest_checkpoint(self.ckpt_root)
+        if path is None:
+            raise FileNotFoundError(
+                f"--resume: no checkpoint under {self.ckpt_root!r} (expected a 'latest' file written by a previous run)"
+            )
+        load_checkpoint(self, path)
+        _log(f"ckpt  resumed from {path} at iteration {self.iteration}")
+        return True
+
+    # -- the job -------------------------------------------------------------------------------
+    def run(self) -> dict:
+        cfg = self.cfg
+        if _rank0():
+            os.makedirs(self.out, exist_ok=True)
+            with open(os.path.join(self.out, "config.yaml"), "w", encoding="utf-8") as f:
+                f.write(dump_yaml(cfg))
+        resumed = self.maybe_resume()
+        if _rank0() and not resumed and os.path.exists(self.metrics_path):
+            os.remove(self.metrics_path)
+        if _rank0() and resumed and os.path.exists(self.metrics_path):
+            _truncate_metrics(self.metrics_path, self.iteration)
+        writer = MetricsWriter(self.metrics_path) if _rank0() else None
+
+        first_eval = None
+        if cfg.eval_at_start and not resumed and cfg.eval_interval > 0:
+            first_eval = self.evaluate()
+            rec = {"iteration": 0, "kind": "eval", **first_eval}
+            if writer:
+                writer.write(rec)
+            _log("eval  it 0 " + _fmt_eval(first_eval))
+
+        bar = None
+        if _rank0() and cfg.progress_bar:
+            from tqdm import tqdm
+
+            bar = tqdm(total=cfg.total_iters, initial=self.iteration, desc="train", dynamic_ncols=True, mininterval=0.5)
+        last_eval = None
+        t_last = time.time()
+        window_tokens = 0.0
+        try:
+            while self.iteration < cfg.total_iters:
+                it = self.iteration
+                rec = self.train_step(it)
+                self.iteration = it + 1
+                now = time.time()
+                window_tokens += rec["tokens"]
+                rec["tokens_per_s"] = rec["tokens"] / max(now - t_last, 1e-9)
+                t_last = now
+                rec["kind"] = "train"
+                if writer:
+                    writer.write(rec)
+                if bar is not None:
+                    post = {"stage": rec["loss_name"], "loss": f"{rec.get('lm_loss', float('nan')):.3f}"}
+                    if "otr_hit_rate" in rec:
+                        post["hit"] = f"{rec['otr_hit_rate']:.3f}"
+                    post["tok/s"] = f"{rec['tokens_per_s']:.0f}"
+                    if last_eval:
+                        k = next(iter(self.eval_data))
+                        post[f"{k}_em"] = f"{last_eval[f'{k}/exact_match']:.2f}"
+                    bar.set_postfix(post, refresh=False)
+                    bar.update(1)
+                elif cfg.log_interval and self.iteration % cfg.log_interval == 0:
+                    _log(f"train it {self.iteration} " + json.dumps({k: v for k, v in rec.items() if k != "kind"}))
+                boundary = self.iteration == cfg.pretrain_iters and 0 < cfg.pretrain_iters < cfg.total_iters
+                done = self.iteration == cfg.total_iters
+                if (cfg.eval_interval and self.iteration % cfg.eval_interval == 0) or done or boundary:
+                    last_eval = self.evaluate()
+                    if writer:
+                        writer.write({"iteration": self.iteration, "kind": "eval", **last_eval})
+                    msg = f"eval  it {self.iteration} ({rec['loss_name']}) " + _fmt_eval(last_eval)
+                    if bar is not None:
+                        bar.write(msg)
+                    else:
+                        _log(msg)
+                if (cfg.save_interval and self.iteration % cfg.save_interval == 0) or done or boundary:
+                    self.save()
+        finally:
+            if bar is not None:
+                bar.close()
+        summary = {"first_eval": first_eval, "final_eval": last_eval, "iterations": self.iteration}
+        if _rank0():
+            with open(os.path.join(self.out, "summary.json"), "w", encoding="utf-8") as f:
+                json.dump(summary, f, indent=2)
+            if cfg.plot:
+                from otr_megatron.train.plot import plot_metrics
+
+                png = plot_metrics(self.metrics_path, os.path.join(self.out, "curves.png"), cfg.pretrain_iters)
+                _log(f"plot  {png}")
+            _log(f"done  metrics {self.metrics_path}")
+        return summary
+
+
+def _eval_forward_step(vocab_size: int, data_iterator, model):
+    batch = next(data_iterator)
+    logits = model(batch["tokens"], batch["position_ids"], batch["attention_mask"])  # [b, s, V/tp] (last stage)
+    return logits, partial(_eval_loss, vocab_size, batch)
+
+
+def _eval_loss(vocab_size: int, batch: dict, logits: torch.Tensor):
+    """CE, token accuracy and per-sample exact match from vocab-parallel logits [b, s, V/tp]."""
+    from megatron.core import parallel_state as ps
+    from megatron.core import tensor_parallel
+
+    labels, mask, sids = batch["labels"], batch["loss_mask"], batch["sample_ids"]
+    logits = logits.float()
+    ce = tensor_parallel.vocab_parallel_cross_entropy(logits.clone().contiguous(), labels)
+    # argmax over the real vocabulary across TP shards: local (max, id), then a tiny all-gather.
+    vloc = logits.size(-1)
+    tp = ps.get_tensor_model_parallel_world_size()
+    start = ps.get_tensor_model_parallel_rank() * vloc
+    ids = torch.arange(start, start + vloc, device=logits.device)
+    logits = logits.masked_fill(ids >= vocab_size, float("-inf"))
+    mx, arg = logits.max(dim=-1)
+    arg = arg + start
+    if tp > 1:
+        group = ps.get_tensor_model_parallel_group()
+        mxs = [torch.empty_like(mx) for _ in range(tp)]
+        args = [torch.empty_like(arg) for _ in range(tp)]
+        torch.distributed.all_gather(mxs, mx.contiguous(), group=group)
+        torch.distributed.all_gather(args, arg.contiguous(), group=group)
+        best = torch.stack(mxs).argmax(dim=0)  # first maximum: lowest vocab id on ties, like argmax
+        arg = torch.stack(args).gather(0, best[None]).squeeze(0)
+    sup = mask > 0
+    correct = (arg == labels) & sup
+    n = sup.sum().double()
+    wrong = (~correct & sup).double()
+    uniq, inv = torch.unique(sids[sup], return_inverse=True)
+    wrong_per = torch.zeros(len(uniq), dtype=torch.float64, device=wrong.device).index_add_(0, inv, wrong[sup])
+    n_samples = torch.tensor(float(len(uniq)), dtype=torch.float64, device=wrong.device)
+    report = {
+        "ce": torch.stack([(ce.double() * sup).sum(), n]),
+        "token_acc": torch.stack([correct.double().sum(), n]),
+        "exact_match": torch.stack([(wrong_per == 0).double().sum(), n_samples]),
+    }
+    return torch.zeros((), device=logits.device), 1, report
+
+
+def _device():
+    return torch.device("cuda", torch.cuda.current_device()) if torch.cuda.is_available() else torch.device("cpu")
+
+
+def _dp_group():
+    from megatron.core import parallel_state as ps
+
+    return ps.get_data_parallel_group()
+
+
+def _fmt_eval(ev: dict) -> str:
+    parts = []
+    for k, v in ev.items():
+        if k.endswith("/samples"):
+            continue
+        parts.append(f"{k}={v:.3f}")
+    return " ".join(parts)
+
+
+class MetricsWriter:
+    """Appends one JSON object per line and flushes, so a crash keeps everything written so far."""
+
+    def __init__(self, path: str):
+        self.path = path
+
+    def write(self, rec: dict) -> None:
+        with open(self.path, "a", encoding="utf-8") as f:
+            f.write(json.dumps(rec) + "\n")
+
+
+def _truncate_metrics(path: str, iteration: int) -> None:
+    """On resume, drop records written after the checkpoint's iteration (they will be redone)."""
+    keep = []
+    with open(path, encoding="utf-8") as f:
+        for line in f:
+            try:
+                rec = json.loads(line)
+            except json.JSONDecodeError:
+                continue
+            if rec.get("iteration", 0) <= iteration:
+                keep.append(line if line.endswith("\n") else line + "\n")
+    with open(path, "w", encoding="utf-8") as f:
+        f.writelines(keep)
