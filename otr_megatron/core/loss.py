@@ -189,6 +189,9 @@ class _VocabParallelOTR(torch.autograd.Function):
                     if full < n_real:
                         blocks[lo:hi, -1] = e[:, full:].sum(-1)
                 if est == "expected":
+                    # masked -inf logits have e == 0: clamp so 0 * -inf is not NaN (a NaN logit
+                    # still poisons the token through the max)
+                    d.clamp_(min=torch.finfo(torch.float32).min)
                     stats[lo:hi, 4] = torch.matmul(e.unsqueeze(1), d.unsqueeze(2)).view(-1)
         rows = torch.arange(n_tok, device=dev)
         stats[:, 2] = torch.where(owns_label, logits[rows, label_col].double(), 0.0)
