@@ -132,9 +132,9 @@ def _verify_fingerprints(prints: torch.Tensor, labels, vocab_size, ignore_index)
 def _all_gather(t: torch.Tensor, group, world: int) -> torch.Tensor:
     if group is None:
         return t.unsqueeze(0)
-    out = torch.empty((world,) + tuple(t.shape), dtype=t.dtype, device=t.device)
+    out = torch.empty((world * t.size(0),) + tuple(t.shape[1:]), dtype=t.dtype, device=t.device)
     dist.all_gather_into_tensor(out, t.contiguous(), group=group)
-    return out
+    return out.view((world,) + tuple(t.shape))
 
 
 # --------------------------------------------------------------------------------------------

@@ -1,0 +1,143 @@
+"""Worker for tests/core/test_tensor_parallel.py: runs in each of 4 gloo processes."""
+
+import json
+import os
+
+import torch
+import torch.distributed as dist
+
+import otr_megatron as otr
+from tests.core.reference import samples_matrix
+
+N, VOCAB, K = 96, 1000, 64
+
+
+class CommAudit:
+    """Records every collective (name and element count) issued through torch.distributed."""
+
+    NAMES = ["all_reduce", "all_gather", "all_gather_into_tensor", "reduce_scatter_tensor", "broadcast",
+             "all_to_all_single", "all_gather_object", "reduce", "gather", "scatter", "send", "recv"]
+
+    def __init__(self):
+        self.calls = []
+
+    def __enter__(self):
+        self.saved = {n: getattr(dist, n) for n in self.NAMES}
+        for n, fn in self.saved.items():
+            def wrapped(*args, _n=n, _fn=fn, **kw):
+                tensors = [a for a in args if isinstance(a, torch.Tensor)]
+                sent = tensors[-1].numel() if tensors else -1  # the input (sent) tensor comes last
+                self.calls.append((_n, sent))
+                return _fn(*args, **kw)
+            setattr(dist, n, wrapped)
+        return self
+
+    def __exit__(self, *exc):
+        for n, fn in self.saved.items():
+            setattr(dist, n, fn)
+
+
+def full_inputs(dtype=torch.float32, padded=1024):
+    g = torch.Generator().manual_seed(1234)
+    x = torch.randn(N, padded, generator=g) * 3
+    x[:, VOCAB:] = 30.0  # garbage in padded rows of the LM head
+    y = torch.randint(0, VOCAB, (N,), generator=g)
+    y[::7] = -100
+    return x.to(dtype), y
+
+
+def run(x, y, cfg, group=None, keys=None):
+    xx = x.clone().requires_grad_()
+    loss, st = otr.vocab_parallel_otr_loss(xx, y, cfg, tp_group=group, step=4, vocab_size=VOCAB, token_keys=keys,
+                                           return_stats=True)
+    loss.backward(torch.linspace(0.5, 2.0, N))  # per-token upstream gradient
+    return loss.detach(), st, xx.grad
+
+
+def check_layout(group, report):
+    tp, r = dist.get_world_size(group), dist.get_rank(group)
+    x, y = full_inputs()
+    shard = x.size(1) // tp
+    keys = torch.arange(N) * 31 + 5
+    for est in ["sample", "expected", "sft", "dft"]:
+        cfg = otr.OTRConfig(estimator=est, num_samples=K, temperature=1.3, neg_reward=-0.1, chunk_tokens=13)
+        loss1, st1, grad1 = run(x, y, cfg, keys=keys)
+        part = x[:, r * shard : (r + 1) * shard]
+        loss, st, grad = run(part, y, cfg, group, keys)
+        if est == "sample":
+            gathered = [None] * tp
+            dist.all_gather_object(gathered, st["owned_samples"], group=group)
+            ours = samples_matrix((torch.cat([g[0] for g in gathered]), torch.cat([g[1] for g in gathered])), N, K)
+            ref = samples_matrix(st1["owned_samples"], N, K)
+            same = (ours == ref).all(-1)
+            report[f"tp{tp}_sample_mismatch"] = int((ours != ref).sum())
+            assert (ours != ref).float().mean() <= 1e-3
+            assert torch.equal(st["hits"][same], st1["hits"][same])
+            torch.testing.assert_close(loss[same], loss1[same], atol=2e-5, rtol=2e-5)
+            rows = same.nonzero().squeeze(1)
+            torch.testing.assert_close(grad[rows], grad1[rows, r * shard : (r + 1) * shard], atol=1e-6, rtol=1e-5)
+        else:
+            torch.testing.assert_close(loss, loss1, atol=2e-5, rtol=2e-5)
+            torch.testing.assert_close(grad, grad1[:, r * shard : (r + 1) * shard], atol=1e-6, rtol=1e-5)
+            torch.testing.assert_close(st["label_logprob"], st1["label_logprob"], atol=2e-5, rtol=2e-5)
+        # bf16 logits agree with fp32 to bf16 precision
+        loss_bf16, _, grad_bf16 = run(part.bfloat16(), y, cfg, group, keys)
+        if est != "sample":
+            torch.testing.assert_close(loss_bf16, loss, atol=0.05, rtol=0.02)
+            torch.testing.assert_close(grad_bf16.float(), grad, atol=0.02, rtol=0.05)
+
+    # communication audit: O(tp) numbers per token, independent of K; <= 3 collectives forward, 0 backward
+    for est, extra in [("sample", 3), ("expected", 2), ("sft", 2)]:
+        sizes = []
+        for k in [8, 256]:
+            cfg = otr.OTRConfig(estimator=est, num_samples=k)
+            xx = x[:, r * shard : (r + 1) * shard].clone().requires_grad_()
+            with CommAudit() as fwd:
+                loss = otr.vocab_parallel_otr_loss(xx, y, cfg, tp_group=group, vocab_size=VOCAB)
+            with CommAudit() as bwd:
+                loss.sum().backward()
+            assert len(fwd.calls) <= 3 and len(fwd.calls) == extra, fwd.calls
+            assert bwd.calls == [], bwd.calls
+            total = sum(n for _, n in fwd.calls)
+            # each rank sends at most 6 numbers per token (+ a 7-number fingerprint) and receives tp x that
+            assert total <= 6 * N + 7, (total, fwd.calls)
+            sizes.append(fwd.calls)
+        assert sizes[0] == sizes[1], f"communication grew with K: {sizes}"
+        report[f"tp{tp}_{est}_collectives"] = sizes[0]
+
+    # mismatched inputs across ranks fail loudly on every rank
+    bad_y = y.clone()
+    if r == 0:
+        bad_y[3] = (bad_y[3] + 1) % VOCAB if bad_y[3] >= 0 else 1
+    try:
+        otr.vocab_parallel_otr_loss(x[:, :shard], bad_y, otr.OTRConfig(), tp_group=group, vocab_size=VOCAB)
+        raise AssertionError("labels differing across TP ranks were not detected")
+    except ValueError as e:
+        assert "disagree on labels" in str(e)
+    rows = N if r else N - 1
+    try:
+        otr.vocab_parallel_otr_loss(x[:rows, :shard], y[:rows], otr.OTRConfig(), tp_group=group, vocab_size=VOCAB)
+        raise AssertionError("different token counts across TP ranks were not detected")
+    except ValueError as e:
+        assert "disagree on number of tokens" in str(e)
+    try:  # gathered (full-vocabulary) logits given to a vocab-parallel loss
+        otr.vocab_parallel_otr_loss(x, y, otr.OTRConfig(), tp_group=group, padded_vocab_size=x.size(1))
+        raise AssertionError("gathered logits were not detected")
+    except ValueError as e:
+        assert "padded_vocab_size" in str(e)
+
+
+def main(rank, world, port, out_dir):
+    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
+    torch.set_num_threads(1)
+    dist.init_process_group("gloo", rank=rank, world_size=world)
+    from megatron.core import parallel_state as ps
+
+    report = {}
+    for tp in (4, 2):
+        ps.initialize_model_parallel(tensor_model_parallel_size=tp)
+        check_layout(ps.get_tensor_model_parallel_group(), report)
+        ps.destroy_model_parallel()
+    with open(os.path.join(out_dir, f"rank{rank}.json"), "w") as f:
+        json.dump(report, f)
+    dist.destroy_process_group()
