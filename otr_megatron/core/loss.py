@@ -181,13 +181,15 @@ class _VocabParallelOTR(torch.autograd.Function):
             stats[lo:hi, 1] = e.sum(-1)
             if tempered:
                 torch.mul(d, 1.0 / kappa, out=e).exp_()
-                stats[lo:hi, 3] = e.sum(-1)
                 if blocks is not None:
                     full = (n_real // _BLOCK) * _BLOCK
                     if full:
                         blocks[lo:hi, : full // _BLOCK] = e[:, :full].reshape(hi - lo, -1, _BLOCK).sum(-1)
                     if full < n_real:
                         blocks[lo:hi, -1] = e[:, full:].sum(-1)
+                    stats[lo:hi, 3] = blocks[lo:hi].sum(-1)  # the rank's mass is its blocks' total
+                else:
+                    stats[lo:hi, 3] = e.sum(-1)
                 if est == "expected":
                     # masked -inf logits have e == 0: clamp so 0 * -inf is not NaN (a NaN logit
                     # still poisons the token through the max)
@@ -308,7 +310,8 @@ def _sample(logits, keys, cfg, step, rank, world, n_real, label_col, owns_label,
     last_rank = torch.where(mass_r > 0, ranks[:, None], 0).amax(0)  # clamp target for rounding
     block_ids = torch.arange(blocks.size(1), device=dev)
     in_block = torch.arange(_BLOCK, device=dev)
-    rows_per_step = max(1, min(chunk, (1 << 20) // (k * _BLOCK)))
+    # bound the [rows, K, BLOCK] and [rows, blocks] temporaries to ~1M elements each
+    rows_per_step = max(1, (1 << 20) // max(k * _BLOCK, blocks.size(1), 1))
     for s in range(0, todo.numel(), rows_per_step):
         r = todo[s : s + rows_per_step]
         t = token_uniforms(keys[r], k, cfg.seed, step) * mass[r, None]  # global CDF positions [R, K]
