@@ -9,7 +9,7 @@ gloo. Each patch below was found by a real failure; see `shared/reference/megatr
 1. `torch.cuda.current_device()` is used as a device for buffers  -> returns "cpu".
 2. `torch.cuda.synchronize` / `set_device`                          -> no-ops.
 3. `Tensor.cuda()`                                                  -> identity.
-4. factory calls with `device="cuda"` (and `.to("cuda")`)           -> CPU, via a TorchFunctionMode.
+4. factory calls with `device="cuda"` (and `.to("cuda")`)           -> CPU (wrapped factories).
 5. RNG tracker reads/writes CUDA RNG states                         -> aliased to the CPU generator
    (seeded with `torch.default_generator.manual_seed`, never `torch.manual_seed`, which calls
    `torch.cuda.manual_seed_all` and would recurse into the patch).
@@ -29,10 +29,9 @@ import os
 import threading
 
 import torch
-from torch.overrides import TorchFunctionMode
 
 _LOCK = threading.Lock()
-_STATE = {"enabled": False, "mode": None}
+_STATE = {"enabled": False}
 
 
 def cpu_backend_enabled() -> bool:
@@ -48,18 +47,36 @@ def _is_cuda_device(dev) -> bool:
     return False
 
 
-class _CudaToCpuMode(TorchFunctionMode):
-    """Rewrites `device="cuda"` (keyword or a positional device in `.to()`) to the CPU."""
+_FACTORIES = (
+    "empty", "zeros", "ones", "full", "arange", "tensor", "as_tensor", "rand", "randn", "randint",
+    "randperm", "empty_like", "zeros_like", "ones_like", "full_like", "rand_like", "randn_like",
+    "randint_like", "linspace", "logspace", "eye", "empty_strided", "tril_indices", "triu_indices",
+)
 
-    def __torch_function__(self, func, types, args=(), kwargs=None):
-        kwargs = kwargs or {}
+
+def _cpu_device_kwarg(fn):
+    def wrapper(*args, **kwargs):
         dev = kwargs.get("device")
         if dev is not None and (_is_cuda_device(dev) or isinstance(dev, int)):
-            kwargs = dict(kwargs)
             kwargs["device"] = "cpu"
-        if args and any(_is_cuda_device(a) for a in args):
-            args = tuple("cpu" if _is_cuda_device(a) else a for a in args)
-        return func(*args, **kwargs)
+        return fn(*args, **kwargs)
+
+    wrapper.__wrapped__ = fn
+    wrapper.__name__ = getattr(fn, "__name__", "factory")
+    return wrapper
+
+
+def _cpu_tensor_to(fn):
+    def to(self, *args, **kwargs):
+        dev = kwargs.get("device")
+        if dev is not None and _is_cuda_device(dev):
+            kwargs["device"] = "cpu"
+        if args and _is_cuda_device(args[0]):
+            args = ("cpu",) + args[1:]
+        return fn(self, *args, **kwargs)
+
+    to.__wrapped__ = fn
+    return to
 
 
 class _NullStream:
@@ -180,9 +197,12 @@ def enable_cpu_backend(force: bool = False) -> bool:
         cuda.stream = lambda *a, **k: contextlib.nullcontext()
         cuda.set_stream = lambda *a, **k: None
 
-        mode = _CudaToCpuMode()
-        mode.__enter__()  # stays active for the life of the process
-        _STATE["mode"] = mode
+        # Module-level wrappers rather than a TorchFunctionMode: a mode is not active inside the
+        # autograd engine, where activation recompute re-runs forward code (found by a failure).
+        for name in _FACTORIES:
+            if hasattr(torch, name):
+                setattr(torch, name, _cpu_device_kwarg(getattr(torch, name)))
+        torch.Tensor.to = _cpu_tensor_to(torch.Tensor.to)
         _STATE["enabled"] = True
         _patch_megatron_rng()
         return True

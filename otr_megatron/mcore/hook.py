@@ -222,10 +222,9 @@ def enable_otr(model, cfg, *, vocab_size: Optional[int] = None, mtp_loss: str = 
         return [enable_otr(m, cfg, vocab_size=vocab_size, mtp_loss=mtp_loss, mask_labels=mask_labels,
                            ignore_index=ignore_index, loss_fn=loss_fn) for m in model]
     inner = unwrap_model(model)
-    old = inner.__dict__.get(_HOOK_ATTR)
-    if old is not None:
+    hook = OTRLossHook(inner, cfg, vocab_size, mtp_loss, mask_labels, ignore_index, loss_fn)  # validates
+    if inner.__dict__.get(_HOOK_ATTR) is not None:
         disable_otr(inner)
-    hook = OTRLossHook(inner, cfg, vocab_size, mtp_loss, mask_labels, ignore_index, loss_fn)
     inner.__dict__[_HOOK_ATTR] = hook  # plain attribute: not a submodule, not in state_dict
     inner.compute_language_model_loss = types.MethodType(
         lambda self, labels, logits: hook.compute(self, labels, logits), inner
@@ -338,3 +337,43 @@ def slice_batch_for_cp(batch: dict, cp_size: int, cp_rank: int, seq_len: Optiona
         else:
             out[k] = v
     return out
+
+
+def output_processor_supported() -> bool:
+    """True when this megatron-core's GPTModel.forward takes `output_processor` (0.18+)."""
+    import inspect
+
+    from megatron.core.models.gpt import GPTModel
+
+    return "output_processor" in inspect.signature(GPTModel.forward).parameters
+
+
+def make_output_processor(model):
+    """An `output_processor` (megatron-core 0.18+) computing the same OTR loss as the bound hook.
+
+    Use: `model(tokens, pos, mask, labels=labels, output_processor=make_output_processor(model))`.
+    It runs Megatron's output layer (and logit scaling) itself, then the OTR loss on the
+    `[s, b, V/tp]` shard with the context set by `set_otr_context`. It is the starting point for a
+    chunked LM head; today it only proves the route equivalent to `compute_language_model_loss`.
+    """
+    if not output_processor_supported():
+        raise RuntimeError("output_processor needs megatron-core >= 0.18; use enable_otr's bound "
+                           "compute_language_model_loss instead (works on 0.16+)")
+    inner = unwrap_model(model)
+    hook = get_otr_hook(inner)
+    if hook is None:
+        raise RuntimeError("make_output_processor: call enable_otr(model, cfg) first")
+
+    def processor(*, hidden_states, output_layer, output_weight, labels, runtime_gather_output=None,
+                  scale_logits=None, **unused):
+        logits, _ = output_layer(hidden_states, weight=output_weight,
+                                 runtime_gather_output=runtime_gather_output)
+        if scale_logits is not None:
+            logits = scale_logits(logits)
+        if labels is None:
+            return logits.transpose(0, 1).contiguous()
+        if hook.context is None:
+            raise RuntimeError("output_processor: no batch context; call set_otr_context first")
+        return hook.loss_from_logits(inner, labels, logits, hook.context)
+
+    return processor

@@ -27,6 +27,7 @@ from otr_megatron.mcore.hook import (
 # stats key of the core loss -> (report name, divide by K?)
 _STAT_REPORTS = {
     "hits": ("otr hit rate", True),
+    "reward_mean": ("otr mean reward", False),
     "reward_sum": ("otr mean reward", False),
     "label_logprob": ("otr label logprob", False),
 }

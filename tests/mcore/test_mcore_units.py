@@ -1,0 +1,95 @@
+"""Fast single-process checks of the integration helpers (no process launch, no model)."""
+
+import subprocess
+import sys
+
+import pytest
+import torch
+
+from otr_megatron.mcore.hook import (cp_zigzag_positions, fallback_sample_ids, slice_batch_for_cp,
+                                     token_keys_from_sample_ids)
+from otr_megatron.mcore.training import loss_func
+
+
+def test_import_does_not_pull_megatron():
+    code = "import sys, otr_megatron.mcore; assert 'megatron' not in sys.modules, 'megatron imported'"
+    subprocess.run([sys.executable, "-c", code], check=True)
+
+
+@pytest.mark.parametrize("cp", [1, 2, 4])
+def test_zigzag_positions_partition_the_sequence(cp):
+    s = 32
+    parts = [cp_zigzag_positions(s, cp, r) for r in range(cp)]
+    assert torch.equal(torch.sort(torch.cat(parts)).values, torch.arange(s))
+    c = s // (2 * cp)
+    if cp == 2:  # rank 0 holds chunks 0 and 3, rank 1 chunks 1 and 2
+        assert parts[0].tolist() == list(range(0, c)) + list(range(3 * c, 4 * c))
+        assert parts[1].tolist() == list(range(c, 3 * c))
+
+
+def test_zigzag_bad_args():
+    with pytest.raises(ValueError, match="divisible by 2 \\* cp_size"):
+        cp_zigzag_positions(30, 4, 0)
+    with pytest.raises(ValueError, match="cp_rank=2"):
+        cp_zigzag_positions(16, 2, 2)
+
+
+def test_token_keys_are_layout_invariant():
+    """Keys of a token do not depend on DP split or CP slicing; no two tokens share a key."""
+    b, s = 4, 16
+    sid = torch.arange(b) + 100
+    full = token_keys_from_sample_ids(sid, s)
+    assert full.unique().numel() == b * s
+    for dp in (1, 2, 4):
+        for r in range(dp):
+            rows = slice(r * b // dp, (r + 1) * b // dp)
+            mine = token_keys_from_sample_ids(sid[rows], s)
+            assert torch.equal(mine, full[rows])
+            for cp in (1, 2):
+                got = [slice_batch_for_cp({"token_keys": mine}, cp, c)["token_keys"] for c in range(cp)]
+                want = [mine[:, cp_zigzag_positions(s, cp, c)] for c in range(cp)]
+                assert all(torch.equal(g, w) for g, w in zip(got, want))
+
+
+def test_token_key_errors_name_the_argument():
+    with pytest.raises(ValueError, match="sample_ids"):
+        token_keys_from_sample_ids(torch.tensor([-1]), 8)
+    with pytest.raises(ValueError, match="overflows"):
+        token_keys_from_sample_ids(torch.tensor([2**61]), 8)
+    with pytest.raises(ValueError, match="seq_len=0"):
+        token_keys_from_sample_ids(torch.tensor([0]), 0)
+
+
+def test_fallback_ids_distinct_across_dp_and_microbatches():
+    ids = torch.cat([fallback_sample_ids(2, dp_rank=r, dp_size=2, microbatch=m) for r in range(2) for m in range(3)])
+    assert ids.unique().numel() == ids.numel()
+
+
+def test_slice_batch_slices_attention_mask_on_dim2():
+    b = {"tokens": torch.arange(16).view(1, 16), "attention_mask": torch.zeros(1, 1, 16, 16), "sample_ids": torch.tensor([3])}
+    out = slice_batch_for_cp(b, 2, 1)
+    assert out["tokens"].tolist() == [list(range(4, 12))]
+    assert out["attention_mask"].shape == (1, 1, 8, 16)
+    assert torch.equal(out["sample_ids"], b["sample_ids"])
+
+
+def test_loss_func_contract():
+    loss = torch.tensor([[1.0, 2.0, 3.0], [4.0, float("nan"), 6.0]])
+    mask = torch.tensor([[0.0, 1.0, 1.0], [1.0, 0.0, 1.0]])  # the NaN is masked out: must not leak
+    stats = {"hits": torch.tensor([[9, 2, 0], [4, 9, 2]]), "label_logprob": -loss.clone()}
+    s, n, rep = loss_func(mask, loss, stats, num_samples=4)
+    assert float(s) == 15.0 and int(n) == 4 and n.dtype == torch.int
+    assert rep["lm loss"].tolist() == [15.0, 4.0]
+    assert rep["otr hit rate"].tolist() == [2.0, 4.0]  # (2 + 0 + 4 + 2) / 4 samples
+    assert rep["otr label logprob"].tolist() == [-15.0, 4.0]
+    x = torch.ones(2, 3, requires_grad=True)
+    s2, _, _ = loss_func(mask, x * 2)
+    s2.backward()
+    assert torch.equal(x.grad, 2 * mask)
+
+
+def test_loss_func_rejects_non_finite():
+    with pytest.raises(FloatingPointError, match="not finite"):
+        loss_func(torch.ones(1, 2), torch.tensor([[1.0, float("inf")]]))
+    with pytest.raises(ValueError, match="same \\[b, s\\] shape"):
+        loss_func(torch.ones(1, 3), torch.ones(1, 2))
