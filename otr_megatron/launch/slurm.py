@@ -183,8 +183,10 @@ def render_sbatch(spec: SlurmSpec) -> str:
         f"{spec.nodes} node(s) x {spec.gpus_per_node} GPU(s), {spec.ntasks_per_node} task(s) per node).",
         "set -euo pipefail",
         "",
-        "# Rendezvous: the first host of the allocation.",
-        'MASTER_ADDR="$(scontrol show hostnames "$SLURM_JOB_NODELIST" | head -n1)"',
+        "# Rendezvous: the first host of the allocation. pipefail is off inside the substitution: `head`",
+        "# closing the pipe early must not turn scontrol's SIGPIPE into a failed job.",
+        'MASTER_ADDR="$(set +o pipefail; scontrol show hostnames "$SLURM_JOB_NODELIST" | head -n1)"',
+        'if [ -z "$MASTER_ADDR" ]; then echo "otr-launch: no host from scontrol for $SLURM_JOB_NODELIST" >&2; exit 1; fi',
     ]
     if spec.master_port == "auto":
         body.append('MASTER_PORT="${MASTER_PORT:-$(( 20000 + ${SLURM_JOB_ID:-0} % 20000 ))}"')

@@ -1,0 +1,57 @@
+"""Render (and optionally submit) the Llama-3 70B OTR fine-tuning job: 4 nodes x 8 H100, Bridge recipe.
+
+    python examples/slurm_70b.py --account ACCT --partition batch -o otr-70b.sbatch [--submit]
+
+Everything comes from configs/llama3_70b_4node.yaml: node count, the Bridge recipe and its
+overrides, and the OTR settings. The job runs `otr-megatron bridge` under torchrun (one task per
+node) in the NeMo container, requeues itself before the time limit, and resumes from checkpoints.
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from pathlib import Path
+
+import yaml
+
+REPO = Path(__file__).resolve().parents[1]
+
+
+def bridge_command(config_path: Path) -> list[str]:
+    cfg = yaml.safe_load(config_path.read_text())
+    otr = cfg["otr"]
+    cmd = ["otr-megatron", "bridge", "--recipe", cfg["bridge"]["recipe"], "--mode", "sft"]
+    cmd += [f"otr.{k}={otr[k]}" for k in ("num_samples", "temperature", "neg_reward", "estimator", "seed")]
+    cmd += list(cfg["bridge"]["overrides"])
+    cmd += ["checkpoint.save=/ckpt/llama3_70b_otr", "checkpoint.load=/ckpt/llama3_70b_otr"]
+    return cmd
+
+
+def main(argv: list[str] | None = None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--config", default=str(REPO / "configs" / "llama3_70b_4node.yaml"))
+    ap.add_argument("--account", required=True)
+    ap.add_argument("--partition", default="batch")
+    ap.add_argument("--image", default="nvcr.io/nvidia/nemo:26.02")
+    ap.add_argument("--data", default="/lustre/data", help="host directory mounted at /data (datasets, HF cache)")
+    ap.add_argument("--ckpt", default="/lustre/checkpoints", help="host directory mounted at /ckpt")
+    ap.add_argument("-o", "--output", default="otr-llama3-70b.sbatch")
+    ap.add_argument("--submit", action="store_true")
+    args = ap.parse_args(argv)
+
+    from otr_megatron.launch.slurm import main as slurm_main
+
+    slurm_argv = [
+        "--config", args.config, "--launcher", "torchrun", "--account", args.account, "--partition", args.partition,
+        "--time", "04:00:00", "--container-image", args.image,
+        "--container-mounts", f"{args.data}:/data,{args.ckpt}:/ckpt", "--hf-home", "/data/hf",
+        "--requeue", "-o", args.output,
+    ]
+    if args.submit:
+        slurm_argv.append("--submit")
+    return slurm_main(slurm_argv + ["--"] + bridge_command(Path(args.config)))
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,1 @@
+"""SLURM launch: sbatch rendering (`otr-megatron slurm`) and an optional NeMo-Run path."""

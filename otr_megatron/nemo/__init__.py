@@ -1,0 +1,30 @@
+"""NeMo 2.0 adapter (nemo-toolkit <= 2.7, container nemo:26.02): OTR as the loss of an `llm` recipe.
+
+    from nemo.collections import llm
+    from otr_megatron.nemo import otr_recipe
+    recipe = otr_recipe(llm.llama3_70b.finetune_recipe(num_nodes=4, peft_scheme=None), num_samples=256)
+
+With nemo-toolkit 3.x (speech-only) `load_adapter()` raises `NeMoVersionError` pointing to the
+Megatron-Bridge path. Nothing here imports NeMo until `load_adapter()` / `otr_recipe()` is called.
+"""
+
+from otr_megatron.nemo.compat import BRIDGE_HINT, NeMoVersionError, check_nemo_version, installed_nemo_version
+
+
+def load_adapter():
+    """Import and return `otr_megatron.nemo.adapter` (OTRGPTModel, OTRMaskedTokenLossReduction)."""
+    check_nemo_version()
+    from otr_megatron.nemo import adapter
+
+    return adapter
+
+
+def otr_recipe(recipe, otr=None, **kwargs):
+    """See `otr_megatron.nemo.recipe.otr_recipe`."""
+    from otr_megatron.nemo.recipe import otr_recipe as _otr_recipe
+
+    return _otr_recipe(recipe, otr, **kwargs)
+
+
+__all__ = ["BRIDGE_HINT", "NeMoVersionError", "check_nemo_version", "installed_nemo_version", "load_adapter",
+           "otr_recipe"]

@@ -1,0 +1,75 @@
+"""NeMo 2.0 classes in NeMo's own pattern: a loss reduction and a GPTModel subclass.
+
+Importing this module imports NeMo (nemo-toolkit <= 2.7 with `nemo.collections.llm`); use
+`otr_megatron.nemo.load_adapter()` to get a clear message when that is not available.
+
+`OTRGPTModel` keeps the model's `GPTConfig` (Llama3Config70B, Qwen25Config72B, ...) and
+optimizer, builds the same Megatron-Core GPTModel, and only (1) runs `otr_forward_step` around the
+config's forward step and (2) uses `OTRMaskedTokenLossReduction`, which reduces the per-token OTR
+loss exactly as `MaskedTokenLossReduction` reduces cross entropy and keeps OTR metrics.
+"""
+
+from __future__ import annotations
+
+from typing import Optional
+
+from otr_megatron.nemo.compat import check_nemo_version
+
+check_nemo_version()
+
+from nemo.collections.llm.gpt.model.base import GPTModel  # noqa: E402
+from nemo.lightning.megatron_parallel import MaskedTokenLossReduction  # noqa: E402
+
+from otr_megatron.nemo.step import otr_forward_step, otr_report, reduce_otr_metrics  # noqa: E402
+
+
+class OTRMaskedTokenLossReduction(MaskedTokenLossReduction):
+    """`MaskedTokenLossReduction` plus OTR metrics ([sum, count] per micro-batch; `last_metrics` per step)."""
+
+    def __init__(self, validation_step: bool = False, val_drop_last: bool = True) -> None:
+        super().__init__(validation_step=validation_step, val_drop_last=val_drop_last)
+        self.last_metrics: dict = {}
+
+    def forward(self, batch, forward_out):
+        loss_sum, num_tokens, reduced = super().forward(batch, forward_out)
+        reduced = dict(reduced)
+        reduced.update(otr_report(batch, forward_out if not isinstance(forward_out, tuple) else forward_out[0]))
+        return loss_sum, num_tokens, reduced
+
+    def reduce(self, losses_reduced_per_micro_batch):
+        if losses_reduced_per_micro_batch:
+            from megatron.core import parallel_state as ps
+
+            self.last_metrics = reduce_otr_metrics(
+                losses_reduced_per_micro_batch, group=ps.get_data_parallel_group(with_context_parallel=True))
+        return super().reduce(losses_reduced_per_micro_batch)
+
+
+class OTRGPTModel(GPTModel):
+    """A NeMo 2.0 GPTModel whose training loss is OTR. `otr` is an `otr_megatron.OTRConfig`."""
+
+    def __init__(self, config=None, optim=None, tokenizer=None, model_transform=None, model_context_managers=None,
+                 otr=None, vocab_size: Optional[int] = None):
+        super().__init__(config, optim=optim, tokenizer=tokenizer, model_transform=model_transform,
+                         model_context_managers=model_context_managers or [])
+        from otr_megatron import OTRConfig
+
+        self.otr = otr if otr is not None else OTRConfig()
+        self.otr_vocab_size = vocab_size
+
+    def forward_step(self, batch):
+        # Training and validation both go through the OTR step: once the hook is on the Megatron-Core
+        # model, every forward with labels computes the OTR loss and needs this micro-batch's context.
+        return otr_forward_step(self, batch, otr_config=self.otr, vocab_size=self.otr_vocab_size,
+                                base_step=self.config.forward_step_fn)
+
+    @property
+    def training_loss_reduction(self) -> OTRMaskedTokenLossReduction:
+        if not self._training_loss_reduction:
+            self._training_loss_reduction = OTRMaskedTokenLossReduction()
+        return self._training_loss_reduction
+
+    def otr_metrics(self) -> dict:
+        """Per-token means of the OTR metrics of the last optimizer step (last pipeline stage only)."""
+        red = self._training_loss_reduction
+        return dict(getattr(red, "last_metrics", {}) or {})

@@ -1,0 +1,166 @@
+"""`otr-megatron bridge` on CPU: otr.* parsing, YAML split, recipe loading, version checks, full flow.
+
+Bridge is replaced by a `BridgeAPI` of recording fakes (the real one needs Transformer Engine).
+"""
+
+import warnings
+
+import pytest
+import yaml
+
+from otr_megatron import OTRConfig
+from otr_megatron.bridge import cli
+from otr_megatron.bridge.cli import BridgeAPI, BridgeCLIError
+from otr_megatron.bridge.step import OTRForwardStep
+
+RECIPE = "tests.bridge.fake_recipes:tiny_sft_config"
+
+
+def test_split_overrides_and_types():
+    otr, bridge = cli.split_overrides(
+        ["otr.num_samples=64", "otr.temperature=2", "otr.neg_reward=-0.2", "otr.estimator=expected",
+         "otr.chunk_tokens=null", "model.tensor_model_parallel_size=8", "+train.extra=1", "~optimizer.foo",
+         "train.global_batch_size=128"])
+    assert otr == {"num_samples": 64, "temperature": 2, "neg_reward": -0.2, "estimator": "expected", "chunk_tokens": None}
+    assert bridge == ["model.tensor_model_parallel_size=8", "+train.extra=1", "~optimizer.foo",
+                      "train.global_batch_size=128"]
+    cfg = cli.build_otr_config(otr)
+    assert cfg == OTRConfig(num_samples=64, temperature=2.0, neg_reward=-0.2, estimator="expected", chunk_tokens=None)
+
+
+@pytest.mark.parametrize("tokens,needle", [
+    (["otr.bogus=1"], "unknown OTR key(s) ['otr.bogus']"),
+    (["otr.num_samples=0"], "num_samples"),
+    (["otr.temperature=hot"], "temperature"),
+    (["otr.estimator=ppo"], "estimator"),
+    (["+otr.num_samples=3"], "otr.KEY=VALUE"),
+    (["otr.num_samples"], "otr.KEY=VALUE"),
+    (["otr.a.b=1"], "expected otr.KEY=VALUE"),
+    (["justaword"], "expected KEY=VALUE"),
+    (["--bogus"], "unknown option '--bogus'"),
+])
+def test_otr_errors_name_the_key(tokens, needle):
+    with pytest.raises(BridgeCLIError) as exc:
+        otr, _ = cli.split_overrides(tokens)
+        cli.build_otr_config(otr)
+    assert needle in str(exc.value)
+
+
+@pytest.mark.parametrize("version,ok", [("0.3.0", True), ("0.3.1", True), ("0.6.2", True), ("0.7.0rc1+abc", True),
+                                        ("0.2.9", False), ("0.1", False), ("garbage", False)])
+def test_version_check(version, ok):
+    if ok:
+        assert cli.check_bridge_version(version)[:2] >= (0, 3)
+    else:
+        with pytest.raises(BridgeCLIError, match="not supported"):
+            cli.check_bridge_version(version)
+
+
+def test_version_missing_and_newer():
+    with pytest.raises(BridgeCLIError, match="not installed"):
+        cli.check_bridge_version(None)
+    with pytest.warns(UserWarning, match="newer than the tested"):
+        cli.check_bridge_version("1.2.0")
+
+
+@pytest.mark.parametrize("spec,needle", [
+    ("no_colon_here", "expected module:function"),
+    ("a:b:c", "expected module:function"),
+    ("definitely_not_a_module_xyz:f", "module 'definitely_not_a_module_xyz' not found"),
+    ("tests.bridge.fake_recipes:missing_config", "has no 'missing_config'"),
+    ("tests.bridge.fake_recipes:not_a_recipe_config", "is not callable"),
+])
+def test_recipe_errors(spec, needle):
+    with pytest.raises(BridgeCLIError) as exc:
+        cli.load_recipe(spec)
+    assert needle in str(exc.value)
+    if "missing_config" in spec:
+        assert "tiny_sft_config" in str(exc.value)  # lists the recipes that do exist
+
+
+class Recorder:
+    def __init__(self, fail=None):
+        self.calls = []
+        self.fail = fail
+
+    def api(self, version="0.6.2"):
+        def pco(cfg, config_filepath=None, cli_overrides=None):
+            y = yaml.safe_load(open(config_filepath)) if config_filepath else None
+            self.calls.append(("overrides", y, cli_overrides))
+            if self.fail:
+                raise RuntimeError(self.fail)
+            for o in cli_overrides or []:
+                k, v = o.split("=")
+                sect, attr = k.split(".")
+                setattr(getattr(cfg, sect), attr, yaml.safe_load(v))
+            return cfg
+
+        return BridgeAPI(version, pco, lambda c, f: self.calls.append(("finetune", c, f)),
+                         lambda c, f: self.calls.append(("pretrain", c, f)))
+
+
+def test_full_flow_with_yaml_and_overrides(tmp_path, capsys):
+    y = tmp_path / "o.yaml"
+    y.write_text(yaml.safe_dump({"otr": {"num_samples": 128, "seed": 5}, "train": {"micro_batch_size": 2}}))
+    rec = Recorder()
+    rc = cli.run(["--recipe", RECIPE, "--config", str(y), "otr.num_samples=256", "model.tensor_model_parallel_size=8"],
+                 api=rec.api())
+    assert rc == 0
+    kind, yaml_part, overrides = rec.calls[0]
+    assert kind == "overrides" and yaml_part == {"train": {"micro_batch_size": 2}}  # no otr section for Bridge
+    assert overrides == ["model.tensor_model_parallel_size=8"]
+    kind, cfg, step = rec.calls[1]
+    assert kind == "finetune" and cfg.model.tensor_model_parallel_size == 8
+    assert isinstance(step, OTRForwardStep)
+    assert step.otr_config == OTRConfig(num_samples=256, seed=5)  # command line wins over the file
+    assert "tp=8" in capsys.readouterr().out
+
+
+def test_pretrain_mode_and_dry_run():
+    rec = Recorder()
+    assert cli.run(["--recipe", RECIPE, "--mode", "pretrain"], api=rec.api()) == 0
+    assert [c[0] for c in rec.calls] == ["pretrain"]  # no overrides -> Bridge's override step skipped
+    rec = Recorder()
+    assert cli.run(["--recipe", RECIPE, "--dry-run", "train.global_batch_size=4"], api=rec.api()) == 0
+    assert [c[0] for c in rec.calls] == ["overrides"]
+
+
+def test_bridge_override_error_is_wrapped():
+    rec = Recorder(fail="Key 'model.nonexistent' is not in struct")
+    with pytest.raises(BridgeCLIError, match="model.nonexistent"):
+        cli.run(["--recipe", RECIPE, "model.nonexistent=1"], api=rec.api())
+
+
+def test_recipe_shape_errors():
+    with pytest.raises(BridgeCLIError, match="calling it with no arguments failed"):
+        cli.run(["--recipe", "tests.bridge.fake_recipes:needs_args_config"], api=Recorder().api())
+    with pytest.raises(BridgeCLIError, match="not a Bridge ConfigContainer"):
+        cli.run(["--recipe", "tests.bridge.fake_recipes:returns_dict_config"], api=Recorder().api())
+
+
+def test_main_without_bridge_says_so(capsys, monkeypatch):
+    monkeypatch.setattr(cli, "installed_bridge_version", lambda: None)
+    assert cli.main(["--recipe", RECIPE]) == 2
+    assert "Megatron-Bridge is not installed" in capsys.readouterr().err
+
+
+def test_main_with_old_bridge(capsys, monkeypatch):
+    monkeypatch.setattr(cli, "installed_bridge_version", lambda: "0.2.0")
+    assert cli.main(["--recipe", RECIPE]) == 2
+    assert "0.2.0 is not supported" in capsys.readouterr().err
+
+
+def test_yaml_errors(tmp_path):
+    bad = tmp_path / "bad.yaml"
+    bad.write_text("otr: 3\n")
+    with pytest.raises(BridgeCLIError, match="must be a mapping"):
+        cli.split_yaml(str(bad))
+    with pytest.raises(BridgeCLIError, match="no such file"):
+        cli.split_yaml(str(tmp_path / "nope.yaml"))
+
+
+def test_import_does_not_need_bridge():
+    import sys
+
+    assert "megatron.bridge" not in sys.modules
+    warnings.simplefilter("default")
