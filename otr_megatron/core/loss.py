@@ -13,10 +13,10 @@ The backward uses the saved global statistics and needs no collective.
 
 Sampling is an exact hierarchical inverse CDF with one uniform per sample: the uniform is mapped
 to a global CDF position, the per-rank masses pick the owning rank (the same decision on every
-rank), the owner picks a block of ``_BLOCK`` ids from block masses kept in the forward pass, and
+rank), the owner picks a block of B ids (B ~ sqrt(V/tp / K)) from block masses kept in the forward pass, and
 recomputes only that block to find the token. Samples therefore equal a single-device inverse-CDF
 draw except where float rounding moves a CDF boundary, and the cost per token is one pass over the
-shard plus O(K * _BLOCK / tp), never K x V.
+shard plus O(K * B / tp), never K x V.
 """
 
 from __future__ import annotations
@@ -31,14 +31,15 @@ import torch.distributed as dist
 from otr_megatron.core.config import OTRConfig
 from otr_megatron.core.random import token_uniforms
 
-_BLOCK = 32  # ids per block of the two-level sampling search
 _FLOAT_DTYPES = (torch.float32, torch.bfloat16, torch.float16, torch.float64)
 _INT_DTYPES = (torch.int64, torch.int32)
 
 
-def _default_chunk_tokens(shard: int) -> int:
-    # ~2M elements (8 MB of fp32) per temporary: fits caches on CPU, large enough for GPU kernels.
-    return max(1, (1 << 21) // max(shard, 1))
+def _default_chunk_tokens(shard: int, device: torch.device) -> int:
+    # Elements per fp32 temporary: ~1M (4 MB) keeps a chunk cache-resident on CPU (fastest in the
+    # benchmark sweep); GPUs want fewer, larger launches (~16M elements, 64 MB).
+    target = 1 << 24 if device.type == "cuda" else 1 << 20
+    return max(1, target // max(shard, 1))
 
 
 def _tp_layout(tp_group) -> tuple[int, int]:
@@ -154,7 +155,7 @@ class _VocabParallelOTR(torch.autograd.Function):
         est = cfg.estimator
         kappa, beta, k = float(cfg.temperature), float(cfg.neg_reward), cfg.num_samples
         tempered = est in ("sample", "expected")
-        chunk = cfg.chunk_tokens or _default_chunk_tokens(shard)
+        chunk = cfg.chunk_tokens or _default_chunk_tokens(shard, dev)
 
         valid = labels != ignore_index
         local_label = labels - start
@@ -162,39 +163,42 @@ class _VocabParallelOTR(torch.autograd.Function):
         label_col = torch.where(owns_label, local_label, torch.zeros_like(local_label))
 
         # ---- pass 1: per-rank statistics (and block masses of the tempered distribution) ----
-        # columns: 0 max, 1 sum exp(x - max), 2 label logit, 3 sum exp((x - max)/kappa),
-        #          4 sum exp((x - max)/kappa) * (x - max)   (expected estimator only)
+        # columns: 0 max m, 1 sum exp(x - m), 2 label logit, 3 sum exp((x - m)/kappa),
+        #          4 sum_a q_local(a) x(a), the tempered mean logit (expected estimator only)
+        # ATen's fused (log_)softmax kernels cost about one copy, far less than a standalone exp, so
+        # the sums are read off them: softmax(x)[argmax] = 1 / sum exp(x - m).
         ncols = 3 + tempered + (est == "expected")
         stats = torch.zeros(n_tok, ncols, dtype=torch.float64, device=dev)
-        n_blocks = -(-n_real // _BLOCK)
+        block = _block_size(n_real, k) if est == "sample" else 1
+        n_blocks = -(-n_real // block)
         blocks = torch.zeros(n_tok, n_blocks, dtype=torch.float32, device=dev) if est == "sample" else None
         if n_real == 0:
             stats[:, 0] = -math.inf
         for lo in range(0, n_tok if n_real else 0, chunk):
             hi = min(n_tok, lo + chunk)
-            x = logits[lo:hi, :n_real]
-            d = x.float()
-            m = d.amax(dim=-1, keepdim=True)
-            d = d - m if d.data_ptr() == x.data_ptr() else d.sub_(m)  # never modify the input
-            e = torch.exp(d)
+            xf = logits[lo:hi, :n_real].float()  # a copy for 16-bit input; the input itself for fp32
+            m, arg = xf.max(dim=-1, keepdim=True)
+            buf = torch.log_softmax(xf, -1)
             stats[lo:hi, 0] = m.squeeze(-1)
-            stats[lo:hi, 1] = e.sum(-1)
+            stats[lo:hi, 1] = torch.exp(-buf.gather(1, arg)).squeeze(-1)
             if tempered:
-                torch.mul(d, 1.0 / kappa, out=e).exp_()
+                q = torch.softmax(torch.mul(xf, 1.0 / kappa, out=buf), -1)
+                mass_local = 1.0 / q.gather(1, arg)  # sum exp((x - m)/kappa)
+                stats[lo:hi, 3] = mass_local.squeeze(-1)
                 if blocks is not None:
-                    full = (n_real // _BLOCK) * _BLOCK
+                    full = (n_real // block) * block
                     if full:
-                        blocks[lo:hi, : full // _BLOCK] = e[:, :full].reshape(hi - lo, -1, _BLOCK).sum(-1)
+                        blocks[lo:hi, : full // block] = q[:, :full].reshape(hi - lo, -1, block).sum(-1)
                     if full < n_real:
-                        blocks[lo:hi, -1] = e[:, full:].sum(-1)
-                    stats[lo:hi, 3] = blocks[lo:hi].sum(-1)  # the rank's mass is its blocks' total
-                else:
-                    stats[lo:hi, 3] = e.sum(-1)
+                        blocks[lo:hi, -1] = q[:, full:].sum(-1)
+                    blocks[lo:hi] *= mass_local  # in units of exp((x - m)/kappa), as the sampler recomputes
                 if est == "expected":
-                    # masked -inf logits have e == 0: clamp so 0 * -inf is not NaN (a NaN logit
-                    # still poisons the token through the max)
-                    d.clamp_(min=torch.finfo(torch.float32).min)
-                    stats[lo:hi, 4] = torch.matmul(e.unsqueeze(1), d.unsqueeze(2)).view(-1)
+                    mean = torch.matmul(q.unsqueeze(1), xf.unsqueeze(2)).view(-1)
+                    redo = (torch.isnan(mean) & torch.isfinite(m.squeeze(-1))).nonzero().squeeze(1)
+                    if redo.numel():  # masked -inf logits: 0 * -inf; a NaN logit still poisons via max
+                        xr = xf[redo].clamp(min=torch.finfo(torch.float32).min)
+                        mean[redo] = torch.matmul(q[redo].unsqueeze(1), xr.unsqueeze(2)).view(-1)
+                    stats[lo:hi, 4] = mean
         rows = torch.arange(n_tok, device=dev)
         stats[:, 2] = torch.where(owns_label, logits[rows, label_col].double(), 0.0)
 
@@ -219,7 +223,7 @@ class _VocabParallelOTR(torch.autograd.Function):
         coef_q = None
         if est == "sample":
             hits, wsum, sparse = _sample(logits, keys, cfg, step, rank, world, n_real, label_col, owns_label,
-                                         ok, m_r, big, scale, mass_r, mass, blocks, chunk, group)
+                                         ok, m_r, scale, mass_r, mass, blocks, block, group)
             reward = hits + beta * (k - hits)  # S_t
             loss = reward / k * lse - wsum / k
             coef_pi = reward / k
@@ -229,8 +233,7 @@ class _VocabParallelOTR(torch.autograd.Function):
         else:
             if est == "expected":
                 # sum_a q(a) l(a): every rank's tempered mean logit, weighted by its mass
-                m_safe = torch.where(allstats[..., 3] > 0, m_r, torch.zeros_like(m_r))
-                mean_logit = ((allstats[..., 4] + m_safe * allstats[..., 3]) * scale).sum(0) / mass
+                mean_logit = torch.where(mass_r > 0, allstats[..., 4] * mass_r, 0.0).sum(0) / mass
                 qy_logp = torch.where(q_label > 0, q_label * label_logprob, zero)
                 loss = -((1 - beta) * qy_logp + beta * (mean_logit - lse))
                 coef_pi = (1 - beta) * q_label + beta
@@ -248,6 +251,10 @@ class _VocabParallelOTR(torch.autograd.Function):
             own = (owns_label & ok).nonzero().squeeze(1)
             sparse = (own, label_col[own], coef_label[own].float())
 
+        # the backward uses this rank's local softmax; its share of the global mass makes it global
+        coef_pi = coef_pi * (allstats[rank, :, 1] * torch.exp(m_r[rank] - big)) / torch.exp(lse - big)
+        if coef_q is not None:
+            coef_q = coef_q * mass_r[rank] / mass
         nan = torch.full_like(zero, math.nan)
         loss = torch.where(ok, loss, torch.where(valid, nan, zero))
         # non-finite logits give a non-finite gradient too; ignored tokens get exactly zero
@@ -261,8 +268,6 @@ class _VocabParallelOTR(torch.autograd.Function):
         stats_out["valid"] = valid
 
         ctx.save_for_backward(logits)
-        ctx.lse = lse.float()
-        ctx.lse_k = lse_k.float() if coef_q is not None else None
         ctx.coef_pi, ctx.coef_q, ctx.sparse = coef_pi, coef_q, sparse
         ctx.ignored = (~valid).nonzero().squeeze(1)
         ctx.kappa, ctx.n_real, ctx.chunk, ctx.inplace = kappa, n_real, chunk, cfg.inplace_backward
@@ -278,27 +283,40 @@ class _VocabParallelOTR(torch.autograd.Function):
         tok, col, coef = ctx.sparse
         vals = coef * g[tok]  # upstream gradient applied in fp32, before any rounding
         out = logits if ctx.inplace else torch.empty_like(logits)
-        for lo in range(0, n_tok, ctx.chunk):
+        n_real = ctx.n_real
+        if n_real < shard:
+            out[:, n_real:] = 0.0  # padded ids: not part of the softmax
+        for lo in range(0, n_tok if n_real else 0, ctx.chunk):
             hi = min(n_tok, lo + ctx.chunk)
-            x = logits[lo:hi]
-            p = torch.sub(x.float(), ctx.lse[lo:hi, None]).exp_().mul_(a[lo:hi, None])
+            xf = logits[lo:hi, :n_real].float()
+            p = torch.softmax(xf, -1).mul_(a[lo:hi, None])  # fused kernel; local softmax x global share
             if b is not None:
-                q = torch.mul(x.float(), 1.0 / ctx.kappa).sub_(ctx.lse_k[lo:hi, None]).exp_()
-                p.addcmul_(q, b[lo:hi, None])
-            if ctx.n_real < shard:
-                p[:, ctx.n_real:] = 0.0  # padded ids: not part of the softmax
+                p.addcmul_(torch.softmax(xf * (1.0 / ctx.kappa), -1), b[lo:hi, None])
             i0, i1 = torch.searchsorted(tok, torch.tensor([lo, hi], device=tok.device)).tolist()
             if i1 > i0:  # scatter-add: duplicate samples accumulate
-                p.view(-1).index_add_(0, (tok[i0:i1] - lo) * shard + col[i0:i1], vals[i0:i1])
+                p.view(-1).index_add_(0, (tok[i0:i1] - lo) * n_real + col[i0:i1], vals[i0:i1])
             ig = ctx.ignored[(ctx.ignored >= lo) & (ctx.ignored < hi)]
             if ig.numel():
                 p.index_fill_(0, ig - lo, 0.0)
-            out[lo:hi].copy_(p)  # the one rounding to the input dtype
+            out[lo:hi, :n_real].copy_(p)  # the one rounding to the input dtype
         return out, None, None, None, None, None, None, None, None, None, None
 
 
-def _sample(logits, keys, cfg, step, rank, world, n_real, label_col, owns_label, ok, m_r, big, scale, mass_r,
-            mass, blocks, chunk, group):
+def _block_size(n_real: int, k: int) -> int:
+    """Ids per block: balances the per-token block scan (n_real / B) against K in-block scans (K * B)."""
+    if n_real <= 0:
+        return 4
+    return int(min(64, max(4, 2 ** round(0.5 * math.log2(max(n_real / k, 1.0))))))
+
+
+def _last_positive(rows: torch.Tensor) -> torch.Tensor:
+    """Index of the last entry with positive mass in each row (rounding fallback of the searches)."""
+    ids = torch.arange(rows.size(-1), device=rows.device)
+    return torch.where(rows > 0, ids, 0).amax(-1)
+
+
+def _sample(logits, keys, cfg, step, rank, world, n_real, label_col, owns_label, ok, m_r, scale, mass_r,
+            mass, blocks, block, group):
     """Draw K samples per token; return hit counts, sum_j R_j * logit(a_j) (global) and owned samples."""
     n_tok, shard = logits.shape
     dev = logits.device
@@ -308,10 +326,14 @@ def _sample(logits, keys, cfg, step, rank, world, n_real, label_col, owns_label,
     todo = ok.nonzero().squeeze(1)
     ranks = torch.arange(world, device=dev)
     last_rank = torch.where(mass_r > 0, ranks[:, None], 0).amax(0)  # clamp target for rounding
-    block_ids = torch.arange(blocks.size(1), device=dev)
-    in_block = torch.arange(_BLOCK, device=dev)
-    # bound the [rows, K, BLOCK] and [rows, blocks] temporaries to ~1M elements each
-    rows_per_step = max(1, (1 << 20) // max(k * _BLOCK, blocks.size(1), 1))
+    n_blocks = blocks.size(1)
+    in_block = torch.arange(block, device=dev)
+    flat = logits.view(-1)
+    m_own = m_r[rank].float()
+    ragged = n_real % block != 0  # only a rank whose shard ends in padding has a partial last block
+    blocked = flat.view(-1, block) if not ragged and shard % block == 0 else None
+    # bound the [rows, K, block] and [rows, blocks] temporaries to ~1M elements each
+    rows_per_step = max(1, (1 << 20) // max(k * block, n_blocks, 1))
     for s in range(0, todo.numel(), rows_per_step):
         r = todo[s : s + rows_per_step]
         t = token_uniforms(keys[r], k, cfg.seed, step) * mass[r, None]  # global CDF positions [R, K]
@@ -321,26 +343,36 @@ def _sample(logits, keys, cfg, step, rank, world, n_real, label_col, owns_label,
         if n_real == 0 or not bool(mine.any()):
             continue
         before = cum[:, rank] - mass_r[rank, r]
-        t_local = torch.where(mine, (t - before[:, None]) / scale[rank][r].unsqueeze(1), 0.0)  # in this rank's units
-        cum_blocks = blocks[r].double().cumsum(-1)
-        last_block = torch.where(blocks[r] > 0, block_ids, 0).amax(-1)
-        blk = torch.minimum(torch.searchsorted(cum_blocks, t_local, right=True), last_block[:, None])
-        t_in = t_local - torch.where(blk > 0, cum_blocks.gather(1, (blk - 1).clamp(min=0)), 0.0)
+        t_local = torch.where(mine, (t - before[:, None]) / scale[rank, r].unsqueeze(1), 0.0).clamp_(min=0.0)
+        # level 1: the block, from the block masses kept in pass 1 (float64 prefix sums per token)
+        cum_blocks = blocks[r].double().cumsum_(-1)
+        blk = torch.searchsorted(cum_blocks, t_local, right=True)
         ri, j = mine.nonzero(as_tuple=True)
         tok = r[ri]
-        blk, t_in = blk[ri, j], t_in[ri, j]
-        c = blk[:, None] * _BLOCK + in_block  # [M, BLOCK] candidate columns
-        real = c < n_real
-        xb = logits[tok[:, None], c.clamp(max=n_real - 1)].float()
-        eb = torch.where(real, torch.exp((xb - m_r[rank][tok].unsqueeze(1).float()) / kappa), 0.0)
-        last_in = torch.where(eb > 0, in_block, 0).amax(-1)
-        pos = torch.searchsorted(eb.double().cumsum(-1), t_in[:, None], right=True).squeeze(1)
-        pos = torch.minimum(pos, last_in)
-        col = blk * _BLOCK + pos
+        blk, t_local = blk[ri, j], t_local[ri, j]
+        over = blk >= n_blocks  # rounding pushed the target past the last block
+        if bool(over.any()):
+            blk[over] = _last_positive(blocks[tok[over]])
+        t_in = (t_local - torch.where(blk > 0, cum_blocks[ri, (blk - 1).clamp(min=0)], 0.0)).clamp_(min=0.0)
+        # level 2: recompute only that block's tempered masses and search them
+        base = tok * shard + blk * block
+        if blocked is not None:  # blocks are rows of a [N * shard / block, block] view: copy rows
+            xb = blocked.index_select(0, base // block)
+        else:
+            real = (blk * block).unsqueeze(1) + in_block < n_real
+            xb = flat[torch.where(real, base.unsqueeze(1) + in_block, (tok * shard).unsqueeze(1))]
+        eb = xb.float().sub_(m_own[tok].unsqueeze(1)).mul_(1.0 / kappa).exp_()
+        if ragged:
+            eb.masked_fill_(~real, 0.0)
+        pos = torch.searchsorted(eb.double().cumsum_(-1), t_in.unsqueeze(1), right=True).squeeze(1)
+        over = pos >= block
+        if bool(over.any()):
+            pos[over] = _last_positive(eb[over])
+        col = blk * block + pos
         hit = owns_label[tok] & (col == label_col[tok])
         w = torch.where(hit, 1.0, beta)
         partial[:, 0].index_add_(0, tok, hit.double())
-        partial[:, 1].index_add_(0, tok, w * xb.gather(1, pos[:, None]).squeeze(1).double())
+        partial[:, 1].index_add_(0, tok, w * flat[base + pos].double())
         toks.append(tok)
         cols.append(col)
         weights.append((-w / k).float())
