@@ -101,16 +101,17 @@ class TrainConfig:
 
     seed: int = 1234
     loss: str = "otr"  # the fine-tuning loss: 'otr' | 'otr-expected' | 'sft' | 'dft'
-    pretrain_iters: int = 150
+    pretrain_iters: int = 400
     pretrain_lr: float | None = 2.0e-3
-    finetune_iters: int = 150
+    finetune_iters: int = 600
     finetune_lr: float | None = 1.0e-3
     micro_batch_size: int = 8
     global_batch_size: int = 32
-    eval_interval: int = 50
+    eval_interval: int = 100
     eval_at_start: bool = True
     log_interval: int = 10
     save_interval: int = 0  # 0: only at the end of the job (and at the stage boundary)
+    stop_at_iteration: int = 0  # >0: save and exit after this iteration, as if interrupted (resume tests)
     tp: int = 1
     pp: int = 1
     dp: int = 1
@@ -223,6 +224,11 @@ def _coerce(value, tp, key: str):
             raise ConfigError(f"{key}={value!r}; expected a mapping of {tp.__name__} fields")
         return from_dict(tp, value, prefix=f"{key}.")
     if tp is float:
+        if isinstance(value, str):  # YAML 1.1 reads "3e-4" (no dot) as a string
+            try:
+                value = float(value)
+            except ValueError:
+                pass
         if isinstance(value, bool) or not isinstance(value, (int, float)):
             raise ConfigError(f"{key}={value!r}; expected a number")
         return float(value)

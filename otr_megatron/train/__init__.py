@@ -1,0 +1,1 @@
+"""The `otr-megatron train` job: config, launcher, Megatron training loop, checkpoints, metrics."""
