@@ -11,19 +11,21 @@ setup(
     long_description_content_type="text/markdown",
     python_requires=">=3.10",
     packages=find_packages(include=["otr_megatron", "otr_megatron.*"]),
-    package_data={"otr_megatron": ["configs/*.yaml", "data/assets/*.jsonl"]},
+    package_data={"otr_megatron": ["data/assets/*.jsonl"]},
     install_requires=[
         "torch>=2.4",
         "megatron-core>=0.16",
         "numpy",
         "PyYAML>=6",
         "tqdm",
+        "psutil",  # megatron-core's distributed checkpoint writer needs it
     ],
     extras_require={
         # Training job extras: SFT data through Hugging Face `datasets`, plots.
         "train": ["datasets>=2.18", "matplotlib"],
-        # SLURM through NeMo-Run (optional; plain sbatch rendering needs nothing).
-        "nemo-run": ["nemo-run"],
+        # SLURM through NeMo-Run (optional; plain sbatch rendering needs nothing). nemo-run 0.11
+        # does not import with newer leptonai releases, hence the pin.
+        "nemo-run": ["nemo-run", "leptonai==0.27.3"],
         "test": ["pytest>=7", "datasets>=2.18", "matplotlib", "scipy"],
     },
     entry_points={"console_scripts": ["otr-megatron=otr_megatron.cli:main"]},

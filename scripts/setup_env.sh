@@ -17,7 +17,7 @@ if [ ! -f "$stamp" ] || [ setup.py -nt "$stamp" ]; then
   pip="$VENV/bin/python -m pip install -q --disable-pip-version-check"
   $pip 'torch==2.13.0'
   case "$MCORE" in
-    0.16.*) $pip "megatron-core==$MCORE" -e '.[test,train]' ;;
+    0.16.*) $pip "megatron-core==$MCORE" -e '.[test,train,nemo-run]' ;;
     *)
       $pip 'numpy<2.5' 'packaging>=24.2'
       $pip --no-deps --ignore-requires-python "megatron-core==$MCORE"

@@ -35,10 +35,10 @@ _FLOAT_DTYPES = (torch.float32, torch.bfloat16, torch.float16, torch.float64)
 _INT_DTYPES = (torch.int64, torch.int32)
 
 
-def _default_chunk_tokens(shard: int, device: torch.device) -> int:
+def _default_chunk_tokens(shard: int, on_gpu: bool) -> int:
     # Elements per fp32 temporary: ~1M (4 MB) keeps a chunk cache-resident on CPU (fastest in the
     # benchmark sweep); GPUs want fewer, larger launches (~16M elements, 64 MB).
-    target = 1 << 24 if device.type == "cuda" else 1 << 20
+    target = 1 << 24 if on_gpu else 1 << 20
     return max(1, target // max(shard, 1))
 
 
@@ -155,7 +155,7 @@ class _VocabParallelOTR(torch.autograd.Function):
         est = cfg.estimator
         kappa, beta, k = float(cfg.temperature), float(cfg.neg_reward), cfg.num_samples
         tempered = est in ("sample", "expected")
-        chunk = cfg.chunk_tokens or _default_chunk_tokens(shard, dev)
+        chunk = cfg.chunk_tokens or _default_chunk_tokens(shard, dev.type == "cuda")
 
         valid = labels != ignore_index
         local_label = labels - start

@@ -120,9 +120,10 @@ class LossSettings:
     """What the loss keeps alive on the last pipeline stage (see `loss_memory`)."""
 
     num_samples: int = 256  # OTR K
-    chunk_tokens: int = 1024  # tokens processed per chunk by the chunked OTR loss
+    chunk_tokens: int | None = None  # None: the loss's GPU default, 2**24 // (V/tp) tokens per chunk
     chunk_fp32_temporaries: int = 3  # live fp32 [chunk, V/tp] buffers inside one chunk
-    stats_per_token: int = 4  # fp32 per-token scalars saved for backward (lse, lse at kappa, sums)
+    stats_per_token: int = 4  # float64 per-token scalars saved for backward (coefficients, shares)
+    bytes_per_owned_sample: int = 20  # int64 token + int64 id + fp32 weight, for this rank's K/tp samples
 
 
 def bytes_per_param_mixed_precision(dp: int, distributed_optimizer: bool, grad_bytes: int = 4) -> float:
@@ -181,17 +182,21 @@ def loss_memory(dims: ModelDims, layout: Layout, loss: LossSettings) -> dict[str
 
     logits: [s/cp, b, V/tp] in bf16, the LM-head output (all TP ranks hold the full sequence).
     Megatron CE (`vocab_parallel_cross_entropy`) converts them to fp32 and keeps the fp32 softmax of
-    the whole [tokens, V/tp] for backward. OTR (chunked) keeps the bf16 logits, a few fp32 scalars per
-    token and K int32 sample ids per token, and needs `chunk_fp32_temporaries` fp32 [chunk, V/tp]
-    buffers only while one chunk is processed.
+    the whole [tokens, V/tp] for backward. OTR (chunked) keeps the bf16 logits, a few scalars per
+    token and this rank's share of the K sampled ids per token, and needs `chunk_fp32_temporaries`
+    fp32 [chunk, V/tp] buffers plus the forward's block-mass table [tokens, V/tp / B] fp32.
     """
     tokens = layout.seq_length // layout.cp * layout.micro_batch_size
     v_local = dims.padded_vocab_size(layout.tp) // layout.tp
     logits = 2.0 * tokens * v_local
     ce_saved = 4.0 * tokens * v_local
-    chunk = min(loss.chunk_tokens, tokens)
-    otr_temporaries = 4.0 * chunk * v_local * loss.chunk_fp32_temporaries
-    otr_saved = tokens * (4.0 * loss.stats_per_token + 4.0 * loss.num_samples)
+    from otr_megatron.core.loss import _block_size, _default_chunk_tokens
+
+    chunk = min(loss.chunk_tokens or _default_chunk_tokens(v_local, on_gpu=True), tokens)
+    block_table = 4.0 * tokens * -(-v_local // _block_size(v_local, loss.num_samples))  # forward only
+    otr_temporaries = 4.0 * chunk * v_local * loss.chunk_fp32_temporaries + block_table
+    owned = -(-loss.num_samples // layout.tp)  # samples land on ranks by mass; K/tp on average
+    otr_saved = tokens * (8.0 * loss.stats_per_token + loss.bytes_per_owned_sample * owned)
     return {
         "tokens": float(tokens),
         "vocab_per_rank": float(v_local),
@@ -362,6 +367,6 @@ def from_config(cfg: dict[str, Any]) -> tuple[ModelDims, Layout, LossSettings, s
     otr = cfg.get("otr") or {}
     loss = LossSettings(
         num_samples=int(otr.get("num_samples", LossSettings.num_samples)),
-        chunk_tokens=int(otr.get("chunk_tokens", LossSettings.chunk_tokens)),
+        chunk_tokens=None if otr.get("chunk_tokens") is None else int(otr["chunk_tokens"]),
     )
     return dims, layout, loss, str(cfg.get("name", dims.name))

@@ -71,7 +71,7 @@ class OTRConfig:
 
     num_samples: int = 32  # K
     temperature: float = 1.3  # kappa
-    beta: float = -0.1  # reward of a sampled token that is not the label
+    neg_reward: float = -0.1  # beta: reward of a sampled token that is not the label
     normalization: str = "token"  # 'token' (Megatron global token mean) | 'sequence' (paper)
 
 

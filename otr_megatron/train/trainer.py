@@ -204,7 +204,7 @@ class Trainer:
             core_cfg = CoreOTRConfig(
                 num_samples=o.num_samples,
                 temperature=o.temperature,
-                neg_reward=o.beta,
+                neg_reward=o.neg_reward,
                 estimator=LOSS_TO_ESTIMATOR[mode],
                 seed=self.cfg.seed,
             )

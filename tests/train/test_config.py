@@ -60,8 +60,8 @@ def test_unknown_key_in_yaml_names_file(tmp_path):
 def test_cli_flags_and_errors(capsys):
     from otr_megatron.train.main import main, resolve_config
 
-    cfg, _ = resolve_config(["--loss", "dft", "--tp", "2", "--output-dir", "x", "otr.beta=0", "--resume"])
-    assert (cfg.loss, cfg.tp, cfg.output_dir, cfg.otr.beta, cfg.resume) == ("dft", 2, "x", 0.0, True)
+    cfg, _ = resolve_config(["--loss", "dft", "--tp", "2", "--output-dir", "x", "otr.neg_reward=0", "--resume"])
+    assert (cfg.loss, cfg.tp, cfg.output_dir, cfg.otr.neg_reward, cfg.resume) == ("dft", 2, "x", 0.0, True)
     assert main(["bogus.key=1"]) == 2
     assert "unknown config key 'bogus'" in capsys.readouterr().err
     assert main(["--print-config", "pretrain_iters=7"]) == 0
