@@ -58,30 +58,36 @@ def _sync(device):
         torch.cuda.synchronize()
 
 
-def _measure(fn, leaf, device, repeats, inputs=()):
-    """Median fwd+bwd seconds over `repeats` runs after one warm-up; peak extra bytes of one run."""
-    fn()
-    leaf.grad = None
-    times = []
-    for _ in range(repeats):
-        _sync(device)
-        t0 = time.perf_counter()
+def _measure(fns, leaf, device, repeats, inputs=()):
+    """Median fwd+bwd seconds per method, timed round-robin so machine noise hits all methods alike,
+    and the peak extra bytes of one run of each."""
+    times = [[] for _ in fns]
+    for fn in fns:  # warm-up
         fn()
-        _sync(device)
-        times.append(time.perf_counter() - t0)
         leaf.grad = None
-    grad_bytes = leaf.numel() * leaf.element_size()
-    if device.type == "cuda":
-        torch.cuda.reset_peak_memory_stats()
-        base = torch.cuda.memory_allocated()
-        fn()
-        peak = torch.cuda.max_memory_allocated() - base
-    else:
-        with LiveBytes(leaf, *inputs) as tracker:
+    for _ in range(repeats):
+        for i, fn in enumerate(fns):
+            _sync(device)
+            t0 = time.perf_counter()
             fn()
-        peak = tracker.peak
-    leaf.grad = None
-    return statistics.median(times), max(peak - grad_bytes, 0)
+            _sync(device)
+            times[i].append(time.perf_counter() - t0)
+            leaf.grad = None
+    grad_bytes = leaf.numel() * leaf.element_size()
+    peaks = []
+    for fn in fns:
+        if device.type == "cuda":
+            torch.cuda.reset_peak_memory_stats()
+            base = torch.cuda.memory_allocated()
+            fn()
+            peak = torch.cuda.max_memory_allocated() - base
+        else:
+            with LiveBytes(leaf, *inputs) as tracker:
+                fn()
+            peak = tracker.peak
+        leaf.grad = None
+        peaks.append(max(peak - grad_bytes, 0))
+    return [statistics.median(t) for t in times], peaks
 
 
 def _methods(args):
@@ -115,8 +121,7 @@ def run_layout(rank: int, world: int, args, port: int) -> list[str]:
     mask = (torch.rand(n, generator=gen) > 0.1).float().to(device)  # per-token upstream weights
     leaf = full[:, rank * shard : (rank + 1) * shard].contiguous().to(device).requires_grad_()
 
-    rows = []
-    base_time = base_mem = None
+    names, fns = [], []
     for name, cfg in _methods(args):
         if cfg is None:
             def fn():
@@ -129,10 +134,11 @@ def run_layout(rank: int, world: int, args, port: int) -> list[str]:
             def fn(cfg=cfg):
                 loss = otr.vocab_parallel_otr_loss(leaf, labels, cfg, tp_group=group if world > 1 else None)
                 (loss * mask).sum().backward()
-        t, mem = _measure(fn, leaf, device, args.repeats, (labels, mask))
-        if base_time is None:
-            base_time, base_mem = t, mem
-        rows.append((name, t, mem))
+        names.append(name)
+        fns.append(fn)
+    times, peaks = _measure(fns, leaf, device, args.repeats, (labels, mask))
+    rows = list(zip(names, times, peaks))
+    base_time, base_mem = times[0], peaks[0]
 
     lines = [f"TP={world}  tokens={n}  vocab={v} (V/tp={shard})  {args.dtype} logits  device={device.type}  "
              f"threads/rank={torch.get_num_threads()}  repeats={args.repeats}",
