@@ -13,7 +13,6 @@ from __future__ import annotations
 
 import argparse
 import os
-import socket
 import statistics
 import time
 import weakref
@@ -24,6 +23,7 @@ from torch.utils._python_dispatch import TorchDispatchMode
 from torch.utils._pytree import tree_flatten
 
 import otr_megatron as otr
+from otr_megatron.distributed import free_port
 
 
 class LiveBytes(TorchDispatchMode):
@@ -174,12 +174,6 @@ def _worker(rank, world, args, port, out):
         out.put(lines)
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(prog="python -m otr_megatron.bench", description=__doc__,
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -198,7 +192,7 @@ def main(argv: list[str] | None = None) -> int:
         if args.vocab % world:
             raise SystemExit(f"--vocab {args.vocab} must be divisible by every --tp value (got {world})")
         out = ctx.SimpleQueue()
-        mp.start_processes(_worker, args=(world, args, _free_port(), out), nprocs=world, join=True,
+        mp.start_processes(_worker, args=(world, args, free_port(), out), nprocs=world, join=True,
                            start_method="spawn")
         print("\n".join(out.get()), "\n", flush=True)
     return 0

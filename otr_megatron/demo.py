@@ -9,12 +9,12 @@ from __future__ import annotations
 
 import argparse
 import os
-import socket
 
 import torch
 import torch.distributed as dist
 
 import otr_megatron as otr
+from otr_megatron.distributed import free_port
 
 
 def _worker(rank, world, port, args):
@@ -55,7 +55,7 @@ def _worker(rank, world, port, args):
     if rank == 0:
         print(f"OTR over vocab-parallel logits: TP={world} gloo ranks, {n} tokens, vocab {vocab} "
               f"(padded {padded}, {shard} ids per rank), K={args.num_samples}, bf16 logits\n" + "\n".join(lines))
-        print(f"Each rank sent O(tp) numbers per token (no vocabulary-sized tensor); backward: no collective.")
+        print("Each rank sent O(tp) numbers per token (no vocabulary-sized tensor); backward: no collective.")
     ps.destroy_model_parallel()
     dist.destroy_process_group()
 
@@ -67,9 +67,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--vocab", type=int, default=32000)
     p.add_argument("--num-samples", type=int, default=256)
     args = p.parse_args(argv)
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
+    port = free_port()
     import torch.multiprocessing as mp
 
     mp.start_processes(_worker, args=(args.tp, port, args), nprocs=args.tp, join=True, start_method="spawn")

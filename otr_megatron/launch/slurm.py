@@ -123,7 +123,7 @@ def task_script(spec: SlurmSpec) -> str:
         ]
     else:
         lines = [
-            f'if [ "$SLURM_NTASKS" -ne "$SLURM_JOB_NUM_NODES" ]; then '
+            'if [ "$SLURM_NTASKS" -ne "$SLURM_JOB_NUM_NODES" ]; then '
             'echo "otr-launch: torchrun needs one task per node, got SLURM_NTASKS=$SLURM_NTASKS for $SLURM_JOB_NUM_NODES nodes" >&2; exit 3; fi',
             'export NODE_RANK="$SLURM_NODEID"',
             f'exec torchrun --nnodes="$SLURM_JOB_NUM_NODES" --nproc_per_node={spec.gpus_per_node} '

@@ -44,7 +44,7 @@ import copy
 import dataclasses
 import types
 from dataclasses import dataclass
-from typing import Any, Callable, Optional
+from typing import Callable, Optional
 
 import torch
 

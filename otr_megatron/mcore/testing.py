@@ -13,18 +13,13 @@ metrics and gradients keyed by global checkpoint key so any two layouts can be c
 from __future__ import annotations
 
 import os
-import socket
 import tempfile
 import traceback
 from typing import Any, Callable, Dict, List, Optional
 
 import torch
 
-
-def free_port() -> int:
-    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
+from otr_megatron.distributed import free_port, teardown_parallel
 
 
 def _worker(rank: int, world_size: int, port: int, outdir: str, fn: Callable, args: tuple) -> None:
@@ -45,13 +40,7 @@ def _worker(rank: int, world_size: int, port: int, outdir: str, fn: Callable, ar
         torch.save({"ok": False, "error": traceback.format_exc()}, os.path.join(outdir, f"rank{rank}.pt"))
         raise
     finally:
-        try:
-            from megatron.core import parallel_state as ps
-
-            ps.destroy_model_parallel()
-        except Exception:
-            pass
-        torch.distributed.destroy_process_group()
+        teardown_parallel()
 
 
 def launch(fn: Callable, world_size: int, *args, timeout_s: float = 600) -> List[Any]:

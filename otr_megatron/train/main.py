@@ -9,9 +9,9 @@ from __future__ import annotations
 
 import argparse
 import os
-import socket
 import sys
 
+from otr_megatron.distributed import free_port, teardown_parallel
 from otr_megatron.train.config import LOSSES, ConfigError, TrainConfig, dump_yaml, load_config
 
 EPILOG = """\
@@ -57,12 +57,6 @@ def resolve_config(argv: list[str]) -> tuple[TrainConfig, argparse.Namespace]:
     return load_config(args.config, overrides), args
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 def _use_cuda(cfg: TrainConfig) -> bool:
     import torch
 
@@ -101,13 +95,7 @@ def _worker(rank: int, world: int, cfg: TrainConfig, port: int | None, threads: 
         tr.setup()
         tr.run()
     finally:
-        try:
-            from megatron.core import parallel_state as ps
-
-            ps.destroy_model_parallel()
-        except Exception:
-            pass
-        torch.distributed.destroy_process_group()
+        teardown_parallel()
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -144,7 +132,7 @@ def main(argv: list[str] | None = None) -> int:
                "-m", "otr_megatron.cli", "train", *argv]
         print("launch " + " ".join(cmd), flush=True)
         return subprocess.call(cmd)
-    port = _free_port()
+    port = free_port()
     threads = max(1, (os.cpu_count() or 1) // world)
     if world == 1:
         _worker(0, 1, cfg, port, None)

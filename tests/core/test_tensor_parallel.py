@@ -5,18 +5,12 @@ communication audit proves O(tp) numbers per token, independent of K, and no bac
 """
 
 import json
-import socket
 
 import pytest
 import torch.multiprocessing as mp
+from otr_megatron.distributed import free_port
 
 pytest.importorskip("megatron.core")
-
-
-def free_port():
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 @pytest.mark.slow

@@ -10,7 +10,6 @@ from __future__ import annotations
 import os
 import re
 import signal
-import socket
 import subprocess
 import sys
 import time
@@ -19,17 +18,12 @@ from pathlib import Path
 import pytest
 
 from otr_megatron.launch.slurm import DEFAULT_ENV, SlurmSpec, SlurmSpecError, main, render_sbatch, task_script
+from otr_megatron.distributed import free_port
 
 HERE = Path(__file__).resolve().parent
 FAKE = HERE / "fake_slurm"
 REPO = HERE.parent.parent
 SHAPES = [(1, 8), (4, 8), (8, 8)]
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def _job_env(nodes: int, tmp: Path, **extra) -> dict[str, str]:
@@ -171,7 +165,7 @@ def test_loopback_rendezvous_two_nodes(tmp_path, launcher):
         nodes=2,
         gpus_per_node=1,
         launcher=launcher,
-        master_port=str(_free_port()),
+        master_port=str(free_port()),
         env={**DEFAULT_ENV, "OMP_NUM_THREADS": "1"},
     )
     res = _run_job(render_sbatch(spec), tmp_path, 2, timeout=90)

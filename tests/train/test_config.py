@@ -5,7 +5,7 @@ import os
 import pytest
 import yaml
 
-from otr_megatron.train.config import ConfigError, TrainConfig, apply_override, load_config, resolve_path, to_dict
+from otr_megatron.train.config import ConfigError, TrainConfig, load_config, resolve_path, to_dict
 
 ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
