@@ -3,10 +3,11 @@
 One process per rank (world = tp x pp x dp); the launcher in `main.py` has already initialized
 `torch.distributed`. The same code runs on CPU (gloo, `enable_cpu_backend`) and GPU (NCCL).
 
-Stages: `pretrain_iters` steps of plain cross entropy (Megatron's own loss, no hook) give the tiny
-model a base distribution, then `finetune_iters` steps with `cfg.loss`. Every loss except the
-pretraining CE goes through the OTR hook (`enable_otr`), whose core loss implements sft/dft as
-estimators too, so the A/B runs share every other line of code.
+Stages: `pretrain_iters` steps of cross entropy give the tiny model a base distribution, then
+`finetune_iters` steps with `cfg.loss`. Every loss, the pretraining CE included, goes through the
+OTR hook (`enable_otr`), whose core loss implements sft/dft as estimators over the real vocabulary:
+the A/B runs share every other line of code, and the padded ids (which depend on the TP size) never
+enter a softmax, so the job gives the same numbers in any layout.
 
 Randomness: model init is layout-invariant (`layout_invariant_init_`); the OTR stream is keyed on
 (seed, iteration, global token key), token key = (sample_id + 1) * seq_length + position: the same
@@ -190,25 +191,26 @@ class Trainer:
 
     # -- loss switching ------------------------------------------------------------------------
     def _install_loss(self, mode: str) -> None:
-        """The single place the loss is chosen: Megatron CE for pretraining, the OTR hook otherwise."""
+        """The single place the loss is chosen, always through the OTR hook.
+
+        Pretraining uses the "sft" estimator: exact cross entropy over the real vocabulary. Megatron's
+        own cross entropy would include the padded ids in the softmax, and the padding depends on the
+        TP size, so the same job would train differently at TP=1 and TP=2.
+        """
         if mode == self.loss_mode:
             return
-        from otr_megatron.mcore.hook import disable_otr, enable_otr
+        from otr_megatron.core.config import OTRConfig as CoreOTRConfig
+        from otr_megatron.mcore.hook import enable_otr
 
-        if mode == "pretrain":
-            disable_otr(self.model)
-        else:
-            from otr_megatron.core.config import OTRConfig as CoreOTRConfig
-
-            o = self.cfg.otr
-            core_cfg = CoreOTRConfig(
-                num_samples=o.num_samples,
-                temperature=o.temperature,
-                neg_reward=o.neg_reward,
-                estimator=LOSS_TO_ESTIMATOR[mode],
-                seed=self.cfg.seed,
-            )
-            enable_otr(self.model, core_cfg, vocab_size=self.tokenizer.vocab_size)
+        o = self.cfg.otr
+        core_cfg = CoreOTRConfig(
+            num_samples=o.num_samples,
+            temperature=o.temperature,
+            neg_reward=o.neg_reward,
+            estimator="sft" if mode == "pretrain" else LOSS_TO_ESTIMATOR[mode],
+            seed=self.cfg.seed,
+        )
+        enable_otr(self.model, core_cfg, vocab_size=self.tokenizer.vocab_size)
         self.loss_mode = mode
 
     # -- batches -------------------------------------------------------------------------------
@@ -465,11 +467,14 @@ def _eval_forward_step(vocab_size: int, data_iterator, model):
 def _eval_loss(vocab_size: int, batch: dict, logits: torch.Tensor):
     """CE, token accuracy and per-sample exact match from vocab-parallel logits [b, s, V/tp]."""
     from megatron.core import parallel_state as ps
-    from megatron.core import tensor_parallel
+
+    from otr_megatron.core import OTRConfig, vocab_parallel_otr_loss
 
     labels, mask, sids = batch["labels"], batch["loss_mask"], batch["sample_ids"]
     logits = logits.float()
-    ce = tensor_parallel.vocab_parallel_cross_entropy(logits.clone().contiguous(), labels)
+    tp_group = ps.get_tensor_model_parallel_group() if ps.get_tensor_model_parallel_world_size() > 1 else None
+    # cross entropy over the real vocabulary (Megatron's would count the TP-dependent padding)
+    ce = vocab_parallel_otr_loss(logits, labels, OTRConfig(estimator="sft"), tp_group=tp_group, vocab_size=vocab_size)
     # argmax over the real vocabulary across TP shards: local (max, id), then a tiny all-gather.
     vloc = logits.size(-1)
     tp = ps.get_tensor_model_parallel_world_size()

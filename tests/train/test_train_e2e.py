@@ -1,5 +1,5 @@
-"""End-to-end `otr-megatron train` (slow): a short run writes metrics/plot/checkpoint, and stopping
-then `--resume` gives the same per-step numbers as not stopping."""
+"""End-to-end `otr-megatron train` (slow): a short run writes metrics/plot/checkpoint, stopping then
+`--resume` gives the same per-step numbers as not stopping, and TP=2 gives the TP=1 numbers."""
 
 import json
 import os
@@ -42,3 +42,19 @@ def test_short_run_and_exact_resume(tmp_path):
     for it in (5, 6):
         for x, y in zip(a[it], b[it]):
             assert x == pytest.approx(y, rel=1e-6, abs=1e-9), (it, a[it], b[it])
+
+
+@pytest.mark.slow
+def test_tensor_parallel_job_matches_single_process(tmp_path):
+    """Same seed, same data: the per-step losses, hit rates and evals of TP=2 equal TP=1 (the padded
+    vocabulary differs between the two layouts and must not matter)."""
+    one = _run(tmp_path / "tp1")
+    two = _run(tmp_path / "tp2", "--tp", "2")
+    a, b = _train(one), _train(two)
+    assert sorted(a) == sorted(b)
+    for it in a:
+        assert a[it][0] == pytest.approx(b[it][0], rel=1e-4, abs=1e-6), (it, a[it], b[it])  # loss
+        if a[it][1] is not None or b[it][1] is not None:  # OTR hit rate (fine-tuning steps only)
+            assert a[it][1] == pytest.approx(b[it][1], rel=1e-4, abs=1e-6), (it, a[it], b[it])
+    evals = lambda recs: [r["in_domain/ce"] for r in recs if r["kind"] == "eval"]  # noqa: E731
+    assert evals(one) == pytest.approx(evals(two), rel=1e-4)
