@@ -22,7 +22,8 @@ if [ ! -f "$stamp" ] || [ setup.py -nt "$stamp" ]; then
       $pip 'numpy<2.5' 'packaging>=24.2'
       $pip --no-deps --ignore-requires-python "megatron-core==$MCORE"
       $pip triton  # megatron-core 0.19 imports triton unconditionally
-      $pip PyYAML tqdm 'pytest>=7' 'datasets>=2.18' matplotlib scipy
+      # setup.py's install_requires + [test,train] extras, minus torch/megatron-core (installed above)
+      $pip PyYAML tqdm psutil 'pytest>=7' 'datasets>=2.18' matplotlib scipy
       $pip --no-deps -e . ;;
   esac
   touch "$stamp"

@@ -79,9 +79,8 @@ def load_checkpoint(trainer, path: str) -> int:
 
     from otr_megatron.mcore.hook import unwrap_model
 
-    with open(os.path.join(path, "common.pt"), "rb") as f:  # peek at the saved iteration
-        common = torch.load(f, map_location="cpu", weights_only=False)
-    iteration = int(common["iteration"])
+    # peek at the saved iteration (0.16 keeps it in common.pt, 0.19 inside the .distcp files)
+    iteration = int(dist_checkpointing.load_common_state_dict(path)["iteration"])
     state = _state(trainer, iteration, is_loading=True)
     loaded = dist_checkpointing.load(state, path)
     unwrap_model(trainer.model[0]).load_state_dict(loaded["model"])
