@@ -133,10 +133,14 @@ def _check_args(logits, labels, cfg, token_keys, vocab_size, padded_vocab_size, 
     return vocab_size
 
 
+def _out_of_range(labels, vocab_size, ignore_index) -> torch.Tensor:
+    return ((labels < 0) & (labels != ignore_index)) | (labels >= vocab_size)
+
+
 def _fingerprint(labels, keys, vocab_size, ignore_index, cfg, step, shard) -> torch.Tensor:
     n = labels.numel()
     weights = torch.arange(1, n + 1, dtype=torch.int64, device=labels.device)
-    bad = ((labels < 0) & (labels != ignore_index)) | (labels >= vocab_size)
+    bad = _out_of_range(labels, vocab_size, ignore_index)
     head = torch.tensor([n, shard, vocab_size, _settings_id(cfg, step, ignore_index)], dtype=torch.int64, device=labels.device)
     tail = torch.stack([(labels * weights).sum(), (keys * weights).sum(), bad.sum()])
     return torch.cat([head, tail])
@@ -154,8 +158,7 @@ def _verify_fingerprints(prints: torch.Tensor, labels, vocab_size, ignore_index)
                 "vocab_parallel_otr_loss with the same labels, token keys and settings and equally shaped logits"
             )
     if rows[0][6]:
-        bad = ((labels < 0) & (labels != ignore_index)) | (labels >= vocab_size)
-        example = labels[bad].flatten()[:5].tolist()
+        example = labels[_out_of_range(labels, vocab_size, ignore_index)].flatten()[:5].tolist()
         raise ValueError(
             f"labels must be token ids in [0, vocab_size={vocab_size}) or ignore_index={ignore_index}; "
             f"found {rows[0][6]} outside, e.g. {example}"

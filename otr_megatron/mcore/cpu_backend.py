@@ -157,6 +157,36 @@ def _patch_megatron_rng() -> None:
     mrandom._set_cuda_rng_state = _set
 
 
+def _patch_megatron_grad_clip() -> None:
+    """megatron-core's `clip_grad_by_total_norm_fp32` asserts CUDA tensors: same math without it
+    (scale every grad by max_norm / (total_norm + 1e-6) when that is below 1)."""
+    try:
+        from megatron.core.optimizer import optimizer as mopt
+    except ImportError:  # megatron-core absent: nothing else to patch
+        return
+    if getattr(mopt.clip_grad_by_total_norm_fp32, "_otr_cpu", False):
+        return
+
+    def clip_cpu(parameters, max_norm, total_norm, use_decoupled_grad=False):
+        if isinstance(parameters, torch.Tensor):
+            parameters = [parameters]
+        coeff = max_norm / (total_norm + 1.0e-6)
+        if coeff < 1.0:
+            for p in parameters:
+                g = getattr(p, "decoupled_grad", None) if use_decoupled_grad else p.grad
+                if g is not None:
+                    g.detach().mul_(coeff)
+
+    clip_cpu._otr_cpu = True
+    mopt.clip_grad_by_total_norm_fp32 = clip_cpu
+
+
+def _patch_megatron() -> None:
+    """Megatron-side patches; re-applied on every call since megatron may be imported later."""
+    _patch_megatron_rng()
+    _patch_megatron_grad_clip()
+
+
 def enable_cpu_backend(force: bool = False) -> bool:
     """Patch torch/megatron so that megatron-core runs on the CPU.
 
@@ -167,7 +197,7 @@ def enable_cpu_backend(force: bool = False) -> bool:
     force = force or os.environ.get("OTR_FORCE_CPU", "") == "1"
     with _LOCK:
         if _STATE["enabled"]:
-            _patch_megatron_rng()  # megatron may have been imported after the first call
+            _patch_megatron()  # megatron may have been imported after the first call
             return True
         if torch.cuda.is_available() and not force:
             return False
@@ -204,7 +234,7 @@ def enable_cpu_backend(force: bool = False) -> bool:
                 setattr(torch, name, _cpu_device_kwarg(getattr(torch, name)))
         torch.Tensor.to = _cpu_tensor_to(torch.Tensor.to)
         _STATE["enabled"] = True
-        _patch_megatron_rng()
+        _patch_megatron()
         return True
 
 

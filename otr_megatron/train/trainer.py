@@ -179,10 +179,7 @@ class Trainer:
             params_dtype=torch.bfloat16 if cfg.model.bf16 else torch.float32,
             use_distributed_optimizer=False,
         )
-        from otr_megatron.mcore.cpu_backend import cpu_backend_enabled
 
-        if cpu_backend_enabled():
-            _patch_cpu_grad_clip()
         self.optimizer = get_megatron_optimizer(ocfg, self.model)
         c = self.tconfig
         c.finalize_model_grads_func = finalize_model_grads
@@ -504,29 +501,6 @@ def _eval_loss(vocab_size: int, batch: dict, logits: torch.Tensor):
         "exact_match": torch.stack([(wrong_per == 0).double().sum(), n_samples]),
     }
     return torch.zeros((), device=logits.device), 1, report
-
-
-def _patch_cpu_grad_clip() -> None:
-    """megatron-core's `clip_grad_by_total_norm_fp32` asserts CUDA tensors; on the CPU backend use
-    the same math (scale every grad by max_norm / (total_norm + 1e-6) when below 1) without it.
-    Idempotent; applied only when the CPU backend is active."""
-    from megatron.core.optimizer import optimizer as mopt
-
-    if getattr(mopt.clip_grad_by_total_norm_fp32, "_otr_cpu", False):
-        return
-
-    def clip_cpu(parameters, max_norm, total_norm, use_decoupled_grad=False):
-        if isinstance(parameters, torch.Tensor):
-            parameters = [parameters]
-        coeff = max_norm / (total_norm + 1.0e-6)
-        if coeff < 1.0:
-            for p in parameters:
-                g = getattr(p, "decoupled_grad", None) if use_decoupled_grad else p.grad
-                if g is not None:
-                    g.detach().mul_(coeff)
-
-    clip_cpu._otr_cpu = True
-    mopt.clip_grad_by_total_norm_fp32 = clip_cpu
 
 
 def _device():
