@@ -6,6 +6,7 @@ import math
 from dataclasses import dataclass, fields
 
 ESTIMATORS = ("sample", "expected", "sft", "dft")
+NORMALIZATIONS = ("token", "sequence")
 
 
 @dataclass(frozen=True)
@@ -22,6 +23,10 @@ class OTRConfig:
         [chunk_tokens, V/tp] buffers. None picks a size from the vocabulary shard.
     inplace_backward: write the gradient into the logits buffer (saves one [tokens, V/tp] tensor,
         as Megatron's cross entropy does). Only safe when nothing else reads the logits afterwards.
+    normalization: how the integrations (megatron-core `loss_func`, Bridge, NeMo, the train job)
+        reduce the per-token loss: "token" (Megatron's global token mean) or "sequence" (the
+        paper's: each sequence's supervised tokens weighted 1/length, then the mean over
+        sequences). The loss function itself always returns per-token values.
     """
 
     num_samples: int = 256
@@ -31,6 +36,7 @@ class OTRConfig:
     seed: int = 1234
     chunk_tokens: int | None = None
     inplace_backward: bool = False
+    normalization: str = "token"
 
     def __post_init__(self):
         if isinstance(self.num_samples, bool) or not isinstance(self.num_samples, int) or self.num_samples < 1:
@@ -41,6 +47,8 @@ class OTRConfig:
         b = self.neg_reward
         if isinstance(b, bool) or not isinstance(b, (int, float)) or not math.isfinite(b) or b >= 1:
             raise ValueError(f"OTRConfig.neg_reward must be a finite number < 1, got {b!r}")
+        if self.normalization not in NORMALIZATIONS:
+            raise ValueError(f"OTRConfig.normalization must be one of {NORMALIZATIONS}, got {self.normalization!r}")
         if self.estimator not in ESTIMATORS:
             raise ValueError(f"OTRConfig.estimator must be one of {ESTIMATORS}, got {self.estimator!r}")
         if isinstance(self.seed, bool) or not isinstance(self.seed, int):
