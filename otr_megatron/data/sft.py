@@ -210,24 +210,37 @@ def build_sft_dataset(
         raise ValueError(f"seq_length={seq_length}; expected at least 2")
     if on_overflow not in ("truncate", "error"):
         raise ValueError(f"on_overflow={on_overflow!r}; expected 'truncate' or 'error'")
+    if isinstance(paths, (list, tuple)) and not paths:
+        raise SFTDataError(f"{name}: no data files given; expected one or more local .jsonl/.parquet paths")
     records, origins = load_records(paths, keys, cache_dir=cache_dir)
 
     import datasets
 
     def _tok(rec):
-        # `datasets` fills columns a record lacks with None: drop them before rendering.
-        rec = {"messages": rec["messages"]} if rec.get("messages") is not None else rec
+        # Every row has all three columns (None where a record lacks one): keep only its own fields.
+        if rec["messages"] is not None:
+            rec = {"messages": rec["messages"]}
+        else:
+            rec = {"prompt": rec["prompt"], "response": rec["response"]}
         ids, sup = tokenize_record(rec, tokenizer)
         return {"ids": ids, "sup": sup}
 
-    ds = datasets.Dataset.from_list(records).map(
+    # `Dataset.from_list` takes its columns from the first record: give every record the same three
+    # keys, or a split that mixes pair and chat records loses the other shape's fields.
+    uniform = [{"prompt": r.get("prompt"), "response": r.get("response"), "messages": r.get("messages")} for r in records]
+    ds = datasets.Dataset.from_list(uniform).map(
         _tok, remove_columns=None, keep_in_memory=True, load_from_cache_file=False, desc=None
     )
     stats = DataStats(records=len(records))
     tokens, labels, masks = [], [], []
+    earliest = (np.iinfo(np.int64).max, "")  # (tokens before the earliest response token, its record)
     for i, (ids, sup) in enumerate(zip(ds["ids"], ds["sup"])):
         ids = np.asarray(ids, np.int64)
         sup = np.asarray(sup, bool)
+        # ids[first] is the first response token; as a label it needs `first` input positions.
+        first = int(np.argmax(sup)) if sup.any() else len(sup)
+        if first < earliest[0]:
+            earliest = (first, origins[i])
         if len(ids) < 2:
             raise SFTDataError(f"{origins[i]}: record tokenizes to {len(ids)} token(s); need at least 2")
         stats.max_sample_tokens = max(stats.max_sample_tokens, len(ids) - 1)
@@ -248,6 +261,13 @@ def build_sft_dataset(
         stats.tokens += len(ids) - 1
         stats.supervised_tokens += int(m.sum())
 
+    if stats.supervised_tokens == 0:
+        # Only truncation can do this (every record has a non-empty response closed by EOS).
+        raise SFTDataError(
+            f"{name}: no usable rows: all {stats.records} record(s) lost every response token to truncation at "
+            f"seq_length={seq_length}; the earliest response begins after {earliest[0]} tokens "
+            f"({earliest[1]}), so seq_length must be at least {earliest[0]}"
+        )
     if pack:
         order = np.random.default_rng([seed, 0x5EED]).permutation(len(tokens))
         rows = _pack([len(t) for t in tokens], order, seq_length)

@@ -151,8 +151,18 @@ def test_parquet_schema_error_names_row(tmp_path):
 
     pq = str(tmp_path / "d.parquet")
     datasets.Dataset.from_list([{"prompt": "a", "response": "b"}, {"prompt": "a", "response": ""}]).to_parquet(pq)
-    with pytest.raises(SFTDataError, match=r"d\.parquet:row 1: "):
+    with pytest.raises(SFTDataError, match=r"d\.parquet:row 2: "):  # rows are numbered like lines, from 1
         load_records([pq])
+    ok = _ok_parquet(tmp_path)
+    assert load_records([ok])[1] == [f"{ok}:row 1", f"{ok}:row 2"]
+
+
+def _ok_parquet(tmp_path):
+    import datasets
+
+    p = str(tmp_path / "ok.parquet")
+    datasets.Dataset.from_list(PAIRS[:2]).to_parquet(p)
+    return p
 
 
 def test_overflow_truncate_counts_and_error(tmp_path):
@@ -163,6 +173,22 @@ def test_overflow_truncate_counts_and_error(tmp_path):
     assert len(ds.tokens[0]) == 16
     with pytest.raises(SFTDataError, match=r"d\.jsonl:1: record has 26 tokens"):
         build_sft_dataset([p], TOK, 16, on_overflow="error")
+
+
+def test_split_with_no_response_token_left_is_an_error(tmp_path):
+    """All files fine, but truncation at seq_length removes every response token of the split."""
+    p = _jsonl(tmp_path / "d.jsonl", [{"prompt": "p" * 30, "response": "r"}, {"prompt": "p" * 20, "response": "r" * 5}])
+    with pytest.raises(SFTDataError) as info:
+        build_sft_dataset([p], TOK, 16, name="train", verbose=False)
+    # BOS + 20 prompt bytes come before the earliest response token (line 2)
+    assert str(info.value) == (
+        "train: no usable rows: all 2 record(s) lost every response token to truncation at seq_length=16; "
+        f"the earliest response begins after 21 tokens ({p}:2), so seq_length must be at least 21"
+    )
+    ds = build_sft_dataset([p], TOK, 21, name="train", verbose=False)  # the stated minimum is enough
+    assert ds.stats.supervised_tokens == 1 and ds.stats.unsupervised_after_truncation == 1
+    with pytest.raises(SFTDataError, match="eval/id: no data files given"):
+        build_sft_dataset([], TOK, 16, name="eval/id")
 
 
 def test_missing_file_and_extension(tmp_path):
