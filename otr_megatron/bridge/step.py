@@ -126,12 +126,17 @@ class OTRForwardStep:
 
         base = self._base or _bridge_gpt_forward_step()
         wrapped = _PeekIterator(data_iterator, on_batch) if data_iterator is not None else None
+        if getattr(self.otr_config, "normalization", "token") == "sequence":
+            from otr_megatron.mcore.training import check_sequence_normalization
+
+            check_sequence_normalization(model)
         output, bridge_loss_fn = base(state, wrapped, model, return_schedule_plan)
         stats = hook.pop_stats() if hook is not None else None
         ctx = hook.context if hook is not None else None
         mask = ctx.loss_mask if ctx is not None else None
+        weights = (ctx.loss_weights, ctx.sequence_starts) if ctx is not None else (None, None)
         return output, partial(_otr_loss, bridge_loss_fn, otr_loss_func, mask, stats,
-                               int(getattr(self.otr_config, "num_samples", 0)) or None)
+                               int(getattr(self.otr_config, "num_samples", 0)) or None, weights)
 
 
 def _cp_size() -> int:
@@ -140,8 +145,12 @@ def _cp_size() -> int:
     return ps.get_context_parallel_world_size()
 
 
-def _otr_loss(bridge_loss_fn, otr_loss_func, loss_mask, stats, num_samples, output_tensor):
-    """Bridge's loss contract plus OTR metrics as [sum, count] report entries."""
+def _otr_loss(bridge_loss_fn, otr_loss_func, loss_mask, stats, num_samples, sequence, output_tensor):
+    """Bridge's loss contract plus OTR metrics as [sum, count] report entries.
+
+    sequence: (loss_weights, sequence_starts) for normalization="sequence", else (None, None); then
+    the loss sum and count (and "lm loss") are per sequence instead of Bridge's per token.
+    """
     result = bridge_loss_fn(output_tensor)
     if not (isinstance(result, tuple) and len(result) == 3):
         raise TypeError(
@@ -149,6 +158,16 @@ def _otr_loss(bridge_loss_fn, otr_loss_func, loss_mask, stats, num_samples, outp
             f"{type(result).__name__} of length {len(result) if isinstance(result, tuple) else '?'}"
         )
     loss_sum, num_tokens, report = result
+    weights, starts = sequence
+    if weights is not None:
+        if loss_mask is None or tuple(loss_mask.shape) != tuple(output_tensor.shape):
+            raise ValueError(
+                f"OTRForwardStep: normalization='sequence' needs the micro-batch loss mask shaped like the output "
+                f"{tuple(output_tensor.shape)}, got {None if loss_mask is None else tuple(loss_mask.shape)}")
+        loss_sum, num_tokens, ours = otr_loss_func(loss_mask, output_tensor, stats=stats, num_samples=num_samples,
+                                                   check_finite=False, loss_weights=weights, sequence_starts=starts)
+        device = report["lm loss"].device if "lm loss" in report else ours["lm loss"].device
+        return loss_sum, num_tokens.to(device), {**report, **{k: v.to(device) for k, v in ours.items()}}
     if stats and loss_mask is not None and tuple(loss_mask.shape) == tuple(output_tensor.shape):
         _, _, ours = otr_loss_func(loss_mask, output_tensor, stats=stats, num_samples=num_samples, check_finite=False)
         report = dict(report)

@@ -74,6 +74,10 @@ class OTRBatchContext:
     step: int
     token_keys: torch.Tensor
     loss_mask: Optional[torch.Tensor] = None
+    # normalization="sequence" only (see training.sequence_weights): 1/length of each token's
+    # sequence, and 1 at each sequence's first supervised token (counts it exactly once)
+    loss_weights: Optional[torch.Tensor] = None
+    sequence_starts: Optional[torch.Tensor] = None
 
 
 def _default_loss_fn():
@@ -252,7 +256,8 @@ def get_otr_hook(model) -> Optional[OTRLossHook]:
 
 
 def set_otr_context(model, *, step: int, token_keys: torch.Tensor,
-                    loss_mask: Optional[torch.Tensor] = None) -> None:
+                    loss_mask: Optional[torch.Tensor] = None, loss_weights: Optional[torch.Tensor] = None,
+                    sequence_starts: Optional[torch.Tensor] = None) -> None:
     """Store the micro-batch context the next forward's loss uses (all shapes [b, s] like labels)."""
     hook = get_otr_hook(model)
     if hook is None:
@@ -263,7 +268,11 @@ def set_otr_context(model, *, step: int, token_keys: torch.Tensor,
                          f"{tuple(getattr(token_keys, 'shape', ()))}")
     if int(step) < 0:
         raise ValueError(f"step={step}: expected a non-negative iteration number")
-    hook.context = OTRBatchContext(step=int(step), token_keys=token_keys, loss_mask=loss_mask)
+    for name, t in (("loss_weights", loss_weights), ("sequence_starts", sequence_starts)):
+        if t is not None and tuple(t.shape) != tuple(token_keys.shape):
+            raise ValueError(f"{name} {tuple(t.shape)} must have the token_keys shape {tuple(token_keys.shape)}")
+    hook.context = OTRBatchContext(step=int(step), token_keys=token_keys, loss_mask=loss_mask,
+                                   loss_weights=loss_weights, sequence_starts=sequence_starts)
 
 
 def set_iteration(model, iteration: int) -> None:

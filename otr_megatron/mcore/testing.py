@@ -219,7 +219,9 @@ def reference_run(build_cfg, otr_cfg, *, steps: int, batch_size: int, lr: float 
         b = prepare_batch(batch, m)
         logits_loss = m(b["tokens"], b["position_ids"], None, labels=b["labels"], loss_mask=b["loss_mask"])
         loss_sum, n, report = loss_func(b["loss_mask"], logits_loss, hook.pop_stats(),
-                                        getattr(otr_cfg, "num_samples", None))
+                                        getattr(otr_cfg, "num_samples", None),
+                                        loss_weights=b.get("otr_loss_weights"),
+                                        sequence_starts=b.get("otr_sequence_starts"))
         (loss_sum / n).backward()
         out["loss"].append(float(report["lm loss"][0] / report["lm loss"][1]))
         out["metrics"].append({k: float(v[0] / v[1]) for k, v in report.items()})
@@ -254,7 +256,8 @@ def cp_simulated_forward_step(data_iterator, model):
     ctx = OTRBatchContext(step=hook.context.step, token_keys=loc["token_keys"], loss_mask=loc["loss_mask"])
     loss = hook.loss_from_logits(unwrap_model(model), loc["labels"], logits_loc, ctx)
     return loss, partial(loss_func, loc["loss_mask"], stats=hook.pop_stats(),
-                         num_samples=getattr(hook.cfg, "num_samples", None))
+                         num_samples=getattr(hook.cfg, "num_samples", None),
+                         loss_weights=loc.get("otr_loss_weights"), sequence_starts=loc.get("otr_sequence_starts"))
 
 
 def run_layout(build_cfg, otr_cfg, *, tp: int = 1, pp: int = 1, vp: Optional[int] = None, cp: int = 1,

@@ -33,22 +33,105 @@ _STAT_REPORTS = {
 }
 
 
+def sequence_weights(loss_mask: torch.Tensor, segment_ids: Optional[torch.Tensor] = None):
+    """Token weights for ``normalization="sequence"``, computed on a FULL (pre-CP-split) micro-batch.
+
+    A sequence is a row, or with ``segment_ids`` [b, s] (packed rows: one id per packed sample) a
+    (row, segment) pair. Returns ``(weights, starts)``, both [b, s]: ``weights`` is 1/n on each of a
+    sequence's n supervised tokens (0 elsewhere); ``starts`` is 1 at its first supervised token.
+    Summing ``weights * loss`` and ``starts`` over whatever slices of the micro-batch the ranks hold
+    (CP zigzag included) gives exactly sum_s mean_s and the number of sequences, so the schedule's
+    division by the global count is the paper's per-sequence mean in any layout.
+    """
+    if loss_mask.dim() != 2:
+        raise ValueError(f"loss_mask: expected [b, s], got {tuple(loss_mask.shape)}")
+    b, s = loss_mask.shape
+    dev = loss_mask.device
+    mask = (loss_mask != 0).reshape(-1)
+    if segment_ids is None:
+        seg = torch.zeros(b * s, dtype=torch.int64, device=dev)
+    else:
+        if tuple(segment_ids.shape) != (b, s):
+            raise ValueError(f"segment_ids {tuple(segment_ids.shape)}: expected the loss_mask shape {(b, s)}")
+        seg = segment_ids.to(device=dev, dtype=torch.int64).reshape(-1)
+    row = torch.arange(b, device=dev).repeat_interleave(s)
+    _, inv = torch.unique(torch.stack([row, seg], 1), dim=0, return_inverse=True)
+    n_seq = int(inv.max()) + 1 if inv.numel() else 0
+    counts = torch.zeros(n_seq, device=dev).index_add_(0, inv, mask.float())
+    weights = torch.where(mask, 1.0 / counts[inv].clamp(min=1.0), torch.zeros_like(counts[inv]))
+    none = b * s
+    flat = torch.where(mask, torch.arange(b * s, device=dev), torch.full_like(row, none))
+    first = torch.full((n_seq,), none, dtype=torch.int64, device=dev).scatter_reduce_(0, inv, flat, reduce="amin")
+    starts = torch.zeros(b * s + 1, dtype=torch.int64, device=dev)
+    starts[first] = 1  # sequences without supervised tokens land on the dropped extra slot
+    return weights.view(b, s), starts[:-1].view(b, s)
+
+
+def segment_ids_from_cu_seqlens(cu_seqlens: torch.Tensor, seq_len: int) -> torch.Tensor:
+    """[1, s] segment ids of a THD-packed row from its cumulative lengths (negative padding ignored)."""
+    cu = cu_seqlens.reshape(-1).to(torch.int64)
+    cu = cu[cu >= 0]
+    pos = torch.arange(int(seq_len), device=cu.device)
+    return torch.searchsorted(cu[1:].contiguous(), pos, right=True).view(1, -1)
+
+
+def _batch_sequence_weights(batch: dict):
+    """(weights, starts) of a full micro-batch: segments from [b, s] sample_ids or cu_seqlens."""
+    labels = batch["labels"]
+    seg = batch.get("sample_ids")
+    if not (torch.is_tensor(seg) and tuple(seg.shape) == tuple(labels.shape)):
+        seg = None
+    cu = batch.get("cu_seqlens")
+    if seg is None and torch.is_tensor(cu):
+        if labels.size(0) != 1:
+            raise ValueError(f"cu_seqlens with a batch of {labels.size(0)} rows: packed (THD) batches have one row")
+        seg = segment_ids_from_cu_seqlens(cu, labels.size(1))
+    return sequence_weights(batch["loss_mask"], seg)
+
+
+def check_sequence_normalization(model) -> None:
+    """Sequence normalization is exact only when the schedule divides by the global count."""
+    from otr_megatron.mcore.hook import unwrap_model
+
+    config = getattr(unwrap_model(model), "config", None)
+    if not getattr(config, "calculate_per_token_loss", False):
+        raise ValueError(
+            "otr normalization='sequence' needs calculate_per_token_loss=True in the model config "
+            "(Bridge: model.calculate_per_token_loss=true): only then does Megatron's schedule divide by "
+            "the global number of sequences; otherwise each micro-batch would be averaged on its own")
+
+
 def loss_func(loss_mask: torch.Tensor, output_tensor: torch.Tensor, stats: Optional[dict] = None,
-              num_samples: Optional[int] = None, check_finite: bool = True):
+              num_samples: Optional[int] = None, check_finite: bool = True,
+              loss_weights: Optional[torch.Tensor] = None, sequence_starts: Optional[torch.Tensor] = None):
     """Masked sum of the per-token loss, the token count, and `[sum, count]` metrics.
 
     output_tensor: per-token loss [b, s] (what the OTR-enabled GPTModel returns with labels).
     stats: per-token stats of the same micro-batch from the hook; num_samples: K for the hit rate.
+    loss_weights / sequence_starts (normalization="sequence", from `sequence_weights`): the sum is
+    weighted 1/length per sequence and the count is the number of sequences. Metrics stay per token.
     Raises FloatingPointError on a NaN/Inf loss (names rank-local counts so it can be traced).
     """
     if output_tensor.shape != loss_mask.shape:
         raise ValueError(f"output_tensor {tuple(output_tensor.shape)} and loss_mask "
                          f"{tuple(loss_mask.shape)} must have the same [b, s] shape")
+    if (loss_weights is None) != (sequence_starts is None):
+        raise ValueError("loss_weights and sequence_starts go together (both from sequence_weights)")
+    for name, t in (("loss_weights", loss_weights), ("sequence_starts", sequence_starts)):
+        if t is not None and tuple(t.shape) != tuple(loss_mask.shape):
+            raise ValueError(f"{name} {tuple(t.shape)} must have the loss_mask shape {tuple(loss_mask.shape)}")
     mask = loss_mask.reshape(-1).float()
     losses = output_tensor.reshape(-1).float()
     keep = mask != 0
-    loss_sum = torch.sum(torch.where(keep, losses * mask, torch.zeros_like(losses)))
-    num_tokens = mask.sum().to(torch.int)
+    weighted = losses * mask
+    if loss_weights is not None:
+        weighted = weighted * loss_weights.reshape(-1).to(weighted)
+    loss_sum = torch.sum(torch.where(keep, weighted, torch.zeros_like(losses)))
+    n_tok = mask.sum()
+    if sequence_starts is not None:
+        num_tokens = torch.sum(torch.where(keep, sequence_starts.reshape(-1).to(mask), 0.0)).to(torch.int)
+    else:
+        num_tokens = n_tok.to(torch.int)
     if check_finite and not bool(torch.isfinite(loss_sum)):
         bad = int((~torch.isfinite(losses) & keep).sum())
         rank = torch.distributed.get_rank() if torch.distributed.is_initialized() else 0
@@ -57,8 +140,8 @@ def loss_func(loss_mask: torch.Tensor, output_tensor: torch.Tensor, stats: Optio
             f"{int(keep.sum())} supervised tokens non-finite (check the learning rate, the logits "
             "dtype and the labels/vocab_size)"
         )
-    n = num_tokens.detach().float()
-    report = {"lm loss": torch.stack([loss_sum.detach().clone(), n])}
+    report = {"lm loss": torch.stack([loss_sum.detach().clone(), num_tokens.detach().float()])}
+    n = n_tok.detach()
     for key, (name, per_sample) in _STAT_REPORTS.items():
         if not stats or key not in stats:
             continue
@@ -103,12 +186,16 @@ def prepare_batch(batch: dict, model, *, step: Optional[int] = None, cp_slice: b
         out["token_keys"] = token_keys_from_sample_ids(torch.as_tensor(sid), s)
     if hook is not None:
         hook.microbatch += 1
+    if hook is not None and getattr(hook.cfg, "normalization", "token") == "sequence":
+        # from the full micro-batch, before CP slicing: a sequence's length spans every CP rank
+        out["otr_loss_weights"], out["otr_sequence_starts"] = _batch_sequence_weights(out)
     if cp_slice and cp_size > 1:
         out = slice_batch_for_cp(out, cp_size, cp_rank)
     if hook is not None:
         if step is None:
             step = out.get("step", hook.iteration)
-        set_otr_context(model, step=int(step), token_keys=out["token_keys"], loss_mask=out["loss_mask"])
+        set_otr_context(model, step=int(step), token_keys=out["token_keys"], loss_mask=out["loss_mask"],
+                        loss_weights=out.get("otr_loss_weights"), sequence_starts=out.get("otr_sequence_starts"))
     return out
 
 
@@ -124,9 +211,12 @@ def forward_step(data_iterator, model):
         out = model(None, None, None)
         return out, partial(loss_func, None)
     b = prepare_batch(batch, model)
+    if "otr_loss_weights" in b:
+        check_sequence_normalization(model)
     out = model(b["tokens"], b["position_ids"], b.get("attention_mask"), labels=b["labels"],
                 loss_mask=b["loss_mask"])
     hook = get_otr_hook(model)
     stats = hook.pop_stats() if hook is not None else None
     k = getattr(hook.cfg, "num_samples", None) if hook is not None else None
-    return out, partial(loss_func, b["loss_mask"], stats=stats, num_samples=k)
+    return out, partial(loss_func, b["loss_mask"], stats=stats, num_samples=k,
+                        loss_weights=b.get("otr_loss_weights"), sequence_starts=b.get("otr_sequence_starts"))

@@ -20,21 +20,34 @@ check_nemo_version()
 from nemo.collections.llm.gpt.model.base import GPTModel  # noqa: E402
 from nemo.lightning.megatron_parallel import MaskedTokenLossReduction  # noqa: E402
 
-from otr_megatron.nemo.step import otr_forward_step, otr_report, reduce_otr_metrics  # noqa: E402
+from otr_megatron.nemo.step import (  # noqa: E402
+    otr_forward_step,
+    otr_report,
+    reduce_otr_metrics,
+    sequence_normalized_batch,
+)
 
 
 class OTRMaskedTokenLossReduction(MaskedTokenLossReduction):
     """`MaskedTokenLossReduction` plus OTR metrics ([sum, count] per micro-batch; `last_metrics` per step)."""
 
-    def __init__(self, validation_step: bool = False, val_drop_last: bool = True) -> None:
+    def __init__(self, validation_step: bool = False, val_drop_last: bool = True,
+                 normalization: str = "token") -> None:
         super().__init__(validation_step=validation_step, val_drop_last=val_drop_last)
         self.last_metrics: dict = {}
+        self.normalization = normalization
 
     def forward(self, batch, forward_out):
-        loss_sum, num_tokens, reduced = super().forward(batch, forward_out)
+        loss_batch = batch
+        if self.normalization == "sequence":
+            from megatron.core import parallel_state as ps
+
+            cp = ps.get_context_parallel_world_size()
+            loss_batch = sequence_normalized_batch(batch, cp_group=ps.get_context_parallel_group() if cp > 1 else None)
+        *head, reduced = super().forward(loss_batch, forward_out)
         reduced = dict(reduced)
         reduced.update(otr_report(batch, forward_out if not isinstance(forward_out, tuple) else forward_out[0]))
-        return loss_sum, num_tokens, reduced
+        return (*head, reduced)
 
     def reduce(self, losses_reduced_per_micro_batch):
         if losses_reduced_per_micro_batch:
@@ -66,7 +79,7 @@ class OTRGPTModel(GPTModel):
     @property
     def training_loss_reduction(self) -> OTRMaskedTokenLossReduction:
         if not self._training_loss_reduction:
-            self._training_loss_reduction = OTRMaskedTokenLossReduction()
+            self._training_loss_reduction = OTRMaskedTokenLossReduction(normalization=self.otr.normalization)
         return self._training_loss_reduction
 
     def otr_metrics(self) -> dict:

@@ -90,6 +90,34 @@ def otr_report(batch: dict, forward_out: torch.Tensor) -> dict:
     return {k: v for k, v in report.items() if k != "lm loss"}
 
 
+def sequence_normalized_batch(batch: dict, *, cp_group=None) -> dict:
+    """The batch NeMo's MaskedTokenLossReduction should see for normalization="sequence".
+
+    NeMo reduces each micro-batch to sum(loss * loss_mask) / sum(loss_mask) (with CP: divided by
+    `num_valid_tokens_in_ub` and all-reduced over the CP group), then averages micro-batches. Giving
+    it the loss mask weighted 1/length per row, and the number of rows with supervised tokens as
+    `num_valid_tokens_in_ub`, turns that into the mean over the micro-batch's sequences, so NeMo's
+    mean over micro-batches is the global per-sequence mean whenever micro-batches hold equally
+    many supervised sequences (unpacked rows). The batch here is already CP-sliced, so row lengths
+    are all-reduced over `cp_group`. Packed (THD) batches raise: their sequences cannot be recovered
+    exactly after NeMo's slicing.
+    """
+    if "cu_seqlens" in batch or "cu_seqlens_q" in batch:
+        raise NotImplementedError(
+            "otr normalization='sequence' with packed (THD) NeMo batches is not supported: NeMo averages "
+            "micro-batch means, which is exact per sequence only for unpacked rows; use normalization='token' "
+            "or unpacked data")
+    mask = batch["loss_mask"]
+    lengths = (mask != 0).sum(dim=1).to(torch.float32)
+    if cp_group is not None:
+        torch.distributed.all_reduce(lengths, group=cp_group)
+    weights = torch.where(mask != 0, mask.float() / lengths.clamp(min=1.0)[:, None], torch.zeros_like(mask, dtype=torch.float32))
+    out = dict(batch)
+    out["loss_mask"] = weights
+    out["num_valid_tokens_in_ub"] = (lengths > 0).sum().to(torch.float32)
+    return out
+
+
 def reduce_otr_metrics(per_microbatch: list, group=None) -> dict:
     """Per-token means of the OTR metrics over micro-batches (and over `group` when given)."""
     keys = sorted({k for d in per_microbatch for k in d if k.startswith("otr")})

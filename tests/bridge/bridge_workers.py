@@ -57,7 +57,24 @@ def step_contract_worker(rank, world_size):
         step(state, iter([dict(batch)]), model, return_schedule_plan=True)
     except NotImplementedError as exc:
         errors.append(str(exc))
+
+    # normalization="sequence": Bridge's step and the megatron-core forward_step agree, and differ from token
+    seq = dict(vars(otr), normalization="sequence")
+    seq_cfg = OTRConfig(**seq)
+    disable_otr(model)
+    model.zero_grad(set_to_none=True)
+    out, loss_fn = OTRForwardStep(seq_cfg, base_forward_step=fake_bridge_gpt_step)(state, iter([dict(batch)]), model)
+    seq_loss, seq_n, seq_report = loss_fn(out)
+    seq_loss.backward()
+    disable_otr(model)
+    enable_otr(model, seq_cfg, vocab_size=250)
+    set_iteration(model, 3)
+    ref_out, ref_loss_fn = forward_step(iter([dict(batch, step=3)]), model)
+    seq_ref = ref_loss_fn(ref_out)
     return {
+        "seq": {"loss": seq_loss.item(), "n": int(seq_n), "report": {k: v.tolist() for k, v in seq_report.items()}},
+        "seq_ref": {"loss": seq_ref[0].item(), "n": int(seq_ref[1]),
+                    "report": {k: v.tolist() for k, v in seq_ref[2].items()}},
         "loss": loss.item(), "n": int(n), "report": {k: v.tolist() for k, v in report.items()},
         "ref_loss": ref_loss.item(), "ref_n": int(ref_n), "ref_report": {k: v.tolist() for k, v in ref_report.items()},
         "errors": errors, "grad_finite": all(torch.isfinite(p.grad).all().item() for p in model.parameters() if p.grad is not None),

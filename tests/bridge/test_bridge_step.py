@@ -42,3 +42,15 @@ def test_loss_contract_and_metrics(contract):
             assert pair == pytest.approx(r["ref_report"][key], rel=1e-6, abs=1e-6), key
         assert r["grad_finite"]
         assert r["errors"] and "return_schedule_plan" in r["errors"][0]
+
+
+@pytest.mark.slow
+def test_sequence_normalization_matches_mcore_path(contract):
+    for r in contract:
+        seq, ref = r["seq"], r["seq_ref"]
+        assert seq["n"] == ref["n"] == 2  # two rows = two sequences, counted once
+        assert seq["loss"] == pytest.approx(ref["loss"], rel=1e-6, abs=1e-6)
+        assert seq["report"]["lm loss"] == pytest.approx([ref["loss"], 2.0], rel=1e-6, abs=1e-6)
+        assert seq["report"]["lm loss"][0] != pytest.approx(r["report"]["lm loss"][0], rel=1e-3)
+        for key, pair in ref["report"].items():
+            assert seq["report"][key] == pytest.approx(pair, rel=1e-6, abs=1e-6), key

@@ -30,18 +30,27 @@ def _rel_err(local, ref):
     return max(errs.values()) / scale, scale
 
 
+# normalization="sequence" (rows of different supervised lengths, weighted 1/length) in the layouts
+# that split the loss differently: DP + micro-batches, pipeline, CP zigzag
+SEQUENCE_LAYOUTS = ("tp2_dp2", "pp2_dp2_1f1b", "cp2_dp2_zigzag_sim")
+
+
 def layouts_worker(rank, world, estimators):
-    """Reference single-model run vs every layout, for each estimator."""
+    """Reference single-model run vs every layout, for each estimator ("name:sequence" = per-sequence)."""
     import otr_megatron as otr
     from otr_megatron.mcore import testing as T
 
     report = {}
     for est in estimators:
-        ocfg = otr.OTRConfig(num_samples=4, temperature=1.3, neg_reward=-0.1, estimator=est, seed=7)
+        name, _, norm = est.partition(":")
+        ocfg = otr.OTRConfig(num_samples=4, temperature=1.3, neg_reward=-0.1, estimator=name, seed=7,
+                             normalization=norm or "token")
         T.init_parallel(1, 1)
         ref = T.reference_run(TINY, ocfg, steps=STEPS, batch_size=4)
         runs = dict(LAYOUTS)
         runs["tp2_dp2_full_recompute"] = dict(tp=2)
+        if norm:
+            runs = {k: v for k, v in runs.items() if k in SEQUENCE_LAYOUTS}
         for name, lay in runs.items():
             cfg = dict(TINY, recompute_granularity="full") if "recompute" in name else TINY
             res = T.run_layout(cfg, ocfg, steps=STEPS, batch_size=4, **lay)

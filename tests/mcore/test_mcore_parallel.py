@@ -19,11 +19,14 @@ pytestmark = pytest.mark.slow
 
 @pytest.fixture(scope="module")
 def layout_report():
-    return T.launch(W.layouts_worker, 4, ("sample", "expected"))
+    return T.launch(W.layouts_worker, 4, ("sample", "expected", "sample:sequence"))
 
 
-@pytest.mark.parametrize("estimator", ["sample", "expected"])
-@pytest.mark.parametrize("layout", list(W.LAYOUTS) + ["tp2_dp2_full_recompute"])
+CASES = ([(est, lay) for est in ("sample", "expected") for lay in list(W.LAYOUTS) + ["tp2_dp2_full_recompute"]]
+         + [("sample:sequence", lay) for lay in W.SEQUENCE_LAYOUTS])
+
+
+@pytest.mark.parametrize("estimator,layout", CASES)
 def test_layout_matches_single_model(layout_report, estimator, layout):
     ref = layout_report[0][(estimator, "reference")]
     seen_loss = False
@@ -39,6 +42,10 @@ def test_layout_matches_single_model(layout_report, estimator, layout):
                 for k in mb:
                     assert ma[k] == pytest.approx(mb[k], rel=1e-5, abs=1e-6), f"{layout}/{estimator} {k} step {step}"
     assert seen_loss, f"{layout}: no last-stage rank reported a loss"
+    if estimator == "sample:sequence":  # same samples, different weighting: hit rates equal, losses not
+        tok = layout_report[0][("sample", "reference")]
+        assert ref["metrics"][0]["otr hit rate"] == pytest.approx(tok["metrics"][0]["otr hit rate"], rel=1e-6)
+        assert ref["loss"][0] != pytest.approx(tok["loss"][0], rel=1e-3)
     assert len(ref["loss"]) == W.STEPS
     if estimator == "sample":
         assert "otr hit rate" in ref["metrics"][0] and "otr mean reward" in ref["metrics"][0]

@@ -93,3 +93,84 @@ def test_loss_func_rejects_non_finite():
         loss_func(torch.ones(1, 2), torch.tensor([[1.0, float("inf")]]))
     with pytest.raises(ValueError, match="same \\[b, s\\] shape"):
         loss_func(torch.ones(1, 3), torch.ones(1, 2))
+
+
+# ----------------------------------------------------------------------------------------------
+# normalization="sequence": hand-computed weights and gradient
+# ----------------------------------------------------------------------------------------------
+
+def test_sequence_weights_rows_and_packed_segments():
+    from otr_megatron.mcore.training import segment_ids_from_cu_seqlens, sequence_weights
+
+    mask = torch.tensor([[0, 1, 1, 1, 1], [0, 0, 0, 1, 0]], dtype=torch.float32)
+    w, starts = sequence_weights(mask)
+    assert torch.allclose(w, torch.tensor([[0, .25, .25, .25, .25], [0, 0, 0, 1, 0]]))
+    assert starts.tolist() == [[0, 1, 0, 0, 0], [0, 0, 0, 1, 0]]
+    # one packed row holding three samples (ids 7, 8, 9; -1 = padding), the middle one unsupervised
+    seg = torch.tensor([[7, 7, 7, 8, 8, 9, 9, -1]])
+    m = torch.tensor([[0, 1, 1, 0, 0, 0, 1, 0]], dtype=torch.float32)
+    w, starts = sequence_weights(m, seg)
+    assert torch.allclose(w, torch.tensor([[0, .5, .5, 0, 0, 0, 1, 0]]))
+    assert starts.tolist() == [[0, 1, 0, 0, 0, 0, 1, 0]]  # the unsupervised sample is not counted
+    cu = torch.tensor([[0, 3, 5, 7, -1]])
+    assert segment_ids_from_cu_seqlens(cu, 8).tolist() == [[0, 0, 0, 1, 1, 2, 2, 3]]
+    with pytest.raises(ValueError, match="segment_ids"):
+        sequence_weights(m, seg[:, :4])
+
+
+def test_sequence_normalization_gradient_hand_computed():
+    """Two sequences of 1 and 3 supervised tokens: token mean weights every token 1/4; sequence
+    mean weights them 1/2 and 1/6 (each sequence's mean, then the mean over the 2 sequences)."""
+    from otr_megatron.mcore.training import sequence_weights
+
+    mask = torch.tensor([[1, 0, 0, 0], [0, 1, 1, 1]], dtype=torch.float32)
+    per_token = torch.tensor([[2.0, 9.0, 9.0, 9.0], [9.0, 1.0, 3.0, 5.0]], requires_grad=True)
+    loss_sum, n, report = loss_func(mask, per_token)
+    (loss_sum / n).backward()
+    assert per_token.grad.tolist() == [[.25, 0, 0, 0], [0, .25, .25, .25]]
+    assert float(loss_sum / n) == pytest.approx((2 + 1 + 3 + 5) / 4)
+
+    per_token.grad = None
+    w, starts = sequence_weights(mask)
+    loss_sum, n, report = loss_func(mask, per_token, loss_weights=w, sequence_starts=starts)
+    assert int(n) == 2 and n.dtype == torch.int32  # Megatron accumulates num_tokens in an int tensor
+    (loss_sum / n).backward()
+    assert torch.allclose(per_token.grad, torch.tensor([[.5, 0, 0, 0], [0, 1 / 6, 1 / 6, 1 / 6]]))
+    assert float(loss_sum / n) == pytest.approx((2 / 1 + (1 + 3 + 5) / 3) / 2)
+    assert report["lm loss"].tolist() == pytest.approx([float(loss_sum), 2.0])
+
+
+def test_sequence_normalization_is_exact_under_cp_slicing():
+    """Weights from the full micro-batch, then zigzag-sliced: the CP ranks' sums add up exactly."""
+    from otr_megatron.mcore.training import sequence_weights
+
+    g = torch.Generator().manual_seed(0)
+    mask = (torch.rand(3, 16, generator=g) > 0.3).float()
+    losses = torch.rand(3, 16, generator=g)
+    w, starts = sequence_weights(mask)
+    full_sum, full_n, _ = loss_func(mask, losses, loss_weights=w, sequence_starts=starts)
+    batch = {"m": mask, "l": losses, "w": w, "s": starts}
+    parts = [slice_batch_for_cp(batch, 2, r) for r in range(2)]
+    sums = [loss_func(p["m"], p["l"], loss_weights=p["w"], sequence_starts=p["s"]) for p in parts]
+    assert sum(int(x[1]) for x in sums) == int(full_n) == 3
+    assert sum(float(x[0]) for x in sums) == pytest.approx(float(full_sum), rel=1e-6)
+    expected = sum(float((losses[i] * mask[i]).sum() / mask[i].sum()) for i in range(3))
+    assert float(full_sum) == pytest.approx(expected, rel=1e-6)
+
+
+def test_sequence_normalization_needs_per_token_loss_mode():
+    from types import SimpleNamespace
+
+    from otr_megatron.mcore.training import check_sequence_normalization
+
+    class Model(torch.nn.Module):
+        def __init__(self, per_token):
+            super().__init__()
+            self.config = SimpleNamespace(calculate_per_token_loss=per_token)
+
+        def compute_language_model_loss(self, labels, logits):
+            return logits
+
+    check_sequence_normalization(Model(True))
+    with pytest.raises(ValueError, match="calculate_per_token_loss=True"):
+        check_sequence_normalization(Model(False))

@@ -119,3 +119,20 @@ def test_otr_recipe_swaps_model_keeps_config():
         otr_recipe(run.Partial(fake_finetune, model=run.Config(FakeLlamaModel)), bogus=1, model_cls=FakeOTRModel)
     with pytest.raises(TypeError, match="run.Config\\(GPTModel"):
         otr_recipe(run.Partial(fake_finetune), model_cls=FakeOTRModel)
+
+
+def test_sequence_normalized_batch_turns_token_means_into_sequence_means():
+    """NeMo's MaskedTokenLossReduction computes sum(loss * loss_mask) / sum(loss_mask) per micro-batch
+    (with CP: / num_valid_tokens_in_ub); with the re-weighted batch that is the mean of the rows'
+    own means. Hand case: rows with 1 and 3 supervised tokens."""
+    from otr_megatron.nemo.step import sequence_normalized_batch
+
+    mask = torch.tensor([[1, 0, 0, 0], [0, 1, 1, 1]], dtype=torch.float32)
+    losses = torch.tensor([[2.0, 9.0, 9.0, 9.0], [9.0, 1.0, 3.0, 5.0]])
+    out = sequence_normalized_batch({"loss_mask": mask, "labels": mask.long()})
+    nemo_mean = float((losses * out["loss_mask"]).sum() / out["loss_mask"].sum())
+    assert nemo_mean == pytest.approx((2.0 + 3.0) / 2)
+    assert float(out["num_valid_tokens_in_ub"]) == 2.0
+    assert torch.equal(mask, torch.tensor([[1, 0, 0, 0], [0, 1, 1, 1]], dtype=torch.float32))  # input untouched
+    with pytest.raises(NotImplementedError, match="packed"):
+        sequence_normalized_batch({"loss_mask": mask, "cu_seqlens": torch.tensor([[0, 4]])})
