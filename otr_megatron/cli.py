@@ -16,6 +16,7 @@ SUBCOMMANDS = {
     "bridge": ("otr_megatron.bridge.cli", "run a Megatron-Bridge recipe with OTR turned on"),
     "slurm": ("otr_megatron.launch.slurm", "write an sbatch script for a train or bridge command"),
     "plan": ("otr_megatron.planning.cli", "memory and communication budget per GPU for a configuration"),
+    "compare": ("otr_megatron.compare.cli", "A/B harness: the train job over losses, knobs and seeds; mean +- std"),
 }
 
 

@@ -1,0 +1,256 @@
+"""`otr-megatron compare`: run the train job over a grid of losses, knobs and seeds; report mean +- std.
+
+With no arguments it runs the shipped A/B study (data: `scripts/make_ab_data.py`): one cross-entropy
+warm start per seed on an old task plus a prior for new-task prompts, then every loss on three
+fine-tuning tasks (new task with one fixed label per prompt = null control; new task with the label
+drawn among many correct answers; more of the old task) at two learning rates.
+"""
+
+from __future__ import annotations
+
+import argparse
+import datetime
+import json
+import os
+import platform
+import subprocess
+import sys
+import time
+
+from otr_megatron.train.config import LOSSES, ConfigError
+
+# The shipped study (configs/compare_ab.yaml holds the same train settings; a test keeps them equal).
+AB_TRAIN = {
+    "pretrain_iters": 800,
+    "pretrain_lr": 2.0e-3,
+    "finetune_iters": 150,
+    "finetune_lr": 1.0e-3,
+    "micro_batch_size": 16,
+    "global_batch_size": 32,
+    "eval_interval": 50,
+    "data": {
+        "pretrain": ["assets:ab_pretrain.jsonl"],
+        "train": ["assets:ab_parity_uniform.jsonl"],
+        "eval": {
+            "old": ["assets:ab_strings_eval.jsonl"],
+            "ood": ["assets:ab_strings_ood.jsonl"],
+            "parity": ["assets:ab_parity_eval.jsonl"],
+        },
+    },
+}
+AB_SWEEPS = [
+    "data.train=assets:ab_parity_fixed.jsonl,assets:ab_parity_uniform.jsonl,assets:ab_strings_train.jsonl",
+    "finetune_lr=3e-4,1e-3",
+]
+DEFAULT_LOSSES = ("sft", "dft", "otr-expected", "otr")  # the baseline first
+AB_RULES = {"parity": "parity_digit"}
+AB_METRICS = ["parity/greedy_valid", "parity/valid_mass", "parity/kl_answer", "parity/base_mode_mass",
+              "old/exact_match", "old/ce", "ood/exact_match", "ood/ce"]
+AB_FRONTIER = ("parity/valid_mass", "old/ce")
+# --quick: the same harness end to end in a couple of minutes (CI): 2 losses x 2 seeds, a tiny model.
+QUICK_OVERRIDES = ["pretrain_iters=30", "finetune_iters=10", "eval_interval=0", "model.num_layers=1",
+                   "model.hidden_size=32", "model.num_attention_heads=2", "model.ffn_hidden_size=64",
+                   "otr.num_samples=8"]
+QUICK_SWEEPS = ["data.train=assets:ab_parity_uniform.jsonl"]
+
+EPILOG = """\
+examples:
+  otr-megatron compare                          # the shipped study (4 losses x 6 arms x 3 seeds, ~30 min on 2 cores)
+  otr-megatron compare --quick                  # 2 losses x 2 seeds, tiny model (CI)
+  otr-megatron compare --config my.yaml data.train=my_sft.jsonl --losses sft,otr --seeds 1,2,3,4,5 \\
+      --sweep finetune_lr=1e-5,3e-5 --sweep otr.temperature=1.0,1.3 -o runs/my_ab
+  otr-megatron compare -o runs/my_ab --report-only   # re-make the tables and plots
+Finished runs are skipped when the command is repeated (interrupt and rerun to continue).
+"""
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="otr-megatron compare", description=__doc__.splitlines()[0], epilog=EPILOG,
+                                formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("overrides", nargs="*", metavar="KEY=VALUE", help="train config overrides for every run")
+    p.add_argument("--config", "-c", help="train YAML config (default: the shipped A/B study)")
+    p.add_argument("--losses", help=f"comma-separated fine-tuning losses from {','.join(LOSSES)} (default: {','.join(DEFAULT_LOSSES)})")
+    p.add_argument("--seeds", help="comma-separated seeds (default 1,2,3)")
+    p.add_argument("--sweep", action="append", default=None, metavar="KEY=V1,V2",
+                   help="a config key and its values; repeat for a product grid (default study: task x finetune_lr)")
+    p.add_argument("--output-dir", "-o", help="where runs and the report go (default runs/compare[_quick])")
+    p.add_argument("--jobs", "-j", type=int, default=None,
+                   help="runs at a time (default: number of cores, at most 2; threads per run = cores / jobs)")
+    p.add_argument("--reference", help="loss the paired differences are taken against (default sft if in the grid)")
+    p.add_argument("--metrics", help="comma-separated metrics for the table and plot (default: per split)")
+    p.add_argument("--answer-rule", action="append", default=None, metavar="SPLIT=RULE",
+                   help="score the answer position of an eval split (rule: parity_digit)")
+    p.add_argument("--frontier", metavar="X,Y", help="also plot metric Y against metric X per arm")
+    p.add_argument("--quick", action="store_true", help="small end-to-end grid: 2 losses x 2 seeds, tiny model")
+    p.add_argument("--dry-run", action="store_true", help="print the plan and exit")
+    p.add_argument("--report-only", action="store_true", help="only rebuild the report from finished runs")
+    return p
+
+
+def _git_commit() -> str | None:
+    here = os.path.dirname(os.path.abspath(__file__))
+    try:
+        sha = subprocess.run(["git", "-C", here, "rev-parse", "HEAD"], capture_output=True, text=True, timeout=10)
+        dirty = subprocess.run(["git", "-C", here, "status", "--porcelain", "--untracked-files=no"],
+                               capture_output=True, text=True, timeout=10)
+    except (OSError, subprocess.SubprocessError):
+        return None
+    if sha.returncode != 0:
+        return None
+    return sha.stdout.strip() + (" (+ uncommitted changes)" if dirty.stdout.strip() else "")
+
+
+def _machine() -> dict:
+    import torch
+
+    try:
+        import megatron.core as mc
+
+        mcore = getattr(mc, "__version__", "?")
+    except ImportError:
+        mcore = None
+    cpu = platform.processor() or platform.machine()
+    try:
+        with open("/proc/cpuinfo", encoding="utf-8") as f:
+            cpu = next((ln.split(":", 1)[1].strip() for ln in f if ln.startswith("model name")), cpu)
+    except OSError:
+        pass
+    cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count()
+    return {"host": platform.node(), "cpu": cpu, "cores": cores, "python": platform.python_version(),
+            "torch": torch.__version__, "megatron_core": mcore,
+            "cuda": torch.cuda.get_device_name(0) if torch.cuda.is_available() else None}
+
+
+def _ab_overrides() -> list[str]:
+    out = []
+
+    def walk(prefix, d):
+        for k, v in d.items():
+            if isinstance(v, dict) and k != "eval":
+                walk(f"{prefix}{k}.", v)
+            else:
+                out.append(f"{prefix}{k}={json.dumps(v)}")
+
+    walk("", AB_TRAIN)
+    return out
+
+
+def main(argv: list[str] | None = None) -> int:
+    from otr_megatron.compare.grid import build_plan, parse_losses, parse_seeds, parse_sweep
+    from otr_megatron.compare.report import collect, default_metrics, markdown, plot, plot_frontier, summarize
+    from otr_megatron.compare.runner import CompareError, Runner
+
+    argv = list(sys.argv[1:] if argv is None else argv)
+    args = build_parser().parse_intermixed_args(argv)
+    default_study = args.config is None
+    try:
+        overrides = (_ab_overrides() if default_study else []) + (QUICK_OVERRIDES if args.quick else []) + list(args.overrides)
+        losses = parse_losses(args.losses or ("sft,otr" if args.quick else ",".join(DEFAULT_LOSSES)))
+        seeds = parse_seeds(args.seeds or ("1,2" if args.quick else "1,2,3"))
+        if args.sweep is not None:
+            sweep_texts = args.sweep
+        elif default_study:
+            sweep_texts = QUICK_SWEEPS if args.quick else AB_SWEEPS
+        else:
+            sweep_texts = []
+        sweeps = [parse_sweep(s) for s in sweep_texts]
+        rules = dict(AB_RULES) if default_study else {}
+        for r in args.answer_rule or []:
+            if "=" not in r:
+                raise ConfigError(f"--answer-rule {r!r}: expected SPLIT=RULE, e.g. parity=parity_digit")
+            split, rule = r.split("=", 1)
+            rules[split.strip()] = rule.strip()
+        if args.jobs is not None and args.jobs < 1:
+            raise ConfigError(f"--jobs={args.jobs}; expected an integer >= 1")
+        out = args.output_dir or ("runs/compare_quick" if args.quick else "runs/compare")
+        plan = build_plan(out, args.config, overrides, losses, seeds, sweeps)
+        from otr_megatron.compare.probe import RULES
+
+        for split, rule in rules.items():
+            if rule not in RULES:
+                raise ConfigError(f"--answer-rule {split}={rule}: unknown rule; expected one of {RULES}")
+            if split not in plan.runs[0].cfg.data.eval:
+                raise ConfigError(f"--answer-rule {split}={rule}: no evaluation split {split!r} "
+                                  f"(splits: {sorted(plan.runs[0].cfg.data.eval)})")
+    except ConfigError as e:
+        print(f"otr-megatron compare: {e}", file=sys.stderr)
+        return 2
+    cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
+    jobs = args.jobs or max(1, min(2, cores))
+    reference = args.reference or ("sft" if "sft" in losses else None)
+    if reference is not None and reference not in losses:
+        print(f"otr-megatron compare: --reference {reference!r} is not one of --losses {losses}", file=sys.stderr)
+        return 2
+    os.makedirs(out, exist_ok=True)
+    runner = Runner(plan, jobs=jobs, probe_rules=rules, dry_run=args.dry_run)
+    t0 = time.time()
+    started = datetime.datetime.now(datetime.timezone.utc).strftime("%Y-%m-%d %H:%M:%S UTC")
+    try:
+        if args.report_only:
+            runner.check_existing()
+            tasks = runner.tasks
+        else:
+            tasks = runner.run()
+    except CompareError as e:
+        print(f"otr-megatron compare: {e}", file=sys.stderr)
+        return 2
+    if args.dry_run:
+        return 0
+    wall = time.time() - t0
+
+    table = collect(plan, tasks)
+    summary = summarize(plan, table, reference)
+    metrics = [m.strip() for m in args.metrics.split(",")] if args.metrics else (
+        AB_METRICS if default_study else default_metrics(summary))
+    failed = [t for t in tasks if t.status in ("failed", "blocked")]
+    pending = [t for t in tasks if t.status == "pending"]
+    study_path = os.path.join(out, "study.json")
+    prev = {}
+    if os.path.isfile(study_path):
+        with open(study_path, encoding="utf-8") as f:
+            prev = json.load(f)
+    study = {
+        "command": "otr-megatron compare " + " ".join(argv),
+        "git_commit": _git_commit(),
+        "machine": _machine(),
+        "losses": losses, "seeds": seeds, "sweeps": [s.key + "=" + ",".join(s.labels) for s in sweeps],
+        "jobs": jobs, "answer_rules": rules, "overrides": overrides, "config": args.config,
+        "started": prev.get("started") if args.report_only else started,
+        "wall_s_this_invocation": None if args.report_only else wall,
+        "task_wall_s_total": sum(t.wall_s for t in tasks),
+        "finished_runs": sum(t.status in ("done", "skipped-done") and t.kind == "arm" for t in tasks),
+        "planned_runs": len(plan.runs),
+        "failed": [f"{t.name}: {t.note.splitlines()[0] if t.note else ''}" for t in failed],
+    }
+    summary["study"] = study
+    with open(os.path.join(out, "results.json"), "w", encoding="utf-8") as f:
+        json.dump(summary, f, indent=1)
+    with open(study_path, "w", encoding="utf-8") as f:
+        json.dump(study, f, indent=1)
+    m = study["machine"]
+    header = (f"# otr-megatron compare: {study['finished_runs']} of {study['planned_runs']} runs finished\n\n"
+              f"`{study['command']}` at commit {study['git_commit']}; {m['cores']} cores ({m['cpu']}), "
+              f"torch {m['torch']}, megatron-core {m['megatron_core']}; {len(seeds)} seeds planned; "
+              f"sum of task times {study['task_wall_s_total'] / 60:.1f} min.")
+    md = markdown(summary, metrics, header)
+    with open(os.path.join(out, "results.md"), "w", encoding="utf-8") as f:
+        f.write(md)
+    png = None
+    if summary["panels"]:
+        png = plot(summary, metrics, os.path.join(out, "results.png"), losses,
+                   title=f"mean ± std over seeds, dots = seeds; commit {study['git_commit']}")
+        fr = args.frontier.split(",") if args.frontier else (AB_FRONTIER if default_study else None)
+        if fr:
+            plot_frontier(summary, fr[0].strip(), fr[1].strip(), os.path.join(out, "frontier.png"), losses)
+    print(md)
+    print(f"compare: results {os.path.join(out, 'results.md')}, {os.path.join(out, 'results.json')}"
+          + (f", plot {png}" if png else ""))
+    if failed or pending:
+        print(f"compare: {len(failed)} tasks failed or were skipped, {len(pending)} not run: "
+              + "; ".join(t.name for t in failed + pending), file=sys.stderr)
+        return 1
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

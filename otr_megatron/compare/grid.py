@@ -1,0 +1,264 @@
+"""The grid of a comparison: arms (loss x knob values), seeds, and the warm start each run shares.
+
+A *run* is one arm at one seed. Every run's config is resolved and validated here, in the harness
+process, with the train job's own config code (defaults, YAML file, ``KEY=VALUE`` overrides), so a
+typo fails before anything is launched. Runs whose configs agree on everything that affects the
+cross-entropy warm start (all keys except `FINETUNE_ONLY`) share one warm start: a job of
+`pretrain_iters` steps whose final checkpoint each arm copies and continues with ``--resume``.
+"""
+
+from __future__ import annotations
+
+import copy
+import dataclasses
+import hashlib
+import json
+import os
+import re
+from dataclasses import dataclass, field
+
+import yaml
+
+from otr_megatron.train.config import LOSSES, ConfigError, TrainConfig, from_dict, load_config, to_dict
+
+# Keys that only act after the warm start (or not on the weights at all). Sweeping anything else
+# gives the affected arms their own warm start.
+FINETUNE_ONLY = (
+    "loss",
+    "finetune_iters",
+    "finetune_lr",
+    "otr",
+    "data.train",
+    "output_dir",
+    "resume",
+    "stop_at_iteration",
+    "progress_bar",
+    "plot",
+    "log_interval",
+    "save_interval",
+)
+# Set on every child run: the harness shows progress and makes its own plots.
+CHILD_SETTINGS = {"progress_bar": False, "plot": False}
+
+
+def _get(d: dict, dotted: str):
+    for p in dotted.split("."):
+        d = d[p]
+    return d
+
+
+def _set(d: dict, dotted: str, value) -> None:
+    parts = dotted.split(".")
+    for p in parts[:-1]:
+        d = d[p]
+    d[parts[-1]] = value
+
+
+def config_hash(cfg_dict: dict) -> str:
+    return hashlib.sha1(json.dumps(cfg_dict, sort_keys=True, default=str).encode()).hexdigest()[:10]
+
+
+def value_label(value) -> str:
+    """Short, file-name-safe label of a sweep value (a data path -> its file stem)."""
+    if isinstance(value, list):
+        return "+".join(value_label(v) for v in value)
+    if isinstance(value, str) and (("/" in value) or (":" in value) or value.endswith((".jsonl", ".parquet"))):
+        value = os.path.splitext(os.path.basename(value.split(":", 1)[-1]))[0]
+    text = f"{value:g}" if isinstance(value, float) else str(value)
+    return re.sub(r"[^A-Za-z0-9_.+-]", "_", text)
+
+
+@dataclass(frozen=True)
+class Sweep:
+    """One swept config key and its values (in the order given)."""
+
+    key: str
+    values: tuple
+    labels: tuple = ()  # one short name per value (default: derived from the value)
+
+    def __post_init__(self):
+        if not self.labels:
+            object.__setattr__(self, "labels", tuple(value_label(v) for v in self.values))
+
+
+def parse_sweep(text: str) -> Sweep:
+    """``KEY=V1,V2,...`` (values parsed as YAML) or ``KEY=[V1, V2]`` for values that contain commas."""
+    if "=" not in text:
+        raise ConfigError(f"--sweep {text!r}: expected KEY=V1,V2,... e.g. finetune_lr=3e-4,1e-3")
+    key, raw = (s.strip() for s in text.split("=", 1))
+    if not key or not raw:
+        raise ConfigError(f"--sweep {text!r}: expected KEY=V1,V2,... with at least one value")
+    if key in ("loss", "seed"):
+        raise ConfigError(f"--sweep {text!r}: use --losses / --seeds for {key!r}")
+    try:
+        if raw.startswith("["):
+            values = yaml.safe_load(raw)
+            if not isinstance(values, list):
+                raise ConfigError(f"--sweep {text!r}: expected a YAML list of values")
+            labels = [value_label(v) for v in values]
+        else:
+            pieces = [v.strip() for v in raw.split(",")]
+            values = [_number(yaml.safe_load(v)) for v in pieces]
+            labels = [value_label(v) if isinstance(v, str) else value_label(p) for v, p in zip(values, pieces)]
+    except yaml.YAMLError as e:
+        raise ConfigError(f"--sweep {text!r}: values are not valid YAML ({e})") from None
+    if not values:
+        raise ConfigError(f"--sweep {text!r}: no values")
+    if len(set(labels)) != len(labels):
+        raise ConfigError(f"--sweep {text!r}: values must be distinct, got labels {labels}")
+    return Sweep(key, tuple(values), tuple(labels))
+
+
+def _number(v):
+    """YAML 1.1 reads ``3e-4`` (no dot) as a string; a sweep value that reads as a number is one."""
+    if isinstance(v, str):
+        try:
+            return float(v)
+        except ValueError:
+            return v
+    return v
+
+
+def parse_losses(text: str) -> list[str]:
+    losses = [s.strip() for s in text.split(",") if s.strip()]
+    bad = [x for x in losses if x not in LOSSES]
+    if bad or not losses:
+        raise ConfigError(f"--losses {text!r}: expected a comma-separated subset of {', '.join(LOSSES)}")
+    if len(set(losses)) != len(losses):
+        raise ConfigError(f"--losses {text!r}: a loss is listed twice")
+    return losses
+
+
+def parse_seeds(text: str) -> list[int]:
+    try:
+        seeds = [int(s) for s in text.split(",") if s.strip()]
+    except ValueError:
+        raise ConfigError(f"--seeds {text!r}: expected comma-separated integers, e.g. 1,2,3") from None
+    if not seeds or len(set(seeds)) != len(seeds) or min(seeds) < 0:
+        raise ConfigError(f"--seeds {text!r}: expected distinct integers >= 0")
+    return seeds
+
+
+@dataclass(frozen=True)
+class Arm:
+    """A grid point without its seed: a loss and one value per swept key."""
+
+    loss: str
+    knobs: tuple = ()  # ((key, value, label, short key), ...)
+
+    @property
+    def name(self) -> str:
+        return "__".join([self.loss] + [f"{sk}={lab}" for _, _, lab, sk in self.knobs])
+
+    @property
+    def panel(self) -> str:
+        """The arm without its loss: arms of one panel differ only in the loss."""
+        return ", ".join(f"{sk}={lab}" for _, _, lab, sk in self.knobs) or "all"
+
+    def overrides(self) -> list[str]:
+        return [f"loss={self.loss}"] + [f"{k}={json.dumps(v)}" for k, v, _, _ in self.knobs]
+
+
+@dataclass
+class WarmStart:
+    seed: int
+    key: str  # hash of the warm-start config (seed included)
+    family: str  # the same without the seed: warm starts of one family differ only in the seed
+    cfg: TrainConfig
+    dir: str
+    runs: list["Run"] = field(default_factory=list)
+
+
+@dataclass
+class Run:
+    arm: Arm
+    seed: int
+    cfg: TrainConfig
+    warm: WarmStart
+    dir: str
+
+    @property
+    def key(self) -> str:
+        return config_hash(to_dict(self.cfg))
+
+
+@dataclass
+class Plan:
+    out: str
+    losses: list[str]
+    seeds: list[int]
+    sweeps: list[Sweep]
+    arms: list[Arm]
+    warm_starts: list[WarmStart]
+    runs: list[Run]
+    base_overrides: list[str]
+    config_path: str | None
+
+
+def _warm_dict(cfg: TrainConfig) -> dict:
+    """The run's config with every fine-tune-only key at its default: what the warm start trains."""
+    d = to_dict(cfg)
+    default = to_dict(TrainConfig())
+    for k in FINETUNE_ONLY:
+        _set(d, k, copy.deepcopy(_get(default, k)))
+    d.update(CHILD_SETTINGS)
+    d["finetune_iters"] = 0
+    return d
+
+
+def build_plan(
+    out: str,
+    config_path: str | None,
+    overrides: list[str],
+    losses: list[str],
+    seeds: list[int],
+    sweeps: list[Sweep],
+) -> Plan:
+    """Resolve every run's config (raises ConfigError naming the bad key) and group warm starts."""
+    keys = [s.key for s in sweeps]
+    if len(set(keys)) != len(keys):
+        raise ConfigError(f"--sweep: a key is swept twice ({keys})")
+    # Names use the last part of each key (data.train -> train) unless two keys share it.
+    last = [k.rsplit(".", 1)[-1] for k in keys]
+    short = last if len(set(last)) == len(last) else keys
+    combos: list[tuple] = [()]
+    for s, sk in zip(sweeps, short):
+        combos = [c + ((s.key, v, lab, sk),) for c in combos for v, lab in zip(s.values, s.labels)]
+    arms = [Arm(loss, c) for c in combos for loss in losses]
+    base = load_config(config_path, overrides)
+    if base.pretrain_iters < 1:
+        raise ConfigError(
+            f"pretrain_iters={base.pretrain_iters}: the harness shares a cross-entropy warm start between "
+            "arms; expected pretrain_iters >= 1"
+        )
+    warm: dict[str, WarmStart] = {}
+    runs: list[Run] = []
+    for seed in seeds:
+        for arm in arms:
+            cfg = load_config(config_path, [*overrides, *arm.overrides(), f"seed={seed}"])
+            if cfg.finetune_iters < 1:
+                raise ConfigError(f"arm {arm.name}: finetune_iters={cfg.finetune_iters}; expected >= 1")
+            wd = _warm_dict(cfg)
+            wkey = config_hash(wd)
+            if wkey not in warm:
+                fam = config_hash({**wd, "seed": None})
+                same_seed = [w for w in warm.values() if w.seed == seed]
+                wdir = os.path.join(out, f"seed{seed}", "warm_start" + (f"_{wkey}" if same_seed else ""))
+                wd["output_dir"] = wdir
+                warm[wkey] = WarmStart(seed, wkey, fam, from_dict(TrainConfig, wd).validate(), wdir)
+            w = warm[wkey]
+            d = to_dict(cfg)
+            d.update(CHILD_SETTINGS)
+            d["output_dir"] = os.path.join(out, f"seed{seed}", arm.name)
+            d["resume"] = True
+            run = Run(arm, seed, from_dict(TrainConfig, d).validate(), w, d["output_dir"])
+            w.runs.append(run)
+            runs.append(run)
+    return Plan(out, losses, seeds, list(sweeps), arms, list(warm.values()), runs, list(overrides), config_path)
+
+
+def dump_config(cfg: TrainConfig, path: str) -> str:
+    os.makedirs(os.path.dirname(path) or ".", exist_ok=True)
+    with open(path, "w", encoding="utf-8") as f:
+        yaml.safe_dump(dataclasses.asdict(cfg), f, sort_keys=False)
+    return path

@@ -1,0 +1,190 @@
+"""Answer-position distributions of the warm start and of each tuned model, in one process.
+
+``python -m otr_megatron.compare.probe SPEC.json`` (the harness writes SPEC): builds the model with
+the train job's own `Trainer` (TP=PP=DP=1, one gloo rank), loads the warm-start checkpoint and then
+each run's final checkpoint through the job's `load_checkpoint`, and runs every evaluation split.
+Per split and run, over the response tokens of the split (real vocabulary, float64):
+
+* ``kl_answer``: mean over samples of KL(base || tuned) at the first response token (the answer
+  position); ``rkl_answer`` the reverse KL(tuned || base); ``kl_response``: mean over every response
+  token.
+* ``base_mode_mass``: mean tuned probability of the base model's argmax at the answer position
+  (how much of the base model's preference survives).
+* with an answer rule for the split (``parity_digit``: the prompt is ``P:<n>=``, the correct answers
+  are the five digits with n's parity): ``valid_mass`` (probability of a correct answer: accuracy
+  when sampling at temperature 1) and ``greedy_valid`` (the argmax is a correct answer).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+import sys
+
+import torch
+
+RULES = ("parity_digit",)
+
+
+def valid_ids_parity_digit(prompt: str, tokenizer) -> list[int]:
+    """Token ids of the digits with n's parity for a prompt ``P:<n>=`` (single-token digits)."""
+    m = re.fullmatch(r"P:(\d+)=", prompt.strip())
+    if m is None:
+        raise ValueError(f"answer rule parity_digit: prompt {prompt!r} is not of the form 'P:<n>='")
+    ids = []
+    for d in range(int(m.group(1)) % 2, 10, 2):
+        enc = tokenizer.encode(str(d))
+        if len(enc) != 1:
+            raise ValueError(f"answer rule parity_digit: digit {d} is {len(enc)} tokens, expected one")
+        ids.append(enc[0])
+    return ids
+
+
+def distribution_metrics(lp_base: torch.Tensor, lp_tuned: torch.Tensor, first: torch.Tensor,
+                         valid: list[list[int]] | None = None) -> dict[str, float]:
+    """Metrics from log-probabilities ``[N, V]`` at the N response positions of one split (same
+    positions, same order); `first` indexes each sample's answer position; `valid` (optional) lists
+    the correct answer ids of each sample."""
+    lp_base, lp_tuned = lp_base.double(), lp_tuned.double()
+    p_b, p_t = lp_base.exp(), lp_tuned.exp()
+    kl = (p_b * (lp_base - lp_tuned)).sum(-1)
+    rkl = (p_t * (lp_tuned - lp_base)).sum(-1)
+    fb, ft = lp_base[first], lp_tuned[first]
+    mode = fb.argmax(-1, keepdim=True)
+    out = {
+        "kl_answer": float(kl[first].mean()),
+        "rkl_answer": float(rkl[first].mean()),
+        "kl_response": float(kl.mean()),
+        "base_mode_mass": float(ft.exp().gather(-1, mode).mean()),
+    }
+    if valid is not None:
+        if len(valid) != len(first):
+            raise ValueError(f"valid: {len(valid)} answer sets for {len(first)} samples")
+        mask = torch.zeros_like(ft, dtype=torch.bool)
+        for i, ids in enumerate(valid):
+            mask[i, ids] = True
+        out["valid_mass"] = float((ft.exp() * mask).sum(-1).mean())
+        out["greedy_valid"] = float(mask.gather(-1, ft.argmax(-1, keepdim=True)).double().mean())
+    return out
+
+
+@torch.no_grad()
+def split_logprobs(trainer, name: str) -> tuple[torch.Tensor, torch.Tensor, list[int]]:
+    """(log-probs [N, V] at every response position, index of each sample's first one, sample ids)."""
+    from otr_megatron.mcore.hook import unwrap_model
+
+    ds = trainer.eval_data[name]
+    vocab = trainer.tokenizer.vocab_size
+    model = unwrap_model(trainer.model[0])
+    model.eval()
+    lps, sids, pos = [], [], []
+    mbs = trainer.cfg.micro_batch_size
+    for start in range(0, len(ds), mbs):
+        b = ds.collate(list(range(start, min(start + mbs, len(ds)))))
+        dev = next(model.parameters()).device
+        logits = model(b["tokens"].to(dev), b["position_ids"].to(dev),
+                       None if b["attention_mask"] is None else b["attention_mask"].to(dev))
+        sel = b["loss_mask"] > 0
+        lps.append(torch.log_softmax(logits.float()[..., :vocab][sel.to(dev)].double(), dim=-1).cpu())
+        sids.append(b["sample_ids"][sel])
+        pos.append(b["position_ids"][sel])
+    model.train()
+    lp, sid, p = torch.cat(lps), torch.cat(sids), torch.cat(pos)
+    order = torch.argsort(sid * (int(p.max()) + 1) + p)  # by sample, then position
+    lp, sid = lp[order], sid[order]
+    uniq, first = [], []
+    for i, s in enumerate(sid.tolist()):
+        if not uniq or uniq[-1] != s:
+            uniq.append(s)
+            first.append(i)
+    return lp, torch.tensor(first, dtype=torch.long), uniq
+
+
+def _prompt_of(ds, tokenizer, i: int) -> str:
+    """Text before sample i's first response token (BOS and other special ids dropped)."""
+    j = int(ds.loss_mask[i].nonzero()[0][0])
+    return tokenizer.decode(ds.tokens[i][: j + 1])
+
+
+def _checkpoint_of(run_dir: str) -> str:
+    from otr_megatron.train import checkpoint as ck
+
+    root = os.path.join(run_dir, "checkpoints")
+    if hasattr(ck, "select_checkpoint"):
+        return ck.select_checkpoint(root)[0]
+    path = ck.latest_checkpoint(root)
+    if path is None:
+        raise FileNotFoundError(f"no checkpoint under {root}")
+    return path
+
+
+def run_probe(spec: dict) -> dict:
+    """spec: config (warm-start YAML), base (run dir), runs {name: run dir}, rules {split: rule}."""
+    import tempfile
+
+    from otr_megatron.distributed import free_port, teardown_parallel
+    from otr_megatron.train.checkpoint import load_checkpoint
+    from otr_megatron.train.config import load_config
+    from otr_megatron.train.trainer import Trainer
+
+    use_cuda = torch.cuda.is_available() and spec.get("device", "auto") != "cpu"
+    if not use_cuda:
+        from otr_megatron.mcore.cpu_backend import enable_cpu_backend
+
+        enable_cpu_backend(force=True)
+    tmp = tempfile.mkdtemp(prefix="otr-compare-probe-")
+    cfg = load_config(spec["config"], ["tp=1", "pp=1", "dp=1", f"output_dir={tmp}", "resume=false",
+                                       "finetune_iters=0"])
+    for split, rule in spec.get("rules", {}).items():
+        if rule not in RULES:
+            raise ValueError(f"answer rule {rule!r} for split {split!r}; expected one of {RULES}")
+        if split not in cfg.data.eval:
+            raise ValueError(f"answer rule for split {split!r}, but the evaluation splits are {sorted(cfg.data.eval)}")
+    torch.distributed.init_process_group("nccl" if use_cuda else "gloo", rank=0, world_size=1,
+                                         init_method=f"tcp://127.0.0.1:{free_port()}")
+    results: dict = {}
+    try:
+        tr = Trainer(cfg)
+        tr.setup()
+        it = load_checkpoint(tr, _checkpoint_of(spec["base"]))
+        base = {s: split_logprobs(tr, s) for s in tr.eval_data}
+        valid = {}
+        for s, rule in spec.get("rules", {}).items():
+            ds = tr.eval_data[s]
+            valid[s] = [valid_ids_parity_digit(_prompt_of(ds, tr.tokenizer, i), tr.tokenizer) for i in base[s][2]]
+        runs = {"__warm_start__": spec["base"], **spec["runs"]}
+        for name, run_dir in runs.items():
+            it = load_checkpoint(tr, _checkpoint_of(run_dir)) if name != "__warm_start__" else it
+            rec = {"iteration": it}
+            for s in tr.eval_data:
+                lp, first, sids = split_logprobs(tr, s) if name != "__warm_start__" else base[s]
+                if sids != base[s][2]:
+                    raise RuntimeError(f"split {s}: sample order differs between the base and {name}")
+                for k, v in distribution_metrics(base[s][0], lp, first, valid.get(s)).items():
+                    rec[f"{s}/{k}"] = v
+            results[name] = rec
+            print(f"probe {name} (iteration {it}): " + " ".join(f"{k}={v:.4g}" for k, v in rec.items()
+                                                                  if k != "iteration"), flush=True)
+    finally:
+        teardown_parallel()
+    return results
+
+
+def main(argv: list[str] | None = None) -> int:
+    argv = list(sys.argv[1:] if argv is None else argv)
+    if len(argv) != 1:
+        print("usage: python -m otr_megatron.compare.probe SPEC.json", file=sys.stderr)
+        return 2
+    with open(argv[0], encoding="utf-8") as f:
+        spec = json.load(f)
+    results = run_probe(spec)
+    tmp = spec["out"] + ".tmp"
+    with open(tmp, "w", encoding="utf-8") as f:
+        json.dump(results, f, indent=1)
+    os.replace(tmp, spec["out"])
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

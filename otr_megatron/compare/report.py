@@ -1,0 +1,224 @@
+"""Aggregate finished runs: mean +- std and n per metric per arm, paired differences, Markdown/JSON/plots.
+
+Metrics of a run: the job's final evaluation (``summary.json``: ``<split>/ce``, ``token_acc``,
+``exact_match``) and the probe's (``<split>/kl_answer``, ...). The warm start is reported as its
+own row ("warm start (CE)") of every panel it belongs to. std is the sample standard deviation
+(ddof=1; 0 when n=1). Paired differences subtract, seed by seed, the reference loss's run of the
+same panel (same warm start, same data): the seed-to-seed variation of the warm start cancels.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+from collections import defaultdict
+
+from otr_megatron.compare.grid import Plan
+
+WARM = "warm start (CE)"
+
+
+def _mean_std(xs: list[float]) -> tuple[float, float]:
+    n = len(xs)
+    m = sum(xs) / n
+    s = math.sqrt(sum((x - m) ** 2 for x in xs) / (n - 1)) if n > 1 else 0.0
+    return m, s
+
+
+def _load_json(path: str):
+    try:
+        with open(path, encoding="utf-8") as f:
+            return json.load(f)
+    except (OSError, ValueError):
+        return None
+
+
+def _eval_metrics(run_dir: str) -> dict | None:
+    s = _load_json(os.path.join(run_dir, "summary.json"))
+    if not s or not s.get("final_eval"):
+        return None
+    return {k: float(v) for k, v in s["final_eval"].items() if not k.endswith("/samples")}
+
+
+def collect(plan: Plan, tasks) -> dict:
+    """{panel: {row: {seed: {metric: value}}}} over finished runs (rows: losses and the warm start)."""
+    ok = {t.dir for t in tasks if t.status in ("done", "skipped-done")}
+    probes = {}
+    for t in tasks:
+        if t.kind == "probe" and t.dir in ok:
+            probes[t.warm.dir] = _load_json(os.path.join(t.dir, "probe.json")) or {}
+    table: dict = defaultdict(lambda: defaultdict(dict))
+    for r in plan.runs:
+        panel = r.arm.panel
+        pr = probes.get(r.warm.dir, {})
+        if r.warm.dir in ok:
+            m = _eval_metrics(r.warm.dir)
+            if m is not None:
+                m.update({k: v for k, v in pr.get("__warm_start__", {}).items() if k != "iteration"})
+                table[panel][WARM][r.seed] = m
+        if r.dir in ok:
+            m = _eval_metrics(r.dir)
+            if m is not None:
+                m.update({k: v for k, v in pr.get(r.arm.name, {}).items() if k != "iteration"})
+                table[panel][r.arm.loss][r.seed] = m
+    return table
+
+
+def summarize(plan: Plan, table: dict, reference: str | None) -> dict:
+    """JSON-ready summary: per panel and row, per metric mean/std/n and the per-seed values."""
+    panels = []
+    order = {p: i for i, p in enumerate(dict.fromkeys(a.panel for a in plan.arms))}
+    for panel in sorted(table, key=lambda p: order.get(p, 1e9)):
+        rows_out = []
+        rows = table[panel]
+        for row in [WARM, *plan.losses]:
+            if row not in rows:
+                continue
+            per_seed = rows[row]
+            metrics = sorted({k for m in per_seed.values() for k in m})
+            stats = {}
+            for k in metrics:
+                seeds = sorted(s for s in per_seed if k in per_seed[s])
+                vals = [per_seed[s][k] for s in seeds]
+                mean, std = _mean_std(vals)
+                stats[k] = {"mean": mean, "std": std, "n": len(vals), "seeds": seeds, "values": vals}
+            rows_out.append({"row": row, "n": len(per_seed), "metrics": stats})
+        paired = []
+        if reference and reference in rows:
+            ref = rows[reference]
+            for row in plan.losses:
+                if row == reference or row not in rows:
+                    continue
+                stats = {}
+                for k in sorted({k for m in rows[row].values() for k in m}):
+                    seeds = sorted(s for s in rows[row] if s in ref and k in rows[row][s] and k in ref[s])
+                    if not seeds:
+                        continue
+                    diffs = [rows[row][s][k] - ref[s][k] for s in seeds]
+                    mean, std = _mean_std(diffs)
+                    stats[k] = {"mean": mean, "std": std, "n": len(diffs), "seeds": seeds, "values": diffs}
+                paired.append({"row": f"{row} - {reference}", "metrics": stats})
+        panels.append({"panel": panel, "rows": rows_out, "paired": paired})
+    return {"panels": panels, "reference": reference}
+
+
+def _fmt(st: dict | None, n_row: int) -> str:
+    if st is None:
+        return "-"
+    a = abs(st["mean"])
+    digits = 3 if a < 100 else 1
+    text = f"{st['mean']:.{digits}f} ± {st['std']:.{digits}f}"
+    return text if st["n"] == n_row else f"{text} (n={st['n']})"
+
+
+def default_metrics(summary: dict) -> list[str]:
+    """Every split's exact match and CE, then the probe's headline metrics, in a stable order."""
+    keys = set()
+    for p in summary["panels"]:
+        for r in p["rows"]:
+            keys |= set(r["metrics"])
+    splits = sorted({k.split("/")[0] for k in keys})
+    out = []
+    for s in splits:
+        for m in ("greedy_valid", "valid_mass", "kl_answer", "base_mode_mass", "exact_match", "ce"):
+            if f"{s}/{m}" in keys:
+                out.append(f"{s}/{m}")
+    return out
+
+
+def markdown(summary: dict, metrics: list[str], header: str = "") -> str:
+    lines = [header] if header else []
+    for p in summary["panels"]:
+        lines += ["", f"**{p['panel']}** (mean ± std over seeds; n = seeds)", ""]
+        lines.append("| arm | n | " + " | ".join(metrics) + " |")
+        lines.append("|---|---|" + "---|" * len(metrics))
+        for r in p["rows"]:
+            cells = [_fmt(r["metrics"].get(m), r["n"]) for m in metrics]
+            lines.append(f"| {r['row']} | {r['n']} | " + " | ".join(cells) + " |")
+        if p["paired"]:
+            lines += ["", f"paired difference vs {summary['reference']} (same seed, same warm start):", ""]
+            lines.append("| difference | n | " + " | ".join(metrics) + " |")
+            lines.append("|---|---|" + "---|" * len(metrics))
+            for r in p["paired"]:
+                n = max((st["n"] for st in r["metrics"].values()), default=0)
+                cells = [_fmt(r["metrics"].get(m), n) for m in metrics]
+                lines.append(f"| {r['row']} | {n} | " + " | ".join(cells) + " |")
+    return "\n".join(lines) + "\n"
+
+
+def plot(summary: dict, metrics: list[str], path: str, losses: list[str], title: str = "") -> str:
+    """One panel per metric: a bar per (panel, arm) with std error bars and the seeds as dots."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    rows_order = [WARM, *losses]
+    colors = {row: plt.cm.tab10(i) for i, row in enumerate(rows_order)}
+    ncol = min(3, len(metrics))
+    nrow = math.ceil(len(metrics) / ncol)
+    panels = summary["panels"]
+    fig, axes = plt.subplots(nrow, ncol, figsize=(5.2 * ncol, 3.6 * nrow + 0.6), squeeze=False)
+    width = 0.8 / len(rows_order)
+    for ax, m in zip(axes.flat, metrics):
+        for pi, p in enumerate(panels):
+            for ri, row in enumerate(rows_order):
+                r = next((x for x in p["rows"] if x["row"] == row), None)
+                st = r["metrics"].get(m) if r else None
+                if st is None:
+                    continue
+                x = pi + (ri - (len(rows_order) - 1) / 2) * width
+                ax.bar(x, st["mean"], width * 0.9, yerr=st["std"], color=colors[row], alpha=0.75, capsize=2,
+                       label=row if pi == 0 else None, error_kw={"lw": 0.8})
+                ax.scatter([x] * len(st["values"]), st["values"], s=6, color="k", zorder=3)
+        ax.set_xticks(range(len(panels)))
+        ax.set_xticklabels([p["panel"].replace(", ", "\n") for p in panels], fontsize=7)
+        ax.set_title(m, fontsize=9)
+        ax.tick_params(axis="y", labelsize=7)
+    for ax in list(axes.flat)[len(metrics):]:
+        ax.axis("off")
+    handles, labels = axes.flat[0].get_legend_handles_labels()
+    fig.legend(handles, labels, loc="upper center", ncol=len(rows_order), fontsize=8)
+    if title:
+        fig.suptitle(title, fontsize=9, y=0.005, va="bottom")
+    fig.tight_layout(rect=(0, 0.03, 1, 0.95))
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+    return path
+
+
+def plot_frontier(summary: dict, x_metric: str, y_metric: str, path: str, losses: list[str]) -> str | None:
+    """Trade-off view: every (panel, arm) as a point (mean, std error bars) of two metrics, so a
+    loss can be compared with another at a matched value of one of them (e.g. a learning-rate sweep)."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    rows_order = [WARM, *losses]
+    colors = {row: plt.cm.tab10(i) for i, row in enumerate(rows_order)}
+    markers = "osD^v<>PX*"
+    fig, ax = plt.subplots(figsize=(7.5, 5))
+    any_point = False
+    for pi, p in enumerate(summary["panels"]):
+        for row in rows_order:
+            r = next((x for x in p["rows"] if x["row"] == row), None)
+            if not r or x_metric not in r["metrics"] or y_metric not in r["metrics"]:
+                continue
+            sx, sy = r["metrics"][x_metric], r["metrics"][y_metric]
+            ax.errorbar(sx["mean"], sy["mean"], xerr=sx["std"], yerr=sy["std"], fmt=markers[pi % len(markers)],
+                        color=colors[row], ms=5, capsize=2, lw=0.8,
+                        label=f"{row} | {p['panel']}")
+            any_point = True
+    if not any_point:
+        plt.close(fig)
+        return None
+    ax.set_xlabel(x_metric)
+    ax.set_ylabel(y_metric)
+    ax.legend(fontsize=6, ncol=2)
+    ax.set_title(f"{y_metric} vs {x_metric} (mean ± std over seeds)", fontsize=9)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+    return path

@@ -1,0 +1,270 @@
+"""Execute a `Plan`: warm starts, arms and probes as subprocesses, resumable, with progress.
+
+Each task is one subprocess (`otr-megatron train ...` or the probe), its output in ``<dir>/run.log``.
+A finished task leaves ``compare_done.json`` (the config hash it ran with, wall time, command); a
+second invocation skips it when the hash matches and refuses (naming the run) when the config
+changed. An arm starts by copying its warm start's final checkpoint (and metrics) into its own
+directory and continuing it with ``--resume`` and its own loss: every arm of a seed starts from
+bit-identical weights, optimizer state and data position; an interrupted arm continues from its
+newest checkpoint. Tasks run ``--jobs`` at a time (threads = cores / jobs each); a failed task is
+reported with the tail of its log and only the tasks depending on it are skipped.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import subprocess
+import sys
+import threading
+import time
+from concurrent.futures import FIRST_COMPLETED, ThreadPoolExecutor, wait
+from dataclasses import dataclass, field
+
+from otr_megatron.compare.grid import Plan, Run, WarmStart, config_hash, dump_config
+
+DONE = "compare_done.json"
+OK = ("done", "skipped-done")
+
+
+class CompareError(RuntimeError):
+    """A run directory holds results of a different config, or a task cannot be prepared."""
+
+
+def _train_supports_overwrite() -> bool:
+    from otr_megatron.train.main import build_parser
+
+    return any("--overwrite" in a.option_strings for a in build_parser()._actions)
+
+
+def _read_done(d: str) -> dict | None:
+    try:
+        with open(os.path.join(d, DONE), encoding="utf-8") as f:
+            return json.load(f)
+    except (OSError, ValueError):
+        return None
+
+
+def _write_json(path: str, obj) -> None:
+    tmp = path + ".tmp"
+    with open(tmp, "w", encoding="utf-8") as f:
+        json.dump(obj, f, indent=1)
+    os.replace(tmp, path)
+
+
+def _latest_name(run_dir: str) -> str | None:
+    p = os.path.join(run_dir, "checkpoints", "latest")
+    if not os.path.isfile(p):
+        return None
+    with open(p, encoding="utf-8") as f:
+        return f.read().strip() or None
+
+
+@dataclass
+class Task:
+    kind: str  # 'warm' | 'arm' | 'probe'
+    name: str
+    dir: str
+    key: str
+    deps: list["Task"] = field(default_factory=list)
+    run: Run | None = None
+    warm: WarmStart | None = None
+    status: str = "pending"  # pending | skipped-done | done | failed | blocked
+    wall_s: float = 0.0
+    note: str = ""
+
+
+class Runner:
+    def __init__(self, plan: Plan, jobs: int = 1, python: str = sys.executable, log=print,
+                 probe_rules: dict | None = None, dry_run: bool = False):
+        self.plan = plan
+        self.jobs = max(1, jobs)
+        self.python = python
+        self.log = log
+        self.rules = dict(probe_rules or {})
+        self.dry_run = dry_run
+        self.overwrite_flag = _train_supports_overwrite()
+        self.cfg_dir = os.path.join(plan.out, "configs")
+        self.tasks = self._tasks()
+        self._lock = threading.Lock()
+
+    # -- the task graph -------------------------------------------------------------------------
+    def _tasks(self) -> list[Task]:
+        tasks: list[Task] = []
+        for w in self.plan.warm_starts:
+            base = os.path.basename(w.dir)
+            wt = Task("warm", f"seed{w.seed}/{base}", w.dir, w.key, warm=w)
+            arms = [Task("arm", f"seed{r.seed}/{r.arm.name}", r.dir, r.key, deps=[wt], run=r, warm=w) for r in w.runs]
+            probe = "probe" + base[len("warm_start"):]
+            tasks += [wt, *arms, Task("probe", f"seed{w.seed}/{probe}", os.path.join(os.path.dirname(w.dir), probe),
+                                      self._probe_key(w, arms), deps=[wt, *arms], warm=w)]
+        return tasks
+
+    def _probe_key(self, w: WarmStart, arms: list[Task]) -> str:
+        return config_hash({"warm": w.key, "runs": sorted((t.name, t.key) for t in arms), "rules": self.rules})
+
+    # -- state ----------------------------------------------------------------------------------
+    def check_existing(self) -> None:
+        """Mark finished tasks; refuse if a finished run used a different config."""
+        for t in self.tasks:
+            done = _read_done(t.dir)
+            if done is None:
+                continue
+            if done.get("key") != t.key:
+                if t.kind == "probe":  # the set of runs changed: probe again (cheap, no results lost)
+                    continue
+                raise CompareError(
+                    f"{t.dir} holds a finished {t.kind} run of a different config (hash {done.get('key')}, this "
+                    f"grid needs {t.key}); use another --output-dir, or delete {t.dir} to run it again"
+                )
+            t.status = "skipped-done"
+            t.wall_s = float(done.get("wall_s", 0.0))
+
+    def _command(self, t: Task) -> list[str]:
+        if t.kind == "probe":
+            return [self.python, "-W", "ignore", "-m", "otr_megatron.compare.probe", os.path.join(t.dir, "spec.json")]
+        cfg = t.warm.cfg if t.kind == "warm" else t.run.cfg
+        cfg_path = dump_config(cfg, os.path.join(self.cfg_dir, t.name.replace("/", os.sep) + ".yaml"))
+        cmd = [self.python, "-W", "ignore", "-m", "otr_megatron.cli", "train", "--config", cfg_path,
+               "--output-dir", t.dir]
+        if t.kind == "arm":
+            cmd.append("--resume")
+        elif self.overwrite_flag:
+            cmd.append("--overwrite")
+        return cmd
+
+    def _prepare(self, t: Task) -> None:
+        os.makedirs(t.dir, exist_ok=True)
+        done_path = os.path.join(t.dir, DONE)
+        if os.path.exists(done_path):
+            os.remove(done_path)
+        if t.kind == "warm" and not self.overwrite_flag:  # an older train job without --overwrite
+            for name in ("metrics.jsonl", "summary.json", "config.yaml", "checkpoints"):
+                p = os.path.join(t.dir, name)
+                if os.path.isdir(p):
+                    shutil.rmtree(p)
+                elif os.path.exists(p):
+                    os.remove(p)
+        elif t.kind == "arm" and _latest_name(t.dir) is None:
+            # Start from a copy of the warm start's final checkpoint (and its metrics, so the arm's
+            # curves include the warm start). Any partial state is replaced.
+            name = _latest_name(t.warm.dir)
+            if name is None:
+                raise CompareError(f"warm start {t.warm.dir} has no checkpoint (checkpoints/latest missing)")
+            ck = os.path.join(t.dir, "checkpoints")
+            if os.path.isdir(ck):
+                shutil.rmtree(ck)
+            shutil.copytree(os.path.join(t.warm.dir, "checkpoints", name), os.path.join(ck, name))
+            with open(os.path.join(ck, "latest"), "w", encoding="utf-8") as f:
+                f.write(name + "\n")
+            src = os.path.join(t.warm.dir, "metrics.jsonl")
+            if os.path.isfile(src):
+                shutil.copyfile(src, os.path.join(t.dir, "metrics.jsonl"))
+        elif t.kind == "probe":
+            ok = [tt for tt in t.deps if tt.kind == "arm" and tt.status in OK]
+            t.key = self._probe_key(t.warm, ok)  # a partial probe is redone once the missing arms finish
+            runs = {tt.name.split("/", 1)[1]: tt.dir for tt in ok}
+            spec = {"config": dump_config(t.warm.cfg, os.path.join(self.cfg_dir, t.name.replace("/", os.sep) + ".yaml")),
+                    "base": t.warm.dir, "runs": runs, "rules": self.rules, "out": os.path.join(t.dir, "probe.json"),
+                    "device": t.warm.cfg.device}
+            _write_json(os.path.join(t.dir, "spec.json"), spec)
+
+    def _execute(self, t: Task, threads: int) -> None:
+        self._prepare(t)
+        cmd = self._command(t)
+        env = dict(os.environ)
+        env.setdefault("OMP_NUM_THREADS", str(threads))
+        env["PYTHONUNBUFFERED"] = "1"
+        t0 = time.time()
+        with open(os.path.join(t.dir, "run.log"), "a", encoding="utf-8") as logf:
+            logf.write(f"$ {' '.join(cmd)}\n")
+            logf.flush()
+            rc = subprocess.call(cmd, stdout=logf, stderr=subprocess.STDOUT, env=env)
+        t.wall_s = time.time() - t0
+        if rc != 0:
+            t.status = "failed"
+            t.note = f"exit status {rc}; last lines of {os.path.join(t.dir, 'run.log')}:\n" + _tail(os.path.join(t.dir, "run.log"))
+            return
+        _write_json(os.path.join(t.dir, DONE), {"key": t.key, "kind": t.kind, "wall_s": t.wall_s, "command": cmd,
+                                                "finished": time.strftime("%Y-%m-%d %H:%M:%S UTC", time.gmtime())})
+        t.status = "done"
+
+    # -- the loop -------------------------------------------------------------------------------
+    def run(self) -> list[Task]:
+        self.check_existing()
+        todo = [t for t in self.tasks if t.status == "pending"]
+        n_total, n_skip = len(self.tasks), len(self.tasks) - len(todo)
+        self.log(f"compare: {len(self.plan.runs)} runs ({len(self.plan.arms)} arms x {len(self.plan.seeds)} seeds), "
+                 f"{len(self.plan.warm_starts)} warm starts, {sum(t.kind == 'probe' for t in self.tasks)} probes; "
+                 f"{n_skip} of {n_total} tasks already finished; {self.jobs} at a time -> {self.plan.out}")
+        if self.dry_run:
+            for t in todo:
+                self.log(f"  would run {t.kind:5s} {t.name}: {' '.join(self._command_preview(t))}")
+            return self.tasks
+        cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
+        threads = max(1, cores // self.jobs)
+        start = time.time()
+        finished = 0
+        running: dict = {}
+        with ThreadPoolExecutor(max_workers=self.jobs) as pool:
+            while True:
+                for t in todo:
+                    if len(running) >= self.jobs:
+                        break
+                    if t.status != "pending" or t in running.values():
+                        continue
+                    state = self._readiness(t)
+                    if state == "blocked":
+                        t.status, t.note = "blocked", "a run it depends on failed"
+                        self.log(f"skip   {t.kind:5s} {t.name}: {t.note}")
+                    if state != "ready":
+                        continue
+                    self.log(f"start  {t.kind:5s} {t.name}")
+                    running[pool.submit(self._execute, t, threads)] = t
+                if not running:
+                    break
+                done_set, _ = wait(list(running), return_when=FIRST_COMPLETED)
+                for fut in done_set:
+                    t = running.pop(fut)
+                    try:
+                        fut.result()
+                    except Exception as e:  # preparing the task failed (not the subprocess)
+                        t.status, t.note = "failed", f"{type(e).__name__}: {e}"
+                    finished += 1
+                    elapsed = time.time() - start
+                    left = sum(x.status == "pending" for x in todo)
+                    eta = elapsed / finished * left if finished else 0.0
+                    self.log(f"{t.status:6s} {t.kind:5s} {t.name} in {t.wall_s:.0f} s   "
+                             f"[{n_skip + finished}/{n_total} tasks, {elapsed / 60:.1f} min, ~{eta / 60:.1f} min left]")
+                    if t.status == "failed":
+                        self.log("  " + t.note.replace("\n", "\n  "))
+        return self.tasks
+
+    @staticmethod
+    def _readiness(t: Task) -> str:
+        """'ready', 'wait' or 'blocked'. A probe runs once every arm has settled, on those that finished."""
+        if t.deps and t.deps[0].status in ("failed", "blocked"):
+            return "blocked"
+        if t.kind == "probe":
+            settled = all(d.status in (*OK, "failed", "blocked") for d in t.deps)
+            return "ready" if settled else "wait"
+        if any(d.status in ("failed", "blocked") for d in t.deps):
+            return "blocked"
+        return "ready" if all(d.status in OK for d in t.deps) else "wait"
+
+    def _command_preview(self, t: Task) -> list[str]:
+        if t.kind == "probe":
+            return ["python", "-m", "otr_megatron.compare.probe", os.path.join(t.dir, "spec.json")]
+        cmd = ["otr-megatron", "train", "--config", os.path.join(self.cfg_dir, t.name + ".yaml"), "--output-dir", t.dir]
+        return cmd + (["--resume"] if t.kind == "arm" else (["--overwrite"] if self.overwrite_flag else []))
+
+
+def _tail(path: str, n: int = 15) -> str:
+    try:
+        with open(path, encoding="utf-8", errors="replace") as f:
+            lines = [x for x in f.read().splitlines() if "UserWarning" not in x and "warnings.warn" not in x]
+        return "\n".join(lines[-n:])
+    except OSError:
+        return "(no log)"
+

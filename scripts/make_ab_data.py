@@ -1,0 +1,129 @@
+#!/usr/bin/env python
+"""Generate the A/B study data shipped as otr_megatron/data/assets/ab_*.jsonl (deterministic, seeded).
+
+Used by `otr-megatron compare` (the default study). One cross-entropy warm start learns two things:
+
+* the **old task**, string transformations as in `make_demo_data.py` (``rev:kqzma=`` -> ``amzqk``,
+  ``up:`` upper-case, ``rot:`` shift by one), words of 3-8 letters;
+* an idiosyncratic **prior** for new-task prompts ``P:<n>=``: the answer is n's last digit half
+  of the time and a uniformly random digit otherwise (so the base model puts ~0.55 on the last
+  digit and ~0.05 on every other digit).
+
+Fine-tuning then trains one of three tasks from that same warm start:
+
+* ``ab_parity_fixed``   new task, one fixed label per prompt: n's last digit (the base's mode,
+  which always has n's parity). A single correct answer: every loss has the same optimum, a
+  one-hot on the label. Null control.
+* ``ab_parity_uniform`` new task, the same prompts, label drawn uniformly from the five digits with
+  n's parity. Many correct answers: cross entropy's optimum is the uniform over them (away from the
+  base's preference); a reward-weighted objective (OTR, DFT) is satisfied by any distribution on the
+  valid digits, so it is predicted to stay closer to the base model and to forget less.
+* ``ab_strings_train``  more of the old task (the original demo's fine-tuning), for the
+  in-domain / out-of-domain comparison.
+
+Evaluation splits: ``ab_strings_eval`` (old task, unseen words, 3-8 letters: retention),
+``ab_strings_ood`` (9-10 letters, just beyond training: length generalisation),
+``ab_parity_eval`` (unseen numbers; response = last digit, so the job's own exact match there is
+"greedy answer = last digit"; the harness measures parity accuracy and KL from the distributions).
+Every (op, word) and every n is in at most one split.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import random
+import string
+
+OPS = {
+    "rev": lambda w: w[::-1],
+    "up": lambda w: w.upper(),
+    "rot": lambda w: "".join(chr((ord(c) - 97 + 1) % 26 + 97) for c in w),
+}
+PREFIX = "ab_"
+PRIOR_LAST_DIGIT = 0.5  # share of warm-start answers that are n's last digit (else a uniform digit)
+
+STRING_SPLITS = {  # name: (count, min_len, max_len)
+    "strings_eval": (400, 3, 8),
+    "strings_ood": (400, 9, 10),
+    "strings_train": (4000, 3, 8),
+    "strings_pretrain": (4000, 3, 8),
+}
+PARITY_SPLITS = {"parity_eval": 400, "parity_train": 4000, "parity_pretrain": 3000}
+
+
+def valid_digits(n: int) -> list[str]:
+    """The five digits with n's parity: the correct answers to ``P:<n>=``."""
+    return [str(d) for d in range(n % 2, 10, 2)]
+
+
+def _string_rows(rng: random.Random, seen: set) -> dict[str, list[dict]]:
+    out = {}
+    for name, (count, lo, hi) in STRING_SPLITS.items():
+        rows = []
+        while len(rows) < count:
+            op = rng.choice(sorted(OPS))
+            word = "".join(rng.choice(string.ascii_lowercase) for _ in range(rng.randint(lo, hi)))
+            if (op, word) in seen:
+                continue
+            seen.add((op, word))
+            rows.append({"prompt": f"{op}:{word}=", "response": OPS[op](word)})
+        out[name] = rows
+    return out
+
+
+def _numbers(rng: random.Random, seen: set, count: int) -> list[int]:
+    """Distinct numbers with 2 to 5 digits (digit count uniform), never reused across splits."""
+    out = []
+    while len(out) < count:
+        k = rng.randint(2, 5)
+        n = rng.randint(10 ** (k - 1), 10**k - 1)
+        if n in seen:
+            continue
+        seen.add(n)
+        out.append(n)
+    return out
+
+
+def make_splits(seed: int = 20260930) -> dict[str, list[dict]]:
+    rng = random.Random(seed)
+    strings = _string_rows(rng, set())
+    seen: set[int] = set()
+    nums = {name: _numbers(rng, seen, count) for name, count in PARITY_SPLITS.items()}
+
+    def prior(n: int) -> str:
+        return str(n % 10) if rng.random() < PRIOR_LAST_DIGIT else str(rng.randrange(10))
+
+    pretrain = strings["strings_pretrain"] + [{"prompt": f"P:{n}=", "response": prior(n)} for n in nums["parity_pretrain"]]
+    rng.shuffle(pretrain)
+    return {
+        "pretrain": pretrain,
+        "strings_train": strings["strings_train"],
+        "strings_eval": strings["strings_eval"],
+        "strings_ood": strings["strings_ood"],
+        "parity_fixed": [{"prompt": f"P:{n}=", "response": str(n % 10)} for n in nums["parity_train"]],
+        "parity_uniform": [{"prompt": f"P:{n}=", "response": rng.choice(valid_digits(n))} for n in nums["parity_train"]],
+        "parity_eval": [{"prompt": f"P:{n}=", "response": str(n % 10)} for n in nums["parity_eval"]],
+    }
+
+
+def main(argv=None) -> int:
+    here = os.path.dirname(os.path.abspath(__file__))
+    default_out = os.path.join(here, os.pardir, "otr_megatron", "data", "assets")
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--out", default=os.path.normpath(default_out), help="output directory")
+    ap.add_argument("--seed", type=int, default=20260930)
+    args = ap.parse_args(argv)
+    os.makedirs(args.out, exist_ok=True)
+    for name, rows in make_splits(args.seed).items():
+        path = os.path.join(args.out, f"{PREFIX}{name}.jsonl")
+        with open(path, "w", encoding="utf-8", newline="\n") as f:
+            for r in rows:
+                f.write(json.dumps(r, separators=(",", ":")) + "\n")
+        print(f"wrote {len(rows):5d} records to {path} ({os.path.getsize(path)} bytes)")
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

@@ -1,0 +1,186 @@
+"""`otr-megatron compare` pieces without training: grid, warm-start sharing, probe metrics against an
+independent reference, report statistics, the A/B data generator and the shipped study config."""
+
+import json
+import math
+import os
+import statistics
+
+import numpy as np
+import pytest
+import torch
+import yaml
+
+from otr_megatron.compare import cli as compare_cli
+from otr_megatron.compare.grid import build_plan, parse_losses, parse_seeds, parse_sweep
+from otr_megatron.compare.probe import distribution_metrics, valid_ids_parity_digit
+from otr_megatron.compare.report import WARM, markdown, summarize
+from otr_megatron.data.tokenizer import ByteTokenizer
+from otr_megatron.train.config import ConfigError, to_dict
+
+ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+
+
+def _flat(d, prefix=""):
+    out = {}
+    for k, v in d.items():
+        if isinstance(v, dict) and k != "eval":
+            out.update(_flat(v, f"{prefix}{k}."))
+        else:
+            out[prefix + k] = v
+    return out
+
+
+# -- grid ------------------------------------------------------------------------------------------
+
+
+def test_parse_sweep_values_labels_and_errors():
+    s = parse_sweep("finetune_lr=3e-4,1e-3")
+    assert s.key == "finetune_lr" and s.values == (3e-4, 1e-3) and s.labels == ("3e-4", "1e-3")
+    s = parse_sweep("data.train=assets:ab_parity_fixed.jsonl,/x/y/mine.jsonl")
+    assert s.labels == ("ab_parity_fixed", "mine")
+    s = parse_sweep("data.train=[[a.jsonl, b.jsonl], c.jsonl]")
+    assert s.values == (["a.jsonl", "b.jsonl"], "c.jsonl") and s.labels == ("a+b", "c")
+    for bad, word in (("finetune_lr", "KEY=V1"), ("loss=sft,otr", "--losses"), ("seed=1,2", "--seeds"),
+                      ("x=1,1", "distinct"), ("x=", "at least one")):
+        with pytest.raises(ConfigError, match=word):
+            parse_sweep(bad)
+    with pytest.raises(ConfigError, match="subset of"):
+        parse_losses("sft,ppo")
+    with pytest.raises(ConfigError, match="twice"):
+        parse_losses("sft,sft")
+    assert parse_seeds("3,1") == [3, 1]
+    with pytest.raises(ConfigError, match="integers"):
+        parse_seeds("1,a")
+
+
+def test_plan_shares_one_warm_start_per_seed_and_arms_differ_only_in_the_grid(tmp_path):
+    sweeps = [parse_sweep("data.train=assets:ab_parity_fixed.jsonl,assets:ab_parity_uniform.jsonl"),
+              parse_sweep("finetune_lr=3e-4,1e-3"), parse_sweep("otr.temperature=1.0,1.3")]
+    plan = build_plan(str(tmp_path), None, compare_cli._ab_overrides(), ["sft", "otr"], [1, 2], sweeps)
+    assert len(plan.arms) == 2 * 2 * 2 * 2 and len(plan.runs) == 2 * len(plan.arms)
+    assert [w.seed for w in plan.warm_starts] == [1, 2]  # every knob here acts after the warm start
+    assert len({w.family for w in plan.warm_starts}) == 1
+    for w in plan.warm_starts:
+        assert w.cfg.finetune_iters == 0 and w.cfg.pretrain_iters == 800 and w.cfg.seed == w.seed
+        assert len(w.runs) == len(plan.arms)
+    swept = {"loss", "data.train", "finetune_lr", "otr.temperature", "output_dir"}
+    runs = plan.warm_starts[0].runs
+    ref = _flat(to_dict(runs[0].cfg))
+    for r in runs:
+        d = _flat(to_dict(r.cfg))
+        assert {k for k in d if d[k] != ref[k]} <= swept, r.arm.name
+        assert r.cfg.resume and not r.cfg.progress_bar and r.dir.endswith(r.arm.name)
+    assert runs[0].arm.name == "sft__train=ab_parity_fixed__finetune_lr=3e-4__temperature=1.0"
+
+
+def test_plan_gives_a_knob_that_changes_the_warm_start_its_own_warm_start(tmp_path):
+    plan = build_plan(str(tmp_path), None, compare_cli._ab_overrides(), ["sft"], [1],
+                      [parse_sweep("pretrain_lr=1e-3,2e-3")])
+    assert len(plan.warm_starts) == 2
+    assert {w.cfg.pretrain_lr for w in plan.warm_starts} == {1e-3, 2e-3}
+    assert len({w.dir for w in plan.warm_starts}) == 2
+    with pytest.raises(ConfigError, match="pretrain_iters"):
+        build_plan(str(tmp_path), None, ["pretrain_iters=0"], ["sft"], [1], [])
+    with pytest.raises(ConfigError, match="no_such_key"):
+        build_plan(str(tmp_path), None, ["no_such_key=1"], ["sft"], [1], [])
+
+
+# -- probe metrics ---------------------------------------------------------------------------------
+
+
+def test_distribution_metrics_match_an_independent_reference():
+    from scipy.stats import entropy
+
+    g = torch.Generator().manual_seed(0)
+    n_pos, vocab = 9, 12
+    lb = torch.log_softmax(torch.randn(n_pos, vocab, generator=g, dtype=torch.float64) * 2, -1)
+    lt = torch.log_softmax(torch.randn(n_pos, vocab, generator=g, dtype=torch.float64) * 2, -1)
+    first = torch.tensor([0, 3, 7])
+    valid = [[1, 2, 5], [0], [4, 11]]
+    got = distribution_metrics(lb, lt, first, valid)
+    pb, pt = np.exp(lb.double().numpy()), np.exp(lt.double().numpy())
+    kl = [entropy(pb[i], pt[i]) for i in range(n_pos)]
+    rkl = [entropy(pt[i], pb[i]) for i in range(n_pos)]
+    f = first.tolist()
+    assert got["kl_answer"] == pytest.approx(np.mean([kl[i] for i in f]), rel=1e-10)
+    assert got["rkl_answer"] == pytest.approx(np.mean([rkl[i] for i in f]), rel=1e-10)
+    assert got["kl_response"] == pytest.approx(np.mean(kl), rel=1e-10)
+    assert got["base_mode_mass"] == pytest.approx(np.mean([pt[i][np.argmax(pb[i])] for i in f]), rel=1e-10)
+    assert got["valid_mass"] == pytest.approx(np.mean([pt[i][v].sum() for i, v in zip(f, valid)]), rel=1e-10)
+    assert got["greedy_valid"] == pytest.approx(np.mean([np.argmax(pt[i]) in v for i, v in zip(f, valid)]))
+    same = distribution_metrics(lb, lb, first, valid)
+    assert same["kl_answer"] == pytest.approx(0.0, abs=1e-12) and same["kl_response"] == pytest.approx(0.0, abs=1e-12)
+    with pytest.raises(ValueError, match="answer sets"):
+        distribution_metrics(lb, lt, first, valid[:2])
+
+
+def test_parity_rule():
+    tok = ByteTokenizer()
+    assert valid_ids_parity_digit("P:4821=", tok) == [ord(c) for c in "13579"]
+    assert valid_ids_parity_digit("P:10=", tok) == [ord(c) for c in "02468"]
+    with pytest.raises(ValueError, match="P:<n>="):
+        valid_ids_parity_digit("rev:abc=", tok)
+
+
+# -- report ----------------------------------------------------------------------------------------
+
+
+def test_summary_mean_std_n_and_paired_differences(tmp_path):
+    plan = build_plan(str(tmp_path), None, compare_cli._ab_overrides(), ["sft", "otr"], [1, 2, 3], [])
+    vals = {"sft": {1: 0.5, 2: 0.7, 3: 0.6}, "otr": {1: 0.55, 2: 0.8}}
+    table = {"all": {WARM: {s: {"a/x": 0.1 * s} for s in (1, 2, 3)},
+                     **{loss: {s: {"a/x": v} for s, v in d.items()} for loss, d in vals.items()}}}
+    summ = summarize(plan, table, "sft")
+    rows = {r["row"]: r for r in summ["panels"][0]["rows"]}
+    assert [r["row"] for r in summ["panels"][0]["rows"]] == [WARM, "sft", "otr"]
+    st = rows["sft"]["metrics"]["a/x"]
+    assert st["mean"] == pytest.approx(0.6) and st["std"] == pytest.approx(statistics.stdev([0.5, 0.7, 0.6]))
+    assert st["n"] == 3 and rows["otr"]["metrics"]["a/x"]["n"] == 2
+    pd = summ["panels"][0]["paired"][0]
+    assert pd["row"] == "otr - sft"
+    assert pd["metrics"]["a/x"]["values"] == pytest.approx([0.05, 0.1]) and pd["metrics"]["a/x"]["n"] == 2
+    md = markdown(summ, ["a/x"])
+    assert "| sft | 3 | 0.600 ± 0.100 |" in md and "(n=2)" not in md.split("paired")[0].split("| sft")[0]
+    assert "| otr | 2 | 0.675 ± 0.177 |" in md
+
+
+# -- data and shipped study ------------------------------------------------------------------------
+
+
+def _read(name):
+    with open(os.path.join(ROOT, "otr_megatron", "data", "assets", f"ab_{name}.jsonl"), encoding="utf-8") as f:
+        return [json.loads(x) for x in f]
+
+
+def test_shipped_ab_data_is_the_generator_output_and_has_the_designed_properties():
+    import importlib.util
+
+    spec = importlib.util.spec_from_file_location("make_ab_data", os.path.join(ROOT, "scripts", "make_ab_data.py"))
+    gen = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(gen)
+    splits = gen.make_splits()
+    for name, rows in splits.items():
+        assert _read(name) == rows, f"ab_{name}.jsonl differs from scripts/make_ab_data.py output; regenerate it"
+    n = lambda r: int(r["prompt"][2:-1])  # noqa: E731
+    fixed, uni, ev = splits["parity_fixed"], splits["parity_uniform"], splits["parity_eval"]
+    assert [r["prompt"] for r in fixed] == [r["prompt"] for r in uni]  # paired conditions
+    assert all(r["response"] == str(n(r) % 10) for r in fixed)
+    assert all(int(r["response"]) % 2 == n(r) % 2 for r in uni)
+    # labels of (b) are uniform over the 5 valid digits: last-digit share ~0.2 (binomial, 4000 draws)
+    share = np.mean([r["response"] == str(n(r) % 10) for r in uni])
+    assert abs(share - 0.2) < 4 * math.sqrt(0.2 * 0.8 / len(uni))
+    prior = [r for r in splits["pretrain"] if r["prompt"].startswith("P:")]
+    share = np.mean([r["response"] == str(n(r) % 10) for r in prior])  # 0.5 + 0.5 * 0.1 = 0.55
+    assert abs(share - 0.55) < 4 * math.sqrt(0.55 * 0.45 / len(prior))
+    nums = [set(map(n, rows)) for rows in (prior, fixed, ev)]
+    assert not (nums[0] & nums[1]) and not (nums[0] & nums[2]) and not (nums[1] & nums[2])
+    strings = [{r["prompt"] for r in splits[k]} for k in ("strings_train", "strings_eval", "strings_ood")]
+    strings.append({r["prompt"] for r in splits["pretrain"] if not r["prompt"].startswith("P:")})
+    assert sum(map(len, strings)) == len(set().union(*strings))
+    assert all(9 <= len(r["response"]) <= 10 for r in splits["strings_ood"])
+
+
+def test_configs_compare_ab_yaml_equals_the_embedded_study():
+    with open(os.path.join(ROOT, "configs", "compare_ab.yaml"), encoding="utf-8") as f:
+        assert yaml.safe_load(f) == compare_cli.AB_TRAIN
