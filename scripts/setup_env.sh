@@ -2,6 +2,8 @@
 # Creates (or reuses) a virtual environment with torch (CPU wheel), megatron-core and this package.
 #   MCORE=0.16.1 (default) -> .venv          plain install; megatron-core 0.16 supports Python 3.10+
 #   MCORE=0.19.2           -> .venv-mcore019  0.17+ declare Python >= 3.12: forced install on 3.11
+# Both lines also get Triton 3.6 (the Triton backend's kernels run in its interpreter on CPU in CI)
+# with numpy < 2.4: triton 3.6's interpreter fails with numpy >= 2.4.
 # Prints the environment's directory on the last line.
 set -euo pipefail
 cd "$(dirname "$0")/.."
@@ -12,18 +14,18 @@ case "$MCORE" in
   *) VENV=".venv-mcore$(echo "$MCORE" | cut -d. -f1,2 | tr -d .)" ;;
 esac
 stamp="$VENV/.otr-installed-$MCORE"
-if [ ! -f "$stamp" ] || [ setup.py -nt "$stamp" ]; then
+if [ ! -f "$stamp" ] || [ setup.py -nt "$stamp" ] || [ scripts/setup_env.sh -nt "$stamp" ]; then
   [ -x "$VENV/bin/python" ] || "$PY" -m venv "$VENV"
   pip="$VENV/bin/python -m pip install -q --disable-pip-version-check"
   $pip 'torch==2.13.0'
   case "$MCORE" in
-    0.16.*) $pip "megatron-core==$MCORE" -e '.[test,train,nemo-run]' ;;
+    0.16.*) $pip "megatron-core==$MCORE" -e '.[test,train,nemo-run]' 'triton==3.6.0' 'numpy>=2,<2.4' ;;
     *)
-      $pip 'numpy<2.5' 'packaging>=24.2'
+      $pip 'numpy>=2,<2.4' 'packaging>=24.2'
       $pip --no-deps --ignore-requires-python "megatron-core==$MCORE"
-      $pip triton  # megatron-core 0.19 imports triton unconditionally
+      $pip 'triton==3.6.0'  # megatron-core 0.19 imports triton unconditionally; our kernels need it too
       # setup.py's install_requires + [test,train] extras, minus torch/megatron-core (installed above)
-      $pip PyYAML tqdm psutil 'pytest>=7' 'datasets>=2.18' matplotlib scipy
+      $pip PyYAML tqdm psutil 'pytest>=7' 'datasets>=2.18' matplotlib scipy 'numpy>=2,<2.4'
       $pip --no-deps -e . ;;
   esac
   touch "$stamp"

@@ -1,0 +1,316 @@
+"""The Triton backend against the torch reference backend (and the float64 reference draw).
+
+On CPU the kernels run in Triton's interpreter (tests/core/conftest.py sets TRITON_INTERPRET=1
+before the kernel module is imported); on a GPU machine (scripts/gpu_check.sh) the same file runs
+the compiled kernels on CUDA tensors. Sizes are small because the interpreter costs ~0.1 ms per
+tl op per tile per row: few rows, large tiles.
+
+Agreement asked of the kernels (docs/sampling.md): the same samples and hit counts, statistics
+and losses within 1e-6 relative, gradients within 1 ulp of the output dtype. Exception, stated:
+in the interpreter tl.exp is numpy's float32 exp, which differs from torch's CPU exp in the last bit
+for ~40% of inputs, so a block mass can differ by ~1e-7 relative and a draw within ~1e-7 of a
+block boundary can move (on a GPU both backends call libdevice's expf: bit-equal block sums).
+"""
+
+from __future__ import annotations
+
+import math
+
+import pytest
+import torch
+
+triton = pytest.importorskip("triton", reason="Triton is not installed; scripts/setup_env.sh installs it")
+
+from otr_megatron.core import torch_backend as tb  # noqa: E402
+from otr_megatron.core.backends import STAT_TMASS, Spec, block_size  # noqa: E402
+from otr_megatron.core.random import token_uniforms  # noqa: E402
+from tests.core.reference import ref_samples  # noqa: E402
+
+trb = pytest.importorskip("otr_megatron.core.triton_backend", reason="the Triton backend does not import")
+if not trb.INTERPRET and not torch.cuda.is_available():
+    pytest.skip("compiled Triton kernels need a GPU; set TRITON_INTERPRET=1 to run them on CPU",
+                allow_module_level=True)
+
+# the special rows compute inf - inf and 0 / 0 on purpose; numpy (the interpreter) says so
+pytestmark = pytest.mark.filterwarnings("ignore:invalid value encountered:RuntimeWarning")
+
+DEV = torch.device("cpu") if trb.INTERPRET else torch.device("cuda")
+VOCAB, V_PAD = 1000, 1024  # a padded vocabulary: ids >= 1000 are never real
+KAPPA, BETA = 1.3, -0.1
+
+
+def make_logits(n=8, v_pad=V_PAD, vocab=VOCAB, dtype=torch.bfloat16, seed=0, special=True):
+    """Random logits with the rows that break kernels: NaN, +inf, every id -inf, some ids -inf;
+    padded columns hold garbage that must be ignored."""
+    g = torch.Generator().manual_seed(seed)
+    x = torch.randn(n, v_pad, generator=g) * 3
+    x[:, vocab:] = 30.0
+    y = torch.randint(0, vocab, (n,), generator=g)
+    y[1] = -100  # ignored
+    if special:
+        x[2, 17] = math.nan  # NaN row: NaN loss and gradient for this token only
+        x[3, 5] = math.inf
+        x[4, :vocab] = -math.inf  # a fully masked row: no mass anywhere
+        x[5, : vocab // 2] = -math.inf  # partly masked: 0 * -inf must count as 0
+        y[5] = vocab - 3
+        x[6, 7] = math.nan
+        y[6] = -100  # ignored NaN row: exactly zero gradient
+    return x.to(dtype).to(DEV), y.to(DEV)
+
+
+def spec_for(estimator, k=64, rank=0, world=1, shard=V_PAD, vocab=VOCAB, seed=7, step=3):
+    n_real = min(max(vocab - rank * shard, 0), shard)
+    block = block_size(vocab, k, shard) if estimator == "sample" else 1
+    return Spec(estimator, KAPPA, BETA, k, seed, step, rank, world, shard, n_real, block)
+
+
+def labels_on(spec, y):
+    valid = y != -100
+    local = y - spec.rank * spec.shard
+    owns = valid & (local >= 0) & (local < spec.n_real)
+    return valid, owns, torch.where(owns, local, torch.zeros_like(local))
+
+
+def stats_of(backend, x, y, spec):
+    _, owns, col = labels_on(spec, y)
+    n = x.size(0)
+    stats = torch.full((n, spec.stat_columns), -7.0, dtype=torch.float64, device=DEV)
+    prefix = (torch.full((n, spec.n_blocks), -7.0, dtype=torch.float64, device=DEV)
+              if spec.estimator == "sample" else None)
+    backend.local_stats(x, col, owns, spec, stats, prefix, backend.scratch(n, spec.n_real, DEV))
+    return stats, prefix
+
+
+def assert_close_nan(a, b, rtol, what):
+    """Same NaN/inf pattern, finite values within rtol (float64 comparison)."""
+    a, b = a.double().cpu(), b.double().cpu()
+    assert torch.equal(torch.isnan(a), torch.isnan(b)), f"{what}: NaN pattern differs\n{a}\n{b}"
+    fin = torch.isfinite(b)
+    assert torch.equal(a[~fin & ~torch.isnan(b)], b[~fin & ~torch.isnan(b)]), f"{what}: infinities differ"
+    torch.testing.assert_close(a[fin], b[fin], rtol=rtol, atol=1e-30, msg=lambda m: f"{what}: {m}")
+
+
+def assert_within_ulp(a, b, dtype, what, ulps=1):
+    """|a - b| <= `ulps` units in the last place of `dtype` (same NaN pattern); the interpreter
+    truncates fp32 -> bf16 where a GPU rounds to nearest, hence 1 ulp rather than 0."""
+    a, b = a.float().cpu(), b.float().cpu()
+    assert torch.equal(torch.isnan(a), torch.isnan(b)), f"{what}: NaN pattern differs"
+    a, b = torch.nan_to_num(a), torch.nan_to_num(b)
+    mant_bits = {torch.bfloat16: 7, torch.float16: 10, torch.float32: 23}[dtype]
+    _, e = torch.frexp(torch.maximum(a.abs(), b.abs()))
+    ulp = torch.ldexp(torch.ones_like(a), e - 1 - mant_bits)
+    tiny = {torch.bfloat16: 1e-38, torch.float16: 6e-8, torch.float32: 1e-44}[dtype]
+    bad = (a - b).abs() > ulps * ulp + tiny
+    assert not bool(bad.any()), (f"{what}: {int(bad.sum())} of {a.numel()} elements differ by more than {ulps} ulp, "
+                                 f"e.g. {a[bad][:5].tolist()} vs {b[bad][:5].tolist()}")
+
+
+# --------------------------------------------------------------------------------------------
+# kernel 2's random numbers
+# --------------------------------------------------------------------------------------------
+
+
+def test_uniforms_equal_core_random_bit_for_bit():
+    keys = torch.tensor([0, 1, 2, 12345, -1, -(2**63), 2**63 - 1, 987654321012345], device=DEV)
+    for seed, step in ((1234, 0), (-5, 2**40)):
+        got = trb.uniforms(keys, 37, seed, step)
+        assert torch.equal(got.cpu(), token_uniforms(keys.cpu(), 37, seed, step))
+
+
+# --------------------------------------------------------------------------------------------
+# kernel 1: statistics
+# --------------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("estimator,dtype", [("sft", torch.bfloat16), ("expected", torch.bfloat16),
+                                             ("expected", torch.float16), ("sample", torch.bfloat16),
+                                             ("sample", torch.float32)])
+def test_local_stats_match_torch_backend(estimator, dtype):
+    x, y = make_logits(dtype=dtype)
+    spec = spec_for(estimator)
+    got, got_prefix = stats_of(trb, x, y, spec)
+    ref, ref_prefix = stats_of(tb, x, y, spec)
+    assert torch.equal(got[:, 0].isnan().cpu(), torch.tensor([r in (2, 6) for r in range(x.size(0))]))
+    assert_close_nan(got, ref, 1e-6, f"{estimator} statistics")
+    if estimator == "sample":
+        # rows with NaN/inf are not sampled; on finite rows the block prefix sums agree to fp32
+        # exp rounding in the interpreter (bit-equal exps on a GPU)
+        assert_close_nan(got_prefix, ref_prefix, 1e-6 if trb.INTERPRET else 1e-13, "block prefix sums")
+        torch.testing.assert_close(got[:, STAT_TMASS], got_prefix[:, -1], rtol=0, atol=0, equal_nan=True,
+                                   msg="the rank's mass is the last prefix value")
+
+
+def test_local_stats_rank_without_real_ids():
+    """A rank whose whole shard is padding: max -inf, no mass, no label."""
+    x, y = make_logits(n=4, special=False)
+    spec = spec_for("sample", rank=1, world=2, shard=V_PAD // 2, vocab=V_PAD // 2)
+    got, _ = stats_of(trb, x[:, : V_PAD // 2].contiguous(), y, spec)
+    assert spec.n_real == 0 and torch.equal(got[:, 0].cpu(), torch.full((4,), -math.inf, dtype=torch.float64))
+    assert float(got[:, 1:].abs().sum()) == 0.0
+
+
+# --------------------------------------------------------------------------------------------
+# kernel 2: the sampler, on identical inputs
+# --------------------------------------------------------------------------------------------
+
+
+def sampler_inputs(x, y, spec):
+    """The torch backend's statistics as the one input of both samplers (tp = 1)."""
+    stats, prefix = stats_of(tb, x, y, spec)
+    valid, owns, col = labels_on(spec, y)
+    total = stats[:, STAT_TMASS].clone()
+    ok = valid & torch.isfinite(stats[:, 0]) & torch.isfinite(torch.log(total)) & torch.isfinite(stats[:, 1])
+    keys = torch.arange(x.size(0), device=DEV) * 3 + 11
+    return keys, col, owns, ok, total, total[:, None].clone(), torch.ones_like(total), prefix
+
+
+def run_sampler(backend, x, spec, inputs):
+    n = x.size(0)
+    partial = torch.full((n, 2), -7.0, dtype=torch.float64, device=DEV)
+    cols = torch.full((n, spec.k), -7, dtype=torch.int64, device=DEV)
+    weights = torch.full((n, spec.k), -7.0, dtype=torch.float32, device=DEV)
+    keys, col, owns, ok, total, cum, scale, prefix = inputs
+    backend.sample(x, keys, col, owns, ok, total, cum, scale, prefix, spec, partial, cols, weights, None)
+    return partial, cols, weights
+
+
+@pytest.mark.parametrize("k", [1, 8, 64, 256])
+def test_sampler_matches_torch_backend_and_float64_draw(k):
+    x, y = make_logits(n=8, seed=k)
+    x[0, 3] = 40.0  # one dominant id: duplicates
+    y[0] = 3
+    spec = spec_for("sample", k=k)
+    inputs = sampler_inputs(x, y, spec)
+    ok = inputs[3]
+    got = run_sampler(trb, x, spec, inputs)
+    ref = run_sampler(tb, x, spec, inputs)
+    assert torch.equal(got[1], ref[1]), f"samples differ in {(got[1] != ref[1]).sum().item()} of {got[1].numel()}"
+    assert torch.equal(got[0][:, 0], ref[0][:, 0]), "hit counts"
+    # the torch backend rounds beta to fp32 in its reward (torch.where of two Python floats): 1e-8
+    torch.testing.assert_close(got[0][:, 1], ref[0][:, 1], rtol=1e-7, atol=1e-9)
+    torch.testing.assert_close(got[2], ref[2], rtol=1e-7, atol=0)
+    assert bool((got[1][~ok] == -1).all()) and float(got[2][~ok].abs().sum()) == 0.0, "skipped rows draw nothing"
+    assert int(got[0][0, 0]) > 0, "the dominant label is hit"
+    # against the independent float64 single-device inverse-CDF draw (sorted: order within a
+    # token is not part of the contract)
+    draw = ref_samples(x.double().cpu(), inputs[0].cpu(), k, KAPPA, spec.seed, spec.step, vocab_size=VOCAB)
+    okc = ok.cpu()
+    moved = (got[1].cpu()[okc].sort(-1).values != draw[okc].sort(-1).values).sum().item()
+    assert moved <= max(1, int(1e-3 * okc.sum() * k)), f"{moved} samples differ from the float64 draw"
+
+
+# --------------------------------------------------------------------------------------------
+# simulated tensor parallelism: per-rank kernels, statistics combined exactly as the loss does
+# --------------------------------------------------------------------------------------------
+
+
+def simulate_tp(backend, x, y, estimator, tp, k=64):
+    """The loss's forward steps on `tp` shards in one process: `local_statistics` per rank, the
+    all-gather as a stack, `global_normalisers`, `draw_samples` per rank, the all-reduce as a sum,
+    `estimator_terms`. Returns (per-token loss, [N, K] global sample ids or None, hits)."""
+    from otr_megatron.core import loss as L
+
+    cfg_like = dict(estimator=estimator, k=k)
+    shard = x.size(1) // tp
+    specs = [spec_for(estimator, k=cfg_like["k"], rank=r, world=tp, shard=shard) for r in range(tp)]
+    shards = [x[:, r * shard:(r + 1) * shard].contiguous() for r in range(tp)]
+    per_rank = []
+    for spec, xs in zip(specs, shards):
+        valid, owns, col = L.label_columns(y, spec, -100)
+        per_rank.append((valid, owns, col) + L.local_statistics(backend, spec, xs, col, owns, x.size(0)))
+    allstats = torch.stack([p[3] for p in per_rank])
+    valid = per_rank[0][0]
+    norms = [L.global_normalisers(allstats, spec, valid) for spec in specs]
+    if estimator != "sample":
+        terms = L.estimator_terms(specs[0], norms[0])
+        return torch.where(norms[0].ok, terms.loss, math.nan), None, None
+    partial = torch.zeros(x.size(0), 2, dtype=torch.float64, device=DEV)
+    samples = torch.full((x.size(0), k), -1, dtype=torch.int64, device=DEV)
+    for spec, xs, (_, owns, col, _, prefix), nm in zip(specs, shards, per_rank, norms):
+        part, cols, _ = L.draw_samples(backend, spec, xs, torch.arange(x.size(0), device=DEV), col, owns, nm, prefix)
+        partial += part
+        assert bool(((samples < 0) | (cols < 0)).all()), "two ranks own the same sample"
+        samples = torch.where(cols >= 0, cols + spec.rank * shard, samples)
+    terms = L.estimator_terms(specs[0], norms[0], partial)
+    return torch.where(norms[0].ok, terms.loss, math.nan), samples, partial[:, 0]
+
+
+_TP1: dict = {}
+
+
+@pytest.mark.parametrize("tp,closed_form", [(2, "expected"), (4, "dft")])
+def test_tensor_parallel_layouts_match_torch_backend_and_tp1(tp, closed_form):
+    x, y = make_logits(n=8, seed=5)
+    loss, samples, hits = simulate_tp(trb, x, y, "sample", tp)
+    ref_loss, ref_samples_, ref_hits = simulate_tp(tb, x, y, "sample", tp)
+    assert torch.equal(samples, ref_samples_) and torch.equal(hits, ref_hits)
+    assert_close_nan(loss, ref_loss, 1e-6, f"sample loss at tp={tp}")
+    if "sample" not in _TP1:
+        _TP1["sample"] = simulate_tp(trb, x, y, "sample", 1)
+    one_loss, one_samples, _ = _TP1["sample"]
+    assert torch.equal(samples, one_samples), "the draw depends on the TP layout"
+    assert_close_nan(loss, one_loss, 1e-6, f"sample loss tp={tp} vs tp=1")
+    ok = ~torch.isnan(one_loss)
+    assert bool((samples[ok] >= 0).all() and (samples[ok] < VOCAB).all()), "padded ids are never sampled"
+    assert bool((samples[~ok] == -1).all())
+    got = simulate_tp(trb, x, y, closed_form, tp)[0]
+    assert_close_nan(got, simulate_tp(tb, x, y, closed_form, tp)[0], 1e-6, f"{closed_form} loss at tp={tp}")
+
+
+# --------------------------------------------------------------------------------------------
+# kernel 3: the gradient
+# --------------------------------------------------------------------------------------------
+
+
+def grad_inputs(x, spec, s, with_q, seed=0):
+    n = x.size(0)
+    g = torch.Generator().manual_seed(seed)
+    valid = torch.ones(n, dtype=torch.bool)
+    valid[1] = valid[6] = False
+    coef_pi = torch.rand(n, generator=g) + 0.2
+    upstream = torch.rand(n, generator=g) * 3
+    upstream[7] = 0.0
+    coef_q = torch.rand(n, generator=g) * 0.3 if with_q else None
+    cols = torch.randint(0, spec.n_real, (n, s), generator=g)
+    if s > 4:
+        cols[:, 1::3] = cols[:, :1]  # duplicates must accumulate
+        cols[:, 2::5] = -1  # other ranks' samples
+    weights = torch.where(cols >= 0, torch.where(torch.rand(n, s, generator=g) < 0.3, -1.0, 0.1) / s, 0.0)
+    cols[~valid] = -1
+    weights[~valid] = 0.0
+    dev = [t.to(DEV) if t is not None else None for t in (upstream, coef_pi, coef_q, cols, weights, valid)]
+    return dev
+
+
+@pytest.mark.parametrize("case", ["sample-bf16", "sample-bf16-inplace", "expected-bf16", "sft-fp16",
+                                  "expected-fp32-local", "dft-bf16-local-inplace"])
+def test_grad_matches_torch_backend(case):
+    est, dt = case.split("-")[:2]
+    dtype = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}[dt]
+    inplace, use_local = "inplace" in case, "local" in case
+    x, y = make_logits(n=8, dtype=dtype, seed=3)
+    spec = spec_for(est)
+    s = spec.k if est == "sample" else 1
+    g, coef_pi, coef_q, cols, weights, valid = grad_inputs(x, spec, s, with_q=est == "expected")
+    ok_rows = torch.isfinite(x[:, : spec.n_real].float()).all(1) | ~valid
+    coef_pi = torch.where(ok_rows, coef_pi, math.nan)  # as the loss: non-finite logits, NaN gradient
+    ref = torch.full_like(x, 7.0)
+    tb.grad(x, ref, g, coef_pi, coef_q, cols, weights, valid, spec, tb.scratch(x.size(0), spec.n_real, DEV))
+    local = stats_of(trb, x, y, spec)[0] if use_local else None
+    out = x.clone() if inplace else torch.full_like(x, 7.0)
+    trb.grad(out if inplace else x, out, g, coef_pi, coef_q, cols, weights, valid, spec, None, local=local)
+    # fp32 output: the two backends' softmax formulas (exp((x - m) / kappa) vs exp(x / kappa - m / kappa))
+    # differ by ~|x| * 2**-24 in the exponent, a few fp32 ulps; bf16/fp16 hide that
+    assert_within_ulp(out, ref, dtype, case, ulps=32 if dtype == torch.float32 else 1)
+    assert float(out[~valid].float().abs().sum()) == 0.0, "ignored rows are exactly 0, NaN logits included"
+    assert float(out[:, spec.n_real:].float().abs().sum()) == 0.0, "padded columns are exactly 0"
+
+
+def test_grad_of_a_rank_without_real_ids_is_zero():
+    x, _ = make_logits(n=8, special=False)
+    spec = spec_for("sft", rank=1, world=2, shard=V_PAD // 2, vocab=V_PAD // 2)
+    xs = x[:, : V_PAD // 2].contiguous()
+    g, coef_pi, _, cols, weights, valid = grad_inputs(xs, spec_for("sft"), 1, False)
+    out = torch.full_like(xs, 7.0)
+    trb.grad(xs, out, g, coef_pi, None, torch.full_like(cols, -1), torch.zeros_like(weights), valid, spec, None)
+    assert float(out.float().abs().sum()) == 0.0
