@@ -11,6 +11,7 @@ Data paths of the form ``assets:NAME`` point into the demo dataset shipped insid
 from __future__ import annotations
 
 import dataclasses
+import math
 import os
 import typing
 from dataclasses import dataclass, field
@@ -19,6 +20,7 @@ import yaml
 
 ASSETS_PREFIX = "assets:"
 LOSSES = ("otr", "otr-expected", "sft", "dft")
+LOSS_TO_ESTIMATOR = {"otr": "sample", "otr-expected": "expected", "sft": "sft", "dft": "dft"}  # core estimator
 
 
 class ConfigError(ValueError):
@@ -111,6 +113,9 @@ class TrainConfig:
     eval_at_start: bool = True
     log_interval: int = 10
     save_interval: int = 0  # 0: only at the end of the job (and at the stage boundary)
+    # Divergence guard: after every step the job stops (saving nothing) if the loss, the gradient norm
+    # or any parameter is non-finite, or any |parameter| exceeds this bound (.inf: no bound).
+    max_param_abs: float = 1.0e6
     stop_at_iteration: int = 0  # >0: save and exit after this iteration, as if interrupted (resume tests)
     tp: int = 1
     pp: int = 1
@@ -140,13 +145,19 @@ class TrainConfig:
         return StageConfig(self.finetune_iters, self.loss, self.finetune_lr)
 
     def validate(self) -> "TrainConfig":
-        """Cross-field checks, each error naming the key, its value and what was expected."""
+        """Cross-field checks, each error naming the key, its value and what was expected.
+
+        Runs in the launching process before any data, model or worker exists, so a bad value costs
+        a second, not a spawned job (and never trains silently: e.g. a learning rate <= 0 or a
+        model size of 0 is refused here rather than training by gradient ascent or dividing by 0).
+        """
         if self.loss not in LOSSES:
             raise ConfigError(f"loss={self.loss!r}; expected one of {LOSSES}")
         for k in ("tp", "pp", "dp", "micro_batch_size", "global_batch_size"):
             if getattr(self, k) < 1:
                 raise ConfigError(f"{k}={getattr(self, k)}; expected a positive integer")
-        for k in ("pretrain_iters", "finetune_iters", "eval_interval", "log_interval", "save_interval"):
+        for k in ("pretrain_iters", "finetune_iters", "eval_interval", "log_interval", "save_interval",
+                  "stop_at_iteration"):
             if getattr(self, k) < 0:
                 raise ConfigError(f"{k}={getattr(self, k)}; expected >= 0")
         if self.total_iters < 1:
@@ -158,31 +169,111 @@ class TrainConfig:
             )
         if self.device not in ("auto", "cpu", "cuda"):
             raise ConfigError(f"device={self.device!r}; expected 'auto', 'cpu' or 'cuda'")
+        if not self.output_dir:
+            raise ConfigError("output_dir=''; expected a directory path")
+        if not (self.max_param_abs > 0):  # also refuses NaN; .inf turns the magnitude bound off
+            raise ConfigError(f"max_param_abs={self.max_param_abs}; expected a number > 0 (.inf: no bound)")
+        self._validate_lrs()
+        self._validate_model()
+        d = self.data
+        if d.seq_length < 2:
+            raise ConfigError(f"data.seq_length={d.seq_length}; expected an integer >= 2")
+        if d.on_overflow not in ("truncate", "error"):
+            raise ConfigError(f"data.on_overflow={d.on_overflow!r}; expected 'truncate' or 'error'")
+        for k in ("pretrain", "train"):
+            if not getattr(d, k) and (self.pretrain_iters if k == "pretrain" else self.finetune_iters) > 0:
+                raise ConfigError(f"data.{k}=[] but {'pretrain' if k == 'pretrain' else 'finetune'}_iters > 0; "
+                                  "expected one or more data files")
+        self.core_otr_config()  # the core's own rules for K, kappa, beta, normalization
+        return self
+
+    def core_otr_config(self, mode: str | None = None):
+        """The core `OTRConfig` of stage `mode` ('pretrain' or a loss; default: the fine-tuning
+        loss). Built here too, so the core's validation (one rule, one place) runs before anything
+        is launched; its error is re-worded to name the train-config keys (``otr.neg_reward``)."""
+        from otr_megatron.core.config import OTRConfig as CoreOTRConfig
+
+        mode = mode or self.loss
+        o = self.otr
+        kwargs = dict(
+            num_samples=o.num_samples,
+            temperature=o.temperature,
+            neg_reward=o.neg_reward,
+            estimator="sft" if mode == "pretrain" else LOSS_TO_ESTIMATOR[mode],
+            seed=self.seed,
+        )
+        if "normalization" in {f.name for f in dataclasses.fields(CoreOTRConfig)}:
+            kwargs["normalization"] = "token" if mode == "pretrain" else o.normalization
+        elif o.normalization not in ("token", "sequence"):
+            raise ConfigError(f"otr.normalization={o.normalization!r}; expected 'token' or 'sequence'")
+        try:
+            return CoreOTRConfig(**kwargs)
+        except ValueError as e:
+            raise ConfigError(str(e).replace("OTRConfig.", "otr.", 1)) from None
+
+    def _validate_lrs(self) -> None:
+        o = self.optim
+
+        def positive(key, v, allow_none=False, allow_zero=False):
+            if v is None and allow_none:
+                return
+            if v is None or not math.isfinite(v) or v < 0 or (v == 0 and not allow_zero):
+                expected = "a finite number >= 0" if allow_zero else "a finite number > 0"
+                hint = " (or null: optim.lr)" if allow_none else ""
+                raise ConfigError(f"{key}={v}; expected {expected}{hint}")
+
+        positive("optim.lr", o.lr)
+        positive("pretrain_lr", self.pretrain_lr, allow_none=True)
+        positive("finetune_lr", self.finetune_lr, allow_none=True)
+        positive("optim.min_lr", o.min_lr, allow_zero=True)
+        positive("optim.weight_decay", o.weight_decay, allow_zero=True)
+        positive("optim.clip_grad", o.clip_grad, allow_zero=True)
+        if o.warmup_iters < 0:
+            raise ConfigError(f"optim.warmup_iters={o.warmup_iters}; expected >= 0")
+        for k in ("adam_beta1", "adam_beta2"):
+            v = getattr(o, k)
+            if not (0 <= v < 1):
+                raise ConfigError(f"optim.{k}={v}; expected a number in [0, 1)")
+
+    def _validate_model(self) -> None:
         m = self.model
+        for k in ("num_layers", "hidden_size", "num_attention_heads", "ffn_hidden_size",
+                  "make_vocab_size_divisible_by"):
+            if getattr(m, k) < 1:
+                raise ConfigError(f"model.{k}={getattr(m, k)}; expected a positive integer")
         if m.hidden_size % m.num_attention_heads:
             raise ConfigError(
                 f"model.hidden_size={m.hidden_size} is not divisible by model.num_attention_heads={m.num_attention_heads}"
             )
-        if m.num_attention_heads % self.tp:
-            raise ConfigError(f"model.num_attention_heads={m.num_attention_heads} is not divisible by tp={self.tp}")
-        if m.num_layers % self.pp:
-            raise ConfigError(f"model.num_layers={m.num_layers} is not divisible by pp={self.pp}")
-        if m.sequence_parallel and self.data.seq_length % self.tp:
-            raise ConfigError(f"data.seq_length={self.data.seq_length} must be divisible by tp={self.tp} with sequence_parallel")
         if m.position_embedding_type not in ("rope", "learned_absolute"):
             raise ConfigError(
                 f"model.position_embedding_type={m.position_embedding_type!r}; expected 'rope' or 'learned_absolute'"
             )
-        if self.data.on_overflow not in ("truncate", "error"):
-            raise ConfigError(f"data.on_overflow={self.data.on_overflow!r}; expected 'truncate' or 'error'")
-        if self.otr.num_samples < 1 or self.otr.temperature <= 0:
+        head_dim = m.hidden_size // m.num_attention_heads
+        if m.position_embedding_type == "rope" and head_dim % 2:
             raise ConfigError(
-                f"otr.num_samples={self.otr.num_samples}, otr.temperature={self.otr.temperature}; "
-                "expected K >= 1 and kappa > 0"
+                f"model.hidden_size / model.num_attention_heads = {m.hidden_size} / {m.num_attention_heads} = "
+                f"{head_dim}: rotary embeddings need an even head dimension"
             )
-        if self.otr.normalization not in ("token", "sequence"):
-            raise ConfigError(f"otr.normalization={self.otr.normalization!r}; expected 'token' or 'sequence'")
-        return self
+        if m.num_attention_heads % self.tp:
+            raise ConfigError(f"model.num_attention_heads={m.num_attention_heads} is not divisible by tp={self.tp}")
+        if m.ffn_hidden_size % self.tp:
+            raise ConfigError(f"model.ffn_hidden_size={m.ffn_hidden_size} is not divisible by tp={self.tp}")
+        if m.num_layers % self.pp:
+            raise ConfigError(f"model.num_layers={m.num_layers} is not divisible by pp={self.pp}")
+        if m.sequence_parallel and self.data.seq_length % self.tp:
+            raise ConfigError(f"data.seq_length={self.data.seq_length} must be divisible by tp={self.tp} with sequence_parallel")
+        for k in ("hidden_dropout", "attention_dropout"):
+            if not (0 <= getattr(m, k) < 1):
+                raise ConfigError(f"model.{k}={getattr(m, k)}; expected a number in [0, 1)")
+        if not (math.isfinite(m.init_method_std) and m.init_method_std > 0):
+            raise ConfigError(f"model.init_method_std={m.init_method_std}; expected a finite number > 0")
+        if m.transformer_impl not in ("local", "transformer_engine"):
+            raise ConfigError(f"model.transformer_impl={m.transformer_impl!r}; expected 'local' or 'transformer_engine'")
+        if m.fp8 not in (None, "hybrid", "e4m3"):
+            raise ConfigError(f"model.fp8={m.fp8!r}; expected null, 'hybrid' or 'e4m3'")
+        if m.fp8 is not None and m.transformer_impl != "transformer_engine":
+            raise ConfigError(f"model.fp8={m.fp8!r} needs model.transformer_impl='transformer_engine'")
 
 
 # ----------------------------------------------------------------------------------------------

@@ -35,6 +35,7 @@ from otr_megatron.data import (
     split_global_batch,
 )
 from otr_megatron.train.config import TrainConfig, dump_yaml, resolve_path
+from otr_megatron.train.errors import DivergenceError, RunDirError
 
 LOSS_TO_ESTIMATOR = {"otr": "sample", "otr-expected": "expected", "sft": "sft", "dft": "dft"}
 
@@ -64,6 +65,8 @@ class Trainer:
         self.metrics_path = os.path.join(self.out, "metrics.jsonl")
         self.iteration = 0
         self.loss_mode = None  # the loss currently installed on the model
+        self.last_checkpoint: tuple[str, int] | None = None  # (path, iteration) of the newest good one
+        self._params_ok_at = -1  # iteration whose parameters `check_params` last found finite
 
     # -- setup -------------------------------------------------------------------------------
     def setup(self) -> None:
@@ -206,6 +209,9 @@ class Trainer:
             neg_reward=o.neg_reward,
             estimator="sft" if mode == "pretrain" else LOSS_TO_ESTIMATOR[mode],
             seed=self.cfg.seed,
+            # the fine-tuning loss (any of the A/B arms) follows otr.normalization; the CE warm start
+            # stays Megatron's token mean
+            normalization="token" if mode == "pretrain" else o.normalization,
         )
         enable_otr(self.model, core_cfg, vocab_size=self.tokenizer.vocab_size)
         self.loss_mode = mode
@@ -237,7 +243,9 @@ class Trainer:
         cfg = self.cfg
         stage, k = self._stage_of(it)
         n = cfg.pretrain_iters if stage == "pretrain" else cfg.finetune_iters
-        peak = (cfg.pretrain_lr if stage == "pretrain" else cfg.finetune_lr) or cfg.optim.lr
+        peak = cfg.pretrain_lr if stage == "pretrain" else cfg.finetune_lr
+        if peak is None:  # only None means "use optim.lr" (validate() refuses lr <= 0)
+            peak = cfg.optim.lr
         lo = min(cfg.optim.min_lr, peak)
         w = min(cfg.optim.warmup_iters, max(n - 1, 0))
         if k < w:
@@ -348,25 +356,91 @@ class Trainer:
 
     # -- checkpoints ---------------------------------------------------------------------------
     def save(self) -> str:
+        """Save a checkpoint and move `latest` to it, only after checking the parameters are finite."""
         from otr_megatron.train.checkpoint import save_checkpoint
 
+        if self._params_ok_at != self.iteration:
+            problem = self.check_params()
+            if problem:
+                raise DivergenceError(self._divergence_message(self.iteration, problem))
         path = save_checkpoint(self, self.iteration)
+        self.last_checkpoint = (path, self.iteration)
         _log(f"ckpt  saved iteration {self.iteration} to {path}")
         return path
 
     def maybe_resume(self) -> bool:
-        from otr_megatron.train.checkpoint import load_checkpoint, latest_checkpoint
+        from otr_megatron.train.checkpoint import load_checkpoint, select_checkpoint
 
         if not self.cfg.resume:
             return False
-        path = latest_checkpoint(self.ckpt_root)
-        if path is None:
-            raise FileNotFoundError(
-                f"--resume: no checkpoint under {self.ckpt_root!r} (expected a 'latest' file written by a previous run)"
-            )
+        path, note = select_checkpoint(self.ckpt_root)
+        if note:
+            _log(f"ckpt  {note}")
         load_checkpoint(self, path)
+        self.last_checkpoint = (path, self.iteration)
         _log(f"ckpt  resumed from {path} at iteration {self.iteration}")
         return True
+
+    # -- divergence guard ----------------------------------------------------------------------
+    def check_params(self) -> str | None:
+        """None if every parameter (all ranks) is finite with |w| <= cfg.max_param_abs, else what is
+        wrong, naming the worst parameter. One [2]-element MAX all-reduce per call; the names are
+        gathered only when something is wrong."""
+        bound = self.cfg.max_param_abs
+        named = [(n[len("module."):] if n.startswith("module.") else n, p)
+                 for m in self.model for n, p in m.named_parameters()]
+        with torch.no_grad():
+            amax = torch.stack([p.detach().abs().amax().float() for _, p in named]) if named else torch.zeros(1)
+            finite = torch.isfinite(amax)
+            flags = torch.stack([(~finite).any().float(), torch.where(finite, amax, torch.zeros_like(amax)).max()])
+        flags = flags.double().cpu()
+        if torch.distributed.is_initialized():
+            v = flags.to(_device())
+            torch.distributed.all_reduce(v, op=torch.distributed.ReduceOp.MAX)
+            flags = v.cpu()
+        if flags[0] == 0 and flags[1] <= bound:
+            self._params_ok_at = self.iteration
+            return None
+        # the worst local parameter, then the worst over all ranks (non-finite first)
+        local = None
+        for (name, _), a in zip(named, amax.tolist()):
+            score = (1, 0.0) if not math.isfinite(a) else (0, a)
+            if local is None or score > local[0]:
+                local = (score, name, a)
+        worst = [local]
+        if torch.distributed.is_initialized():
+            worst = [None] * torch.distributed.get_world_size()
+            torch.distributed.all_gather_object(worst, local)
+        _, name, a = max((w for w in worst if w is not None), key=lambda w: w[0])
+        if not math.isfinite(a):
+            return f"parameter {name} is not finite (max |w| = {a})"
+        return f"parameter {name} has max |w| = {a:.3g} > max_param_abs={bound:g}"
+
+    def check_step(self, rec: dict) -> None:
+        """After every optimizer step, before anything is evaluated or saved: the step's loss and
+        gradient norm and the updated parameters must be finite (and |w| within the bound)."""
+        loss, gnorm = rec.get("lm_loss"), rec.get("grad_norm")
+        if loss is not None and not math.isfinite(loss):
+            problem = f"the {rec['loss_name']} loss is {loss}"
+        elif gnorm is not None and not math.isfinite(gnorm):
+            problem = f"the gradient norm is {gnorm}"
+        else:
+            problem = self.check_params()
+        if problem:
+            raise DivergenceError(self._divergence_message(rec["iteration"], problem))
+
+    def _divergence_message(self, iteration: int, problem: str) -> str:
+        """One line: where (iteration, stage, loss, lr), what, and which checkpoint is still good."""
+        it0 = max(iteration - 1, 0)
+        stage, _ = self._stage_of(min(it0, self.cfg.total_iters - 1))
+        loss = "sft" if stage == "pretrain" else self.cfg.loss
+        if self.last_checkpoint:
+            path, at = self.last_checkpoint
+            kept = f"nothing saved after iteration {at}: the latest checkpoint is still {path}"
+        else:
+            kept = "no checkpoint was saved"
+        return (f"training diverged at iteration {iteration} ({stage} stage, {loss} loss, lr {self.lr_at(it0):.3g}): "
+                f"{problem}; {kept} (lower the learning rate, then --resume or start again)")
 
     # -- the job -------------------------------------------------------------------------------
     def run(self) -> dict:
@@ -376,8 +450,8 @@ class Trainer:
             with open(os.path.join(self.out, "config.yaml"), "w", encoding="utf-8") as f:
                 f.write(dump_yaml(cfg))
         resumed = self.maybe_resume()
-        if _rank0() and not resumed and os.path.exists(self.metrics_path):
-            os.remove(self.metrics_path)
+        if _rank0() and not resumed and os.path.exists(self.metrics_path):  # the launcher checks this first
+            raise RunDirError(f"{self.metrics_path} exists: a fresh run never deletes results (use --overwrite)")
         if _rank0() and resumed and os.path.exists(self.metrics_path):
             _truncate_metrics(self.metrics_path, self.iteration)
         writer = MetricsWriter(self.metrics_path) if _rank0() else None
@@ -401,7 +475,10 @@ class Trainer:
         try:
             while self.iteration < cfg.total_iters:
                 it = self.iteration
-                rec = self.train_step(it)
+                try:
+                    rec = self.train_step(it)
+                except FloatingPointError as e:  # non-finite loss (loss_func) or skipped step (fp16/bf16)
+                    raise DivergenceError(self._divergence_message(it + 1, str(e))) from None
                 self.iteration = it + 1
                 now = time.time()
                 window_tokens += rec["tokens"]
@@ -410,6 +487,7 @@ class Trainer:
                 rec["kind"] = "train"
                 if writer:
                     writer.write(rec)
+                self.check_step(rec)  # before any eval or save of these weights
                 if bar is not None:
                     post = {"stage": rec["loss_name"], "loss": f"{rec.get('lm_loss', float('nan')):.3f}"}
                     if "otr_hit_rate" in rec:
