@@ -8,6 +8,11 @@ Launch-model mapping (NeMo-Run converts it itself): `launcher="torchrun"` is giv
 `ntasks_per_node=gpus_per_node` and turns that into one task per node with
 `torchrun --nproc-per-node gpus_per_node --node-rank $SLURM_NODEID`; `launcher="srun"` keeps one
 task per GPU with no launcher, rank and world size from SLURM_PROCID / SLURM_NTASKS.
+
+Hostile values: the spec is validated exactly as for `otr-megatron slurm`; `job_dir` and the run
+name, which NeMo-Run writes into #SBATCH lines, get the same strict patterns; environment values are
+passed shell-quoted because NeMo-Run writes `export KEY=VALUE` without quoting; string options in
+`**extra` may not contain control characters.
 """
 
 from __future__ import annotations
@@ -15,7 +20,33 @@ from __future__ import annotations
 import shlex
 from typing import Any
 
-from otr_megatron.launch.slurm import SlurmSpec, task_script
+from otr_megatron.launch.slurm import (
+    _JOB_NAME_RE,
+    _LOG_DIR_RE,
+    SlurmSpec,
+    SlurmSpecError,
+    check_directive,
+    check_text,
+    task_script,
+)
+
+
+def _check_options(extra: dict[str, Any]) -> None:
+    """No control character in any string (or string inside a list/tuple/dict) passed through to NeMo-Run."""
+
+    def walk(name: str, v: Any) -> None:
+        if isinstance(v, str):
+            check_text(name, v, "a single-line value")
+        elif isinstance(v, (list, tuple)):
+            for i, x in enumerate(v):
+                walk(f"{name}[{i}]", x)
+        elif isinstance(v, dict):
+            for k, x in v.items():
+                walk(f"{name} key", k)
+                walk(f"{name}[{k!r}]", x)
+
+    for key, value in extra.items():
+        walk(f"executor option {key}", value)
 
 
 def _import_nemo_run():
@@ -38,7 +69,10 @@ def slurm_executor(spec: SlurmSpec, *, job_dir: str, tunnel: Any = None, package
     """
     spec.validate()
     if spec.account is None:
-        raise ValueError("NeMo-Run's SlurmExecutor requires an account: set SlurmSpec.account / --account")
+        raise SlurmSpecError("NeMo-Run's SlurmExecutor requires an account: set SlurmSpec.account / --account")
+    check_directive("job_dir", job_dir, _LOG_DIR_RE,
+                    "a directory path of letters, digits and _./@+,:=~- (no spaces, quotes, # or %)")
+    _check_options(extra)
     run = _import_nemo_run()
     kwargs: dict[str, Any] = dict(
         account=spec.account,
@@ -49,7 +83,8 @@ def slurm_executor(spec: SlurmSpec, *, job_dir: str, tunnel: Any = None, package
         time=spec.time,
         container_image=spec.container_image,
         container_mounts=list(spec.container_mounts),
-        env_vars=dict(spec.env),
+        # NeMo-Run renders `export KEY=VALUE` verbatim: quote the value for the shell.
+        env_vars={k: shlex.quote(v) for k, v in spec.env.items()},
         tunnel=tunnel if tunnel is not None else run.LocalTunnel(job_dir=job_dir),
         launcher="torchrun" if spec.launcher == "torchrun" else None,
         exclusive=spec.exclusive or None,
@@ -83,8 +118,7 @@ def script_task(spec: SlurmSpec):
     WORLD_SIZE from the SLURM task variables (NeMo-Run sets none of them without a launcher) and
     execs the command. torchrun model: the command itself; NeMo-Run wraps it in torchrun.
     """
-    if not spec.command:
-        raise ValueError("script_task: empty command")
+    spec.validate()
     run = _import_nemo_run()
     if spec.launcher == "srun":
         return run.Script(inline=task_script(spec))
@@ -93,6 +127,8 @@ def script_task(spec: SlurmSpec):
 
 def launch(spec: SlurmSpec, *, job_dir: str, name: str | None = None, dryrun: bool = False, **executor_kwargs: Any):
     """Submit (or with `dryrun=True` only render and print) `spec.command` through NeMo-Run."""
+    if name is not None:
+        check_directive("name", name, _JOB_NAME_RE, "a job name of letters, digits and _.+- only")
     run = _import_nemo_run()
     executor = slurm_executor(spec, job_dir=job_dir, **executor_kwargs)
     return run.run(script_task(spec), executor=executor, name=name or spec.job_name, dryrun=dryrun)

@@ -12,6 +12,15 @@ Containers go through Pyxis (`srun --container-image/--container-mounts`). The s
 environment Megatron jobs usually need, writes one log per job (`%x-%j.out`), and with `--requeue`
 traps the warning signal SLURM sends before the time limit and requeues the job (the training
 command must save a checkpoint on SIGTERM, e.g. Megatron's exit-signal handler, to resume).
+
+Hostile values: nothing is written raw. Values that land in `#SBATCH` lines are checked against a
+strict pattern per option, because sbatch reads those lines with its own small tokenizer (split at
+whitespace, `'`/`"` quotes, `\` escapes, `#` starts a comment, the words `hetjob`/`packjob` start a
+new job component) and stops reading directives at the first line that is not a comment, so a
+newline in a value would run as a command and silently drop every later directive. Values that land
+in shell code (environment values, srun options, each word of the command) are `shlex.quote`d. A
+control character (newline, tab, NUL, ...) is refused in every field. `--setup` lines are shell code
+by design, written as given, one line each.
 """
 
 from __future__ import annotations
@@ -22,6 +31,7 @@ import shlex
 import shutil
 import subprocess
 import sys
+import unicodedata
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -39,13 +49,71 @@ DEFAULT_ENV: dict[str, str] = {
     "NVTE_FUSED_ATTN": "1",
 }
 
-_TIME_RE = re.compile(r"^(\d+-)?\d{1,2}(:\d{2}){0,2}$|^\d+$")
-_ENV_KEY_RE = re.compile(r"^[A-Za-z_][A-Za-z0-9_]*$")
-_JOB_NAME_RE = re.compile(r"^[A-Za-z0-9_.+-]+$")
+# Patterns are used with re.fullmatch (`$` would also match before a trailing newline).
+_TIME_RE = re.compile(r"(\d+-)?\d{1,2}(:\d{2}){0,2}|\d+")
+_ENV_KEY_RE = re.compile(r"[A-Za-z_][A-Za-z0-9_]*")
+_NAME = r"[A-Za-z0-9_.+-]+"
+_JOB_NAME_RE = re.compile(_NAME)
+_PARTITION_RE = re.compile(rf"{_NAME}(,{_NAME})*")
+# Log directory: a path sbatch takes verbatim (no whitespace, quotes, `\`, `#`; no `%`, which
+# starts a filename pattern such as %j).
+_LOG_DIR_RE = re.compile(r"[A-Za-z0-9_./@+,:=~-]+")
+# Extra sbatch option, long or short form with its value attached: --constraint=h100, -Cvolta. The
+# value is printable ASCII without space and without the characters sbatch's directive tokenizer
+# interprets (quotes, backslash, #); `$`, backticks and `;` are literal in a directive (bash reads
+# the line as a comment, sbatch expands nothing).
+_DIRECTIVE_VALUE = r"""(?:(?!["'\\#])[!-~])+"""
+_SBATCH_OPT_RE = re.compile(rf"--[A-Za-z][A-Za-z0-9-]*(={_DIRECTIVE_VALUE})?|-[A-Za-z]({_DIRECTIVE_VALUE})?")
+_HETJOB_RE = re.compile(r"hetjob|packjob", re.IGNORECASE)
 
 
 class SlurmSpecError(ValueError):
     """A launch option has a value the script cannot be rendered with."""
+
+
+def _control_char(value: str) -> str | None:
+    """Describe the first control or line-separator character of `value`, or None."""
+    for i, c in enumerate(value):
+        if unicodedata.category(c) in ("Cc", "Zl", "Zp"):
+            return f"control character U+{ord(c):04X} ({c!r}) at index {i}"
+    return None
+
+
+def check_text(flag: str, value, expected: str = "text") -> str:
+    """A string with no control character (a newline would end the script line it is written on)."""
+    if not isinstance(value, str):
+        raise SlurmSpecError(f"{flag} {value!r}: expected {expected} (a string), got {type(value).__name__}")
+    bad = _control_char(value)
+    if bad:
+        raise SlurmSpecError(f"{flag} {value!r}: contains a {bad}; expected {expected} on one line")
+    return value
+
+
+def check_directive(flag: str, value, pattern: re.Pattern, expected: str) -> str:
+    """A value written into an #SBATCH line: one line, matching `pattern` in full, no het-job word."""
+    check_text(flag, value, expected)
+    if not pattern.fullmatch(value):
+        raise SlurmSpecError(f"{flag} {value!r}: expected {expected}")
+    if _HETJOB_RE.search(value):
+        raise SlurmSpecError(f"{flag} {value!r}: sbatch reads 'hetjob'/'packjob' in an #SBATCH line as a "
+                             f"job-component separator; expected {expected} without those words")
+    return value
+
+
+def check_int(flag: str, value, lo: int, hi: int | None = None) -> int:
+    """An integer (not a bool, float or string) in [lo, hi]."""
+    rng = f"an integer >= {lo}" if hi is None else f"an integer in {lo}..{hi}"
+    if isinstance(value, bool) or not isinstance(value, int) or value < lo or (hi is not None and value > hi):
+        raise SlurmSpecError(f"{flag} {value!r}: expected {rng}")
+    return value
+
+
+def check_env_key(flag: str, key) -> str:
+    check_text(flag, key, "an environment variable name")
+    if not _ENV_KEY_RE.fullmatch(key):
+        raise SlurmSpecError(f"{flag} {key!r}: not a valid environment variable name; expected letters, digits "
+                             "and _, not starting with a digit")
+    return key
 
 
 @dataclass
@@ -76,31 +144,60 @@ class SlurmSpec:
     sbatch_extra: list[str] = field(default_factory=list)
 
     def validate(self) -> None:
-        if not self.command:
+        """Check every field; raise SlurmSpecError naming the option, the value and what is expected."""
+        if not isinstance(self.command, (list, tuple)) or not self.command:
             raise SlurmSpecError("no command to launch: put it after `--`, e.g. `-- otr-megatron bridge --recipe ...`")
+        for i, word in enumerate(self.command):
+            check_text(f"command word {i}", word, "a command-line word")
         if self.launcher not in LAUNCHERS:
             raise SlurmSpecError(f"--launcher {self.launcher!r}: expected one of {', '.join(LAUNCHERS)}")
-        if self.nodes < 1:
-            raise SlurmSpecError(f"--nodes {self.nodes}: expected an integer >= 1")
-        if not 1 <= self.gpus_per_node <= 64:
-            raise SlurmSpecError(f"--gpus-per-node {self.gpus_per_node}: expected an integer in 1..64")
-        if not _TIME_RE.match(self.time):
-            raise SlurmSpecError(f"--time {self.time!r}: expected SLURM time like 04:00:00, 1-00:00:00 or minutes")
-        if not _JOB_NAME_RE.match(self.job_name):
-            raise SlurmSpecError(f"--job-name {self.job_name!r}: use letters, digits and _.+- only")
-        if self.master_port != "auto" and not (self.master_port.isdigit() and 1024 <= int(self.master_port) <= 65535):
+        check_int("--nodes", self.nodes, 1)
+        check_int("--gpus-per-node", self.gpus_per_node, 1, 64)
+        if self.cpus_per_task is not None:
+            check_int("--cpus-per-task", self.cpus_per_task, 1)
+        check_directive("--time", self.time, _TIME_RE, "SLURM time like 04:00:00, 1-00:00:00 or minutes")
+        check_directive("--job-name", self.job_name, _JOB_NAME_RE, "a job name of letters, digits and _.+- only")
+        if self.partition is not None:
+            check_directive("--partition", self.partition, _PARTITION_RE,
+                            "a partition name of letters, digits and _.+- (comma-separated for several)")
+        if self.account is not None:
+            check_directive("--account", self.account, _JOB_NAME_RE, "an account name of letters, digits and _.+- only")
+        if self.qos is not None:
+            check_directive("--qos", self.qos, _JOB_NAME_RE, "a QOS name of letters, digits and _.+- only")
+        check_directive("--log-dir", self.log_dir, _LOG_DIR_RE,
+                        "a directory path of letters, digits and _./@+,:=~- (no spaces, quotes, # or %)")
+        for opt in self.sbatch_extra:
+            check_directive("--sbatch", opt, _SBATCH_OPT_RE,
+                            "one sbatch option with its value attached, e.g. --constraint=h100 "
+                            "(no spaces, quotes, backslash or #)")
+        if not isinstance(self.master_port, str) or not (
+            self.master_port == "auto" or (re.fullmatch(r"[0-9]{4,5}", self.master_port) and 1024 <= int(self.master_port) <= 65535)
+        ):
             raise SlurmSpecError(f"--master-port {self.master_port!r}: expected 'auto' or a port in 1024..65535")
+        if self.container_image is not None:
+            check_text("--container-image", self.container_image, "a container image or .sqsh path")
+            if not self.container_image or "," in self.container_image:
+                raise SlurmSpecError(f"--container-image {self.container_image!r}: expected a non-empty image "
+                                     "reference or .sqsh path without commas")
         for m in self.container_mounts:
+            check_text("--container-mounts entry", m, "SRC:DST or SRC:DST:FLAGS")
             parts = m.split(":")
             if len(parts) not in (2, 3) or not all(parts[:2]) or "," in m:
                 raise SlurmSpecError(f"--container-mounts entry {m!r}: expected SRC:DST or SRC:DST:FLAGS")
+        if self.container_workdir is not None:
+            check_text("--container-workdir", self.container_workdir, "a directory path inside the container")
         if (self.container_mounts or self.container_workdir) and not self.container_image:
             raise SlurmSpecError("--container-mounts/--container-workdir need --container-image (Pyxis)")
-        for key in self.env:
-            if not _ENV_KEY_RE.match(key):
-                raise SlurmSpecError(f"--env key {key!r}: not a valid environment variable name")
-        if self.requeue_signal_seconds < 1 or self.max_requeues < 0:
-            raise SlurmSpecError("--requeue-signal-seconds must be >= 1 and --max-requeues >= 0")
+        for key, value in self.env.items():
+            check_env_key("--env key", key)
+            check_text(f"--env {key}", value, "a value")
+        for line in self.setup:
+            check_text("--setup", line, "one shell line (repeat --setup for several)")
+        check_int("--requeue-signal-seconds", self.requeue_signal_seconds, 1)
+        check_int("--max-requeues", self.max_requeues, 0)
+        for flag, v in (("--exclusive", self.exclusive), ("--requeue", self.requeue)):
+            if not isinstance(v, bool):
+                raise SlurmSpecError(f"{flag} {v!r}: expected True or False")
 
     @property
     def ntasks_per_node(self) -> int:
@@ -246,8 +343,17 @@ def _parse_env(items: list[str]) -> dict[str, str]:
         if "=" not in item:
             raise SlurmSpecError(f"--env {item!r}: expected KEY=VALUE")
         k, v = item.split("=", 1)
-        env[k] = v
+        env[check_env_key("--env key", k)] = v
     return env
+
+
+def _config_int(path: str, key: str, value) -> int | None:
+    """A count from the config file: an integer, never a float or string silently converted."""
+    if value is None:
+        return None
+    if isinstance(value, bool) or not isinstance(value, int):
+        raise SlurmSpecError(f"--config {path}: {key}={value!r}; expected a positive integer")
+    return value
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -298,27 +404,31 @@ def spec_from_args(ns: argparse.Namespace) -> SlurmSpec:
         if not p.is_file():
             raise SlurmSpecError(f"--config {ns.config!r}: no such file")
         cfg = yaml.safe_load(p.read_text()) or {}
+        if not isinstance(cfg, dict):
+            raise SlurmSpecError(f"--config {ns.config!r}: expected a YAML mapping, got {type(cfg).__name__}")
         cluster = cfg.get("cluster") or {}
-        nodes = nodes if nodes is not None else cluster.get("nodes")
-        gpus = gpus if gpus is not None else cluster.get("gpus_per_node")
+        nodes = nodes if nodes is not None else _config_int(ns.config, "cluster.nodes", cluster.get("nodes"))
+        gpus = gpus if gpus is not None else _config_int(ns.config, "cluster.gpus_per_node", cluster.get("gpus_per_node"))
         name = name or cfg.get("name")
+        if name is not None and not isinstance(name, str):
+            raise SlurmSpecError(f"--config {ns.config}: name={name!r}; expected a job name string")
     command = list(ns.command)
     if command and command[0] == "--":
         command = command[1:]
     env = dict(DEFAULT_ENV)
     if ns.hf_home:
-        env["HF_HOME"] = ns.hf_home
+        env["HF_HOME"] = check_text("--hf-home", ns.hf_home, "a directory path")
         env["TRANSFORMERS_OFFLINE"] = "1"
     for key in ns.no_env:
-        env.pop(key, None)
+        env.pop(check_env_key("--no-env", key), None)
     env.update(_parse_env(ns.env))
     mounts = [m for item in ns.container_mounts for m in item.split(",") if m]
     return SlurmSpec(
         command=command,
-        nodes=int(nodes if nodes is not None else 1),
-        gpus_per_node=int(gpus if gpus is not None else 8),
+        nodes=nodes if nodes is not None else 1,
+        gpus_per_node=gpus if gpus is not None else 8,
         launcher=ns.launcher,
-        job_name=str(name or "otr"),
+        job_name=name or "otr",
         partition=ns.partition,
         account=ns.account,
         qos=ns.qos,
