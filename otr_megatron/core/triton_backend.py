@@ -48,6 +48,7 @@ else:
     libdevice = None
 
 _MAX_TILE = 8192  # elements per tile in the interpreter (few, large tiles: ~0.1 ms per op per tile)
+LAST_LAUNCH: dict = {}  # kernel name -> last compiled launch handle (n_regs, n_spills for bench_gpu)
 
 
 # --------------------------------------------------------------------------------------------
@@ -401,7 +402,7 @@ def local_stats(x, label_col, owns_label, spec: Spec, stats_out, prefix_out, scr
     if sample:
         _check_rows("prefix_out", prefix_out)
     epi = min(triton.next_power_of_2(max(spec.n_blocks, 1)), 1024)
-    _stats_kernel[(rows,)](
+    LAST_LAUNCH["stats"] = _stats_kernel[(rows,)](
         x, x.stride(0), _vec(label_col), _vec(owns_label), stats_out, stats_out.stride(0), prefix, prefix.stride(0),
         spec.n_real, spec.n_blocks, INV_KAPPA=_inv_kappa(spec), KAPPA=float(spec.kappa),
         SAMPLE=sample, EXPECTED=spec.estimator == "expected", B=b, LOG2B=b.bit_length() - 1,
@@ -426,7 +427,7 @@ def sample(x, keys, label_col, owns_label, ok, total, rank_cum, rank_scale, pref
     kc = triton.next_power_of_2(spec.k)
     if not INTERPRET:
         kc = min(kc, max(16, 2048 // b))  # lanes per step: bounds the [lanes, B] registers
-    _sample_kernel[(rows,)](
+    LAST_LAUNCH["sample"] = _sample_kernel[(rows,)](
         x, x.stride(0), _vec(keys), _vec(label_col), _vec(owns_label), _vec(ok), _vec(total), rank_cum,
         rank_cum.stride(0), _vec(rank_scale), prefix, prefix.stride(0), partial_out, partial_out.stride(0), cols_out, cols_out.stride(0),
         weights_out, weights_out.stride(0),
@@ -455,7 +456,7 @@ def grad(x, out, g, coef_pi, coef_q, cols, weights, valid, spec: Spec, scratch=N
     has_q = coef_q is not None
     if local is not None and has_q and spec.estimator != "expected":
         local = None  # TMASS is the plain tempered sum only for "expected"
-    _grad_kernel[(rows,)](
+    LAST_LAUNCH["grad"] = _grad_kernel[(rows,)](
         x, x.stride(0), out, out.stride(0), _vec(g), _vec(coef_pi), _vec(coef_q if has_q else coef_pi), cols,
         cols.stride(0), weights, weights.stride(0), _vec(valid), local if local is not None else g,
         local.stride(0) if local is not None else 0,
