@@ -85,7 +85,8 @@ def check_text(flag: str, value, expected: str = "text") -> str:
         raise SlurmSpecError(f"{flag} {value!r}: expected {expected} (a string), got {type(value).__name__}")
     bad = _control_char(value)
     if bad:
-        raise SlurmSpecError(f"{flag} {value!r}: contains a {bad}; expected {expected} on one line")
+        raise SlurmSpecError(f"{flag} {value!r}: contains a {bad}, which would break the script line; "
+                             f"expected {expected}")
     return value
 
 
@@ -383,7 +384,7 @@ def build_parser() -> argparse.ArgumentParser:
     ap.add_argument("--env", action="append", default=[], help="KEY=VALUE to export (overrides defaults)")
     ap.add_argument("--no-env", action="append", default=[], help="KEY of a default variable to leave unset")
     ap.add_argument("--hf-home", help="HF_HOME on a shared filesystem (also sets TRANSFORMERS_OFFLINE=1)")
-    ap.add_argument("--setup", action="append", default=[], help="shell line run in the batch shell before launch")
+    ap.add_argument("--setup", action="append", default=[], help="shell line run in the batch shell before launch (written as given: it is shell code; one line each)")
     ap.add_argument("--sbatch", action="append", default=[], help="extra #SBATCH option, e.g. --sbatch=--constraint=h100")
     ap.add_argument("--requeue", action="store_true", help="requeue before the time limit and resume")
     ap.add_argument("--requeue-signal-seconds", type=int, default=300)
