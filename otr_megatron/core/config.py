@@ -6,6 +6,7 @@ import math
 from dataclasses import dataclass, fields
 
 ESTIMATORS = ("sample", "expected", "sft", "dft")
+BACKENDS = ("auto", "torch", "triton")
 NORMALIZATIONS = ("token", "sequence")
 
 
@@ -15,7 +16,9 @@ class OTRConfig:
 
     num_samples: K, samples per supervised token (paper: 256).
     temperature: kappa, temperature of the sampling policy softmax(logits / kappa), > 0.
-    neg_reward: beta, reward of a sampled token that is not the label, < 1 (paper: slightly negative).
+    neg_reward: beta, reward of a sampled token that is not the label, in [-1, 0]. The paper uses a
+        slightly negative beta (e.g. -0.1); beta > 0 would reward wrong tokens, and beta < -1 makes
+        the push away from wrong tokens outweigh the pull toward the label (a label hit has reward 1).
     estimator: "sample" (the paper's Monte Carlo estimator), "expected" (closed form, K -> infinity),
         "sft" (cross entropy) or "dft" (cross entropy weighted by stopgrad p(label)).
     seed: key of the counter-based random stream; samples depend only on (seed, step, token key, j).
@@ -27,6 +30,9 @@ class OTRConfig:
         reduce the per-token loss: "token" (Megatron's global token mean) or "sequence" (the
         paper's: each sequence's supervised tokens weighted 1/length, then the mean over
         sequences). The loss function itself always returns per-token values.
+    backend: "auto" (Triton kernels when the logits are on CUDA and `otr_megatron.core.triton_backend`
+        imports, else the torch path), "torch" or "triton" (raises if unavailable). Both implement
+        the same steps and the same sampling (docs/sampling.md).
     """
 
     num_samples: int = 256
@@ -37,18 +43,23 @@ class OTRConfig:
     chunk_tokens: int | None = None
     inplace_backward: bool = False
     normalization: str = "token"
+    backend: str = "auto"
 
     def __post_init__(self):
         if isinstance(self.num_samples, bool) or not isinstance(self.num_samples, int) or self.num_samples < 1:
             raise ValueError(f"OTRConfig.num_samples must be an integer >= 1, got {self.num_samples!r}")
         t = self.temperature
         if isinstance(t, bool) or not isinstance(t, (int, float)) or not math.isfinite(t) or t <= 0:
-            raise ValueError(f"OTRConfig.temperature must be a finite number > 0, got {t!r}")
+            raise ValueError(f"OTRConfig.temperature (kappa) must be a finite number > 0 (paper: about 1.3), "
+                             f"got {t!r}")
         b = self.neg_reward
-        if isinstance(b, bool) or not isinstance(b, (int, float)) or not math.isfinite(b) or b >= 1:
-            raise ValueError(f"OTRConfig.neg_reward must be a finite number < 1, got {b!r}")
+        if isinstance(b, bool) or not isinstance(b, (int, float)) or not -1 <= b <= 0:  # NaN fails too
+            raise ValueError(f"OTRConfig.neg_reward (beta) must be a number in [-1, 0] (the paper's beta is "
+                             f"slightly negative, e.g. -0.1), got {b!r}")
         if self.normalization not in NORMALIZATIONS:
             raise ValueError(f"OTRConfig.normalization must be one of {NORMALIZATIONS}, got {self.normalization!r}")
+        if self.backend not in BACKENDS:
+            raise ValueError(f"OTRConfig.backend must be one of {BACKENDS}, got {self.backend!r}")
         if self.estimator not in ESTIMATORS:
             raise ValueError(f"OTRConfig.estimator must be one of {ESTIMATORS}, got {self.estimator!r}")
         if isinstance(self.seed, bool) or not isinstance(self.seed, int):

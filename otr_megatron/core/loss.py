@@ -1,22 +1,23 @@
 """One-Token Rollout over vocab-parallel logits, with no vocabulary-sized communication.
 
 Each tensor-parallel rank holds logits ``[N, V/tp]`` for global ids ``[rank*V/tp, (rank+1)*V/tp)``.
-Per token only O(tp) numbers cross ranks, whatever K is:
+The forward is a sequence of named steps (Megatron's shape); what touches the logits is a backend's
+(`core/backends.py`: torch reference, Triton kernels), the collectives are all visible here:
 
-1. one small all-gather of input fingerprints (shapes, label and key checksums, settings), so a
-   mismatched rank raises instead of silently training on wrong numbers;
-2. one all-gather of per-rank statistics: max, sum exp at temperature 1 and at kappa, the label's
-   logit (owner only), and for the expected estimator the tempered mean logit;
-3. (sample only) one all-reduce of the reward-weighted sampled logits and the hit counts.
+1. `local_statistics`: per rank and token, max, sum exp at temperature 1, the label's logit (owner
+   only), the tempered mass at kappa (and, for the expected estimator, the tempered mean logit;
+   for the sampled one, the float64 prefix sums of the block weights of docs/sampling.md);
+2. one all-gather of those statistics (3-5 numbers per token), after one small all-gather of input
+   fingerprints, so a mismatched rank raises instead of silently training on wrong numbers;
+3. `global_normalisers`: logsumexp at 1 and kappa, per-rank masses, this rank's shares;
+4. `draw_samples` (sample only): the layout-exact hierarchical inverse CDF, then one all-reduce of
+   hit counts and reward-weighted sampled logits (2 numbers per token);
+5. `estimator_terms`: per-token loss and the gradient coefficients of each estimator.
 
-The backward uses the saved global statistics and needs no collective.
-
-Sampling is an exact hierarchical inverse CDF with one uniform per sample: the uniform is mapped
-to a global CDF position, the per-rank masses pick the owning rank (the same decision on every
-rank), the owner picks a block of B ids (B ~ sqrt(V/tp / K)) from block masses kept in the forward pass, and
-recomputes only that block to find the token. Samples therefore equal a single-device inverse-CDF
-draw except where float rounding moves a CDF boundary, and the cost per token is one pass over the
-shard plus O(K * B / tp), never K x V.
+The backward is one step per chunk (`grad`): dense ``a * softmax(x) [+ b * softmax(x / kappa)]`` plus
+the sparse sampled (or label) entries, from the saved per-token coefficients, with no collective.
+Only O(tp) numbers per token cross ranks, whatever K is, and a call synchronises with the host at
+most twice (the fingerprint check, and compacting the drawn samples when ``return_stats=True``).
 """
 
 from __future__ import annotations
@@ -24,12 +25,25 @@ from __future__ import annotations
 import math
 import struct
 import zlib
+from dataclasses import dataclass
 
 import torch
 import torch.distributed as dist
 
+from otr_megatron.core.backends import (
+    STAT_LABEL,
+    STAT_MAX,
+    STAT_SUMEXP,
+    STAT_TMASS,
+    STAT_TMEAN,
+    Backend,
+    Spec,
+    base_block_size,
+    block_size,
+    get_backend,
+)
 from otr_megatron.core.config import OTRConfig
-from otr_megatron.core.random import token_uniforms
+from otr_megatron.core.random import splitmix64
 
 _FLOAT_DTYPES = (torch.float32, torch.bfloat16, torch.float16, torch.float64)
 _INT_DTYPES = (torch.int64, torch.int32)
@@ -42,36 +56,9 @@ def _default_chunk_tokens(shard: int, on_gpu: bool) -> int:
     return max(1, target // max(shard, 1))
 
 
-def _softmax(x: torch.Tensor, out: torch.Tensor) -> torch.Tensor:
-    """ATen's fused softmax over the last dim into a preallocated buffer (cheaper than exp ops)."""
-    return torch.ops.aten._softmax.out(x, -1, False, out=out)
-
-
-def _log_softmax(x: torch.Tensor, out: torch.Tensor) -> torch.Tensor:
-    return torch.ops.aten._log_softmax.out(x, -1, False, out=out)
-
-
-class _Workspace:
-    """Three fp32 [chunk, V/tp] buffers reused by every chunk of one forward or backward.
-
-    Fresh per-chunk allocations page-fault on CPU (about 20% of the loss time in the benchmark).
-    """
-
-    def __init__(self, rows: int, cols: int, device):
-        self.bufs = torch.empty(3, rows, cols, dtype=torch.float32, device=device)
-
-    def views(self, x: torch.Tensor):
-        """(x as fp32, two scratch buffers): fp32 input is used in place and never written."""
-        rows = x.size(0)
-        a, b, c = (t[:rows] for t in self.bufs)
-        if x.dtype == torch.float32:
-            return x, b, c
-        a.copy_(x)
-        return a, b, c
-
-    def free_after(self, xf: torch.Tensor) -> torch.Tensor:
-        """A buffer that may be overwritten once `xf` has been read for the last time."""
-        return self.bufs[0][: xf.size(0)]
+def _block_size(vocab_size: int, k: int) -> int:
+    """Ids per sampling block for a vocabulary and K (kept for the memory planner)."""
+    return base_block_size(vocab_size, k)
 
 
 def _tp_layout(tp_group) -> tuple[int, int]:
@@ -137,20 +124,34 @@ def _out_of_range(labels, vocab_size, ignore_index) -> torch.Tensor:
     return ((labels < 0) & (labels != ignore_index)) | (labels >= vocab_size)
 
 
+_LABEL_SALT, _KEY_SALT = 0x4C41424C, 0x4B455953  # "LABL", "KEYS": labels and keys hash differently
+
+
+def _sequence_hash(values: torch.Tensor, salt: int) -> torch.Tensor:
+    """sum_i SplitMix64(v_i ^ SplitMix64(i + salt)) in wrapping int64: every element is mixed with
+    its index, so permutations, shifts and compensating changes all alter it (a weighted sum
+    sum((i+1) * v_i) does not: [10, 20] and [12, 19] collide)."""
+    idx = torch.arange(values.numel(), dtype=torch.int64, device=values.device)
+    return splitmix64(values.reshape(-1).to(torch.int64) ^ splitmix64(idx + salt)).sum()
+
+
 def _fingerprint(labels, keys, vocab_size, ignore_index, cfg, step, shard) -> torch.Tensor:
     n = labels.numel()
-    weights = torch.arange(1, n + 1, dtype=torch.int64, device=labels.device)
     bad = _out_of_range(labels, vocab_size, ignore_index)
-    head = torch.tensor([n, shard, vocab_size, _settings_id(cfg, step, ignore_index)], dtype=torch.int64, device=labels.device)
-    tail = torch.stack([(labels * weights).sum(), (keys * weights).sum(), bad.sum()])
+    head = torch.tensor([n, shard, vocab_size, _settings_id(cfg, step, ignore_index)], dtype=torch.int64,
+                        device=labels.device)
+    tail = torch.stack([_sequence_hash(labels, _LABEL_SALT), _sequence_hash(keys, _KEY_SALT), bad.sum()])
     return torch.cat([head, tail])
 
 
+_FINGERPRINT_FIELDS = ["number of tokens", "logits last dimension", "vocab_size",
+                       "OTR settings / step / ignore_index", "labels", "token_keys"]
+
+
 def _verify_fingerprints(prints: torch.Tensor, labels, vocab_size, ignore_index) -> None:
+    """Raises on every rank if any field differs across ranks. The one host sync of a call."""
     rows = prints.tolist()
-    names = ["number of tokens", "logits last dimension", "vocab_size", "OTR settings / step / ignore_index",
-             "labels", "token_keys"]
-    for field, name in enumerate(names):
+    for field, name in enumerate(_FINGERPRINT_FIELDS):
         values = [r[field] for r in rows]
         if len(set(values)) > 1:
             raise ValueError(
@@ -174,261 +175,200 @@ def _all_gather(t: torch.Tensor, group, world: int) -> torch.Tensor:
 
 
 # --------------------------------------------------------------------------------------------
-# the autograd function
+# the forward's steps (each usable on its own: tests run them for simulated ranks)
 # --------------------------------------------------------------------------------------------
 
 
+def make_spec(cfg: OTRConfig, step: int, rank: int, world: int, shard: int, vocab_size: int) -> Spec:
+    """Static settings of one call on one rank."""
+    n_real = min(max(vocab_size - rank * shard, 0), shard)  # real (unpadded) ids held here
+    block = block_size(vocab_size, cfg.num_samples, shard) if cfg.estimator == "sample" else 1
+    return Spec(cfg.estimator, float(cfg.temperature), float(cfg.neg_reward), cfg.num_samples, cfg.seed, step,
+                rank, world, shard, n_real, block)
+
+
+def label_columns(labels: torch.Tensor, spec: Spec, ignore_index: int):
+    """(valid, owns_label, label_col): which tokens are supervised, whose label is a real id of this
+    shard, and its local column (0 where not owned)."""
+    valid = labels != ignore_index
+    local = labels - spec.rank * spec.shard
+    owns = valid & (local >= 0) & (local < spec.n_real)
+    return valid, owns, torch.where(owns, local, torch.zeros_like(local))
+
+
+def local_statistics(backend: Backend, spec: Spec, logits, label_col, owns_label, chunk: int):
+    """Step 1: this rank's statistics, chunk by chunk. Returns (stats [N, C] float64, prefix
+    [N, n_blocks] float64 or None), see `core/backends.py`."""
+    n_tok = logits.size(0)
+    stats = torch.empty(n_tok, spec.stat_columns, dtype=torch.float64, device=logits.device)
+    prefix = (torch.empty(n_tok, spec.n_blocks, dtype=torch.float64, device=logits.device)
+              if spec.estimator == "sample" else None)
+    scratch = backend.scratch(min(chunk, n_tok), spec.n_real, logits.device)
+    for lo in range(0, n_tok, chunk):
+        hi = min(n_tok, lo + chunk)
+        backend.local_stats(logits[lo:hi], label_col[lo:hi], owns_label[lo:hi], spec, stats[lo:hi],
+                            prefix[lo:hi] if prefix is not None else None, scratch)
+    return stats, prefix
+
+
+@dataclass
+class Normalisers:
+    """Step 3's per-token results, identical on every rank (float64 [N] unless noted)."""
+
+    max: torch.Tensor  # M, global max logit
+    lse: torch.Tensor  # logsumexp(x)
+    label_logit: torch.Tensor
+    ok: torch.Tensor  # bool: supervised and finite normalisers
+    share_pi: torch.Tensor  # this rank's share of softmax(x): sumexp_r * exp(m_r - lse)
+    lse_k: torch.Tensor | None = None  # logsumexp(x / kappa)
+    total: torch.Tensor | None = None  # tempered mass in units of exp(M / kappa)
+    rank_cum: torch.Tensor | None = None  # [N, tp] inclusive prefix sums of the per-rank masses
+    rank_scale: torch.Tensor | None = None  # this rank's exp((m_r - M) / kappa)
+    share_q: torch.Tensor | None = None  # this rank's share of softmax(x / kappa)
+    mean_logit: torch.Tensor | None = None  # sum_a q(a) x(a) (expected estimator)
+
+
+def global_normalisers(allstats: torch.Tensor, spec: Spec, valid: torch.Tensor) -> Normalisers:
+    """Step 3: from the gathered ``[tp, N, C]`` statistics, the same numbers on every rank."""
+    m_r = allstats[..., STAT_MAX]
+    big = m_r.amax(0)  # NaN if any rank saw NaN; -inf if no rank has a real, finite-or-inf id
+    lse = big + torch.log((allstats[..., STAT_SUMEXP] * torch.exp(m_r - big)).sum(0))
+    ok = valid & torch.isfinite(lse)
+    share_pi = allstats[spec.rank, :, STAT_SUMEXP] * torch.exp(m_r[spec.rank] - lse)
+    out = Normalisers(big, lse, allstats[..., STAT_LABEL].sum(0), ok, share_pi)
+    if spec.tempered:
+        scale = torch.exp((m_r - big) / spec.kappa)  # rank r's tempered unit relative to the global max
+        mass_r = allstats[..., STAT_TMASS] * scale  # [tp, N]
+        out.rank_cum = mass_r.T.cumsum(-1).contiguous()  # rank order; the total is the last value
+        out.total = out.rank_cum[:, -1]
+        out.rank_scale = scale[spec.rank]
+        out.lse_k = big / spec.kappa + torch.log(out.total)
+        out.ok = ok & torch.isfinite(out.lse_k)
+        out.share_q = mass_r[spec.rank] / out.total
+        if spec.estimator == "expected":
+            mean = torch.where(mass_r > 0, allstats[..., STAT_TMEAN] * mass_r, 0.0).sum(0)
+            out.mean_logit = mean / out.total
+    return out
+
+
+def draw_samples(backend: Backend, spec: Spec, logits, keys, label_col, owns_label, norms: Normalisers, prefix):
+    """Step 4 (no collective): this rank's part of the K samples per token. Returns (partial [N, 2]
+    float64 hits and sum_j R_j x[a_j] over this rank's samples, cols [N, K] int64 (-1 = not this
+    rank's), weights [N, K] float32 = -R_j / K)."""
+    n_tok = logits.size(0)
+    dev = logits.device
+    partial = torch.empty(n_tok, 2, dtype=torch.float64, device=dev)
+    cols = torch.empty(n_tok, spec.k, dtype=torch.int64, device=dev)
+    weights = torch.empty(n_tok, spec.k, dtype=torch.float32, device=dev)
+    backend.sample(logits, keys, label_col, owns_label, norms.ok, norms.total, norms.rank_cum, norms.rank_scale,
+                   prefix, spec, partial, cols, weights)
+    return partial, cols, weights
+
+
+@dataclass
+class Terms:
+    """Step 5: per-token loss and gradient coefficients, grad = g * (a * pi + b * q + sparse)."""
+
+    loss: torch.Tensor  # float64 [N]
+    coef_pi: torch.Tensor  # a, coefficient of the global softmax
+    coef_q: torch.Tensor | None  # b, coefficient of the global softmax(x / kappa)
+    coef_label: torch.Tensor | None  # sparse weight at the label (closed-form estimators)
+    label_logprob: torch.Tensor
+    label_prob_tempered: torch.Tensor | None = None
+    reward_mean: torch.Tensor | None = None  # sum_j R_j / K
+
+
+def estimator_terms(spec: Spec, norms: Normalisers, partial: torch.Tensor | None = None) -> Terms:
+    """Step 5: the estimator's loss and coefficients from the global quantities (and the
+    all-reduced sample partials for "sample")."""
+    beta, k = spec.beta, spec.k
+    label_logprob = norms.label_logit - norms.lse
+    q_label = torch.exp(norms.label_logit / spec.kappa - norms.lse_k) if spec.tempered else None
+    if spec.estimator == "sample":
+        hits, wsum = partial[:, 0], partial[:, 1]
+        reward = hits + beta * (k - hits)  # S = sum_j R_j
+        return Terms(reward / k * norms.lse - wsum / k, reward / k, None, None, label_logprob, q_label, reward / k)
+    if spec.estimator == "expected":
+        qy_logp = torch.where(q_label > 0, q_label * label_logprob, 0.0)
+        loss = -((1 - beta) * qy_logp + beta * (norms.mean_logit - norms.lse))
+        coef_q = torch.full_like(loss, -beta) if beta != 0 else None
+        return Terms(loss, (1 - beta) * q_label + beta, coef_q, -(1 - beta) * q_label, label_logprob, q_label)
+    if spec.estimator == "sft":
+        return Terms(-label_logprob, torch.ones_like(label_logprob), None, -torch.ones_like(label_logprob),
+                     label_logprob)
+    p_label = torch.exp(label_logprob)  # dft: -stopgrad(p_y) * log p_y
+    return Terms(-p_label * label_logprob, p_label, None, -p_label, label_logprob)
+
+
+# --------------------------------------------------------------------------------------------
+# the autograd function: orchestration only
+# --------------------------------------------------------------------------------------------
+
+_NONE = torch.empty(0)
+
+
 class _VocabParallelOTR(torch.autograd.Function):
-    """Forward: statistics, sampling and loss. Backward: recompute softmax chunk by chunk."""
+    """Forward: the named steps above. Backward: the backend's gradient step, chunk by chunk.
+
+    Outputs: (loss, label_logprob, label_prob_tempered, hits, reward_mean, valid, sample_cols); all but
+    the loss are statistics, marked non-differentiable (empty where the estimator has none).
+    """
 
     @staticmethod
-    def forward(ctx, logits, labels, keys, cfg, group, world, rank, step, vocab_size, ignore_index, stats_out):
-        n_tok, shard = logits.shape
-        dev = logits.device
-        start = rank * shard
-        n_real = min(max(vocab_size - start, 0), shard)  # real (unpadded) ids held here
-        est = cfg.estimator
-        kappa, beta, k = float(cfg.temperature), float(cfg.neg_reward), cfg.num_samples
-        tempered = est in ("sample", "expected")
-        chunk = cfg.chunk_tokens or _default_chunk_tokens(shard, dev.type == "cuda")
+    def forward(ctx, logits, labels, keys, spec: Spec, backend: Backend, group, ignore_index, chunk, inplace):
+        valid, owns_label, label_col = label_columns(labels, spec, ignore_index)
+        stats, prefix = local_statistics(backend, spec, logits, label_col, owns_label, chunk)
+        allstats = _all_gather(stats, group, spec.world)  # [tp, N, C]
+        norms = global_normalisers(allstats, spec, valid)
+        ok = norms.ok
+        partial = cols = weights = None
+        if spec.estimator == "sample":
+            partial, cols, weights = draw_samples(backend, spec, logits, keys, label_col, owns_label, norms, prefix)
+            if group is not None:
+                dist.all_reduce(partial, group=group)
+        terms = estimator_terms(spec, norms, partial)
+        if cols is None:  # closed forms: one sparse entry per token, at the label on its owner
+            owner = owns_label & ok
+            cols = torch.where(owner, label_col, -1)[:, None]
+            weights = torch.where(owner, terms.coef_label, 0.0).float()[:, None]
 
-        valid = labels != ignore_index
-        local_label = labels - start
-        owns_label = valid & (local_label >= 0) & (local_label < n_real)
-        label_col = torch.where(owns_label, local_label, torch.zeros_like(local_label))
-
-        # ---- pass 1: per-rank statistics (and block masses of the tempered distribution) ----
-        # columns: 0 max m, 1 sum exp(x - m), 2 label logit, 3 sum exp((x - m)/kappa),
-        #          4 sum_a q_local(a) x(a), the tempered mean logit (expected estimator only)
-        # ATen's fused (log_)softmax kernels cost about one copy, far less than a standalone exp, so
-        # the sums are read off them: softmax(x)[argmax] = 1 / sum exp(x - m).
-        ncols = 3 + tempered + (est == "expected")
-        stats = torch.zeros(n_tok, ncols, dtype=torch.float64, device=dev)
-        block = _block_size(n_real, k) if est == "sample" else 1
-        n_blocks = -(-n_real // block)
-        blocks = torch.zeros(n_tok, n_blocks, dtype=torch.float32, device=dev) if est == "sample" else None
-        if n_real == 0:
-            stats[:, 0] = -math.inf
-        ws = _Workspace(min(chunk, n_tok), n_real, dev) if n_real else None
-        for lo in range(0, n_tok if n_real else 0, chunk):
-            hi = min(n_tok, lo + chunk)
-            xf, buf, q = ws.views(logits[lo:hi, :n_real])
-            m, arg = xf.max(dim=-1, keepdim=True)
-            _log_softmax(xf, out=buf)
-            stats[lo:hi, 0] = m.squeeze(-1)
-            stats[lo:hi, 1] = torch.exp(-buf.gather(1, arg)).squeeze(-1)
-            if tempered:
-                _softmax(torch.mul(xf, 1.0 / kappa, out=buf), out=q)
-                mass_local = 1.0 / q.gather(1, arg)  # sum exp((x - m)/kappa)
-                stats[lo:hi, 3] = mass_local.squeeze(-1)
-                if blocks is not None:
-                    full = (n_real // block) * block
-                    if full:
-                        blocks[lo:hi, : full // block] = q[:, :full].reshape(hi - lo, -1, block).sum(-1)
-                    if full < n_real:
-                        blocks[lo:hi, -1] = q[:, full:].sum(-1)
-                    blocks[lo:hi] *= mass_local  # in units of exp((x - m)/kappa), as the sampler recomputes
-                    # the rank's mass must be exactly what the search walks, or every CDF position
-                    # shifts by the kernel's summation error (~1e-6: 2% of draws over 32k near-equal ids)
-                    stats[lo:hi, 3] = blocks[lo:hi].double().sum(-1)
-                if est == "expected":
-                    mean = torch.matmul(q.unsqueeze(1), xf.unsqueeze(2)).view(-1)
-                    redo = (torch.isnan(mean) & torch.isfinite(m.squeeze(-1))).nonzero().squeeze(1)
-                    if redo.numel():  # masked -inf logits: 0 * -inf; a NaN logit still poisons via max
-                        xr = xf[redo].clamp(min=torch.finfo(torch.float32).min)
-                        mean[redo] = torch.matmul(q[redo].unsqueeze(1), xr.unsqueeze(2)).view(-1)
-                    stats[lo:hi, 4] = mean
-        rows = torch.arange(n_tok, device=dev)
-        stats[:, 2] = torch.where(owns_label, logits[rows, label_col].double(), 0.0)
-
-        # ---- collective: per-rank statistics -> global normalisers, identically on every rank ----
-        allstats = _all_gather(stats, group, world)  # [tp, N, ncols]
-        m_r = allstats[..., 0]
-        big = m_r.amax(0)  # global max (NaN if any rank saw NaN)
-        lse = big + torch.log((allstats[..., 1] * torch.exp(m_r - big)).sum(0))
-        label_logit = allstats[..., 2].sum(0)
-        ok = valid & torch.isfinite(lse)
-        if tempered:
-            scale = torch.exp((m_r - big) / kappa)  # rank r's tempered mass unit, relative to global max
-            mass_r = allstats[..., 3] * scale  # [tp, N]
-            mass = mass_r.sum(0)
-            lse_k = big / kappa + torch.log(mass)  # log-normaliser of logits / kappa
-            ok &= torch.isfinite(lse_k)
-            q_label = torch.exp(label_logit / kappa - lse_k)
-        label_logprob = label_logit - lse
-
-        # ---- per-token loss and backward coefficients: grad = g * (a*pi + b*q + sparse) ----
-        zero = torch.zeros(n_tok, dtype=torch.float64, device=dev)
-        coef_q = None
-        if est == "sample":
-            hits, wsum, sparse = _sample(logits, keys, cfg, step, rank, world, n_real, label_col, owns_label,
-                                         ok, m_r, scale, mass_r, mass, blocks, block, group)
-            reward = hits + beta * (k - hits)  # S_t
-            loss = reward / k * lse - wsum / k
-            coef_pi = reward / k
-            stats_out["hits"] = hits
-            stats_out["owned_samples"] = sparse
-            stats_out["reward_mean"] = reward / k
-        else:
-            if est == "expected":
-                # sum_a q(a) l(a): every rank's tempered mean logit, weighted by its mass
-                mean_logit = torch.where(mass_r > 0, allstats[..., 4] * mass_r, 0.0).sum(0) / mass
-                qy_logp = torch.where(q_label > 0, q_label * label_logprob, zero)
-                loss = -((1 - beta) * qy_logp + beta * (mean_logit - lse))
-                coef_pi = (1 - beta) * q_label + beta
-                coef_label = -(1 - beta) * q_label
-                coef_q = torch.full_like(zero, -beta) if beta != 0 else None
-            elif est == "sft":
-                loss = -label_logprob
-                coef_pi = torch.ones_like(zero)
-                coef_label = -coef_pi
-            else:  # dft: -stopgrad(p_y) * log p_y
-                p_label = torch.exp(label_logprob)
-                loss = -p_label * label_logprob
-                coef_pi = p_label
-                coef_label = -p_label
-            own = (owns_label & ok).nonzero().squeeze(1)
-            sparse = (own, label_col[own], coef_label[own].float())
-
-        # the backward uses this rank's local softmax; its share of the global mass makes it global
-        coef_pi = coef_pi * (allstats[rank, :, 1] * torch.exp(m_r[rank] - big)) / torch.exp(lse - big)
-        if coef_q is not None:
-            coef_q = coef_q * mass_r[rank] / mass
+        zero = torch.zeros_like(norms.lse)
         nan = torch.full_like(zero, math.nan)
-        loss = torch.where(ok, loss, torch.where(valid, nan, zero))
-        # non-finite logits give a non-finite gradient too; ignored tokens get exactly zero
-        coef_pi = torch.where(ok, coef_pi, torch.where(valid, nan, zero)).float()
-        if coef_q is not None:
-            coef_q = torch.where(ok, coef_q, zero).float()
-
-        stats_out["label_logprob"] = label_logprob.float()
-        if tempered:
-            stats_out["label_prob_tempered"] = q_label.float()
-        stats_out["valid"] = valid
+        # non-finite logits give a NaN loss and gradient; ignored tokens exactly zero
+        loss = torch.where(ok, terms.loss, torch.where(valid, nan, zero))
+        coef_pi = torch.where(ok, terms.coef_pi * norms.share_pi, torch.where(valid, nan, zero)).float()
+        coef_q = None
+        if terms.coef_q is not None:
+            coef_q = torch.where(ok, terms.coef_q * norms.share_q, zero).float()
+        weights = torch.where(ok[:, None], weights, 0.0)
 
         ctx.save_for_backward(logits)
-        ctx.coef_pi, ctx.coef_q, ctx.sparse = coef_pi, coef_q, sparse
-        ctx.ignored = (~valid).nonzero().squeeze(1)
-        ctx.kappa, ctx.n_real, ctx.chunk, ctx.inplace = kappa, n_real, chunk, cfg.inplace_backward
-        return loss.float()
+        ctx.coef_pi, ctx.coef_q, ctx.cols, ctx.weights, ctx.valid = coef_pi, coef_q, cols, weights, valid
+        ctx.spec, ctx.backend, ctx.chunk, ctx.inplace = spec, backend, chunk, inplace
+
+        def stat(t):
+            return _NONE.to(logits.device) if t is None else t
+
+        outs = (stat(terms.label_logprob), stat(terms.label_prob_tempered),
+                stat(partial[:, 0] if partial is not None else None), stat(terms.reward_mean), valid,
+                cols if spec.estimator == "sample" else stat(None))
+        ctx.mark_non_differentiable(*outs)
+        return (loss.float(),) + outs
 
     @staticmethod
-    def backward(ctx, grad_loss):
+    def backward(ctx, grad_loss, *unused):
         (logits,) = ctx.saved_tensors
-        n_tok, shard = logits.shape
+        spec, backend, chunk = ctx.spec, ctx.backend, ctx.chunk
+        n_tok = logits.size(0)
         g = grad_loss.reshape(-1).float()
-        a = ctx.coef_pi * g
-        b = ctx.coef_q * g if ctx.coef_q is not None else None
-        tok, col, coef = ctx.sparse
-        vals = coef * g[tok]  # upstream gradient applied in fp32, before any rounding
         out = logits if ctx.inplace else torch.empty_like(logits)
-        n_real = ctx.n_real
-        if n_real < shard:
-            out[:, n_real:] = 0.0  # padded ids: not part of the softmax
-        ws = _Workspace(min(ctx.chunk, n_tok), n_real, logits.device) if n_real else None
-        for lo in range(0, n_tok if n_real else 0, ctx.chunk):
-            hi = min(n_tok, lo + ctx.chunk)
-            xf, p, spare = ws.views(logits[lo:hi, :n_real])
-            _softmax(xf, out=p).mul_(a[lo:hi, None])  # local softmax x this rank's global share
-            if b is not None:
-                tempered = torch.mul(xf, 1.0 / ctx.kappa, out=spare)
-                q = ws.free_after(xf)  # the upcast copy (or an idle buffer for fp32 input)
-                p.addcmul_(_softmax(tempered, out=q), b[lo:hi, None])
-            i0, i1 = torch.searchsorted(tok, torch.tensor([lo, hi], device=tok.device)).tolist()
-            if i1 > i0:  # scatter-add: duplicate samples accumulate
-                p.view(-1).index_add_(0, (tok[i0:i1] - lo) * n_real + col[i0:i1], vals[i0:i1])
-            ig = ctx.ignored[(ctx.ignored >= lo) & (ctx.ignored < hi)]
-            if ig.numel():
-                p.index_fill_(0, ig - lo, 0.0)
-            out[lo:hi, :n_real].copy_(p)  # the one rounding to the input dtype
-        return out, None, None, None, None, None, None, None, None, None, None
-
-
-def _block_size(n_real: int, k: int) -> int:
-    """Ids per block: balances the per-token block scan (n_real / B) against K in-block scans (K * B)."""
-    if n_real <= 0:
-        return 4
-    return int(min(64, max(4, 2 ** round(0.5 * math.log2(max(n_real / k, 1.0))))))
-
-
-def _last_positive(rows: torch.Tensor) -> torch.Tensor:
-    """Index of the last entry with positive mass in each row (rounding fallback of the searches)."""
-    ids = torch.arange(rows.size(-1), device=rows.device)
-    return torch.where(rows > 0, ids, 0).amax(-1)
-
-
-def _sample(logits, keys, cfg, step, rank, world, n_real, label_col, owns_label, ok, m_r, scale, mass_r,
-            mass, blocks, block, group):
-    """Draw K samples per token; return hit counts, sum_j R_j * logit(a_j) (global) and owned samples."""
-    n_tok, shard = logits.shape
-    dev = logits.device
-    k, kappa, beta = cfg.num_samples, float(cfg.temperature), float(cfg.neg_reward)
-    partial = torch.zeros(n_tok, 2, dtype=torch.float64, device=dev)  # hits, sum of R * logit
-    toks, cols, weights = [], [], []
-    todo = ok.nonzero().squeeze(1)
-    ranks = torch.arange(world, device=dev)
-    last_rank = torch.where(mass_r > 0, ranks[:, None], 0).amax(0)  # clamp target for rounding
-    n_blocks = blocks.size(1)
-    in_block = torch.arange(block, device=dev)
-    flat = logits.view(-1)
-    m_own = m_r[rank].float()
-    ragged = n_real % block != 0  # only a rank whose shard ends in padding has a partial last block
-    blocked = flat.view(-1, block) if not ragged and shard % block == 0 else None
-    # bound the [rows, K, block] and [rows, blocks] temporaries to ~1M elements each
-    rows_per_step = max(1, (1 << 20) // max(k * block, n_blocks, 1))
-    for s in range(0, todo.numel(), rows_per_step):
-        r = todo[s : s + rows_per_step]
-        t = token_uniforms(keys[r], k, cfg.seed, step) * mass[r, None]  # global CDF positions [R, K]
-        cum = mass_r[:, r].T.cumsum(-1)  # [R, tp]
-        owner = torch.minimum(torch.searchsorted(cum, t, right=True), last_rank[r, None])
-        mine = owner == rank
-        if n_real == 0 or not bool(mine.any()):
-            continue
-        before = cum[:, rank] - mass_r[rank, r]
-        t_local = torch.where(mine, (t - before[:, None]) / scale[rank, r].unsqueeze(1), 0.0).clamp_(min=0.0)
-        # level 1: the block, from the block masses kept in pass 1 (float64 prefix sums per token)
-        cum_blocks = blocks[r].double().cumsum_(-1)
-        blk = torch.searchsorted(cum_blocks, t_local, right=True)
-        ri, j = mine.nonzero(as_tuple=True)
-        tok = r[ri]
-        blk, t_local = blk[ri, j], t_local[ri, j]
-        over = blk >= n_blocks  # rounding pushed the target past the last block
-        if bool(over.any()):
-            blk[over] = _last_positive(blocks[tok[over]])
-        t_in = (t_local - torch.where(blk > 0, cum_blocks[ri, (blk - 1).clamp(min=0)], 0.0)).clamp_(min=0.0)
-        # level 2: recompute only that block's tempered masses and search them
-        base = tok * shard + blk * block
-        if blocked is not None:  # blocks are rows of a [N * shard / block, block] view: copy rows
-            xb = blocked.index_select(0, base // block)
-        else:
-            real = (blk * block).unsqueeze(1) + in_block < n_real
-            xb = flat[torch.where(real, base.unsqueeze(1) + in_block, (tok * shard).unsqueeze(1))]
-        eb = xb.float().sub_(m_own[tok].unsqueeze(1)).mul_(1.0 / kappa).exp_()
-        if ragged:
-            eb.masked_fill_(~real, 0.0)
-        cs = eb.double().cumsum_(-1)
-        # rescale to the recomputed block total: the fused kernel's exp and torch.exp differ in the last bits
-        t_in = t_in * (cs[:, -1] / blocks[tok, blk].double())
-        pos = torch.searchsorted(cs, t_in.unsqueeze(1), right=True).squeeze(1)
-        over = pos >= block
-        if bool(over.any()):
-            pos[over] = _last_positive(eb[over])
-        col = blk * block + pos
-        hit = owns_label[tok] & (col == label_col[tok])
-        w = torch.where(hit, 1.0, beta)
-        partial[:, 0].index_add_(0, tok, hit.double())
-        partial[:, 1].index_add_(0, tok, w * flat[base + pos].double())
-        toks.append(tok)
-        cols.append(col)
-        weights.append((-w / k).float())
-    if group is not None:
-        dist.all_reduce(partial, group=group)
-    if toks:
-        sparse = (torch.cat(toks), torch.cat(cols), torch.cat(weights))
-    else:
-        empty = torch.zeros(0, dtype=torch.int64, device=dev)
-        sparse = (empty, empty, torch.zeros(0, dtype=torch.float32, device=dev))
-    return partial[:, 0], partial[:, 1], sparse
+        scratch = backend.scratch(min(chunk, n_tok), spec.n_real, logits.device)
+        for lo in range(0, n_tok, chunk):
+            hi = min(n_tok, lo + chunk)
+            backend.grad(logits[lo:hi], out[lo:hi], g[lo:hi], ctx.coef_pi[lo:hi],
+                         ctx.coef_q[lo:hi] if ctx.coef_q is not None else None, ctx.cols[lo:hi],
+                         ctx.weights[lo:hi], ctx.valid[lo:hi], spec, scratch)
+        return out, None, None, None, None, None, None, None, None
 
 
 # --------------------------------------------------------------------------------------------
@@ -479,24 +419,25 @@ def vocab_parallel_otr_loss(
     prints = _all_gather(_fingerprint(flat_labels, keys, vocab_size, ignore_index, cfg, step, shard), tp_group, world)
     _verify_fingerprints(prints, flat_labels, vocab_size, ignore_index)
 
-    stats: dict = {}
-    loss = _VocabParallelOTR.apply(flat_logits, flat_labels, keys, cfg, tp_group, world, rank, step, vocab_size,
-                                   ignore_index, stats)
+    spec = make_spec(cfg, step, rank, world, shard, vocab_size)
+    backend = get_backend(cfg.backend, flat_logits.device)
+    chunk = cfg.chunk_tokens or _default_chunk_tokens(shard, flat_logits.device.type == "cuda")
+    loss, label_logprob, q_label, hits, reward_mean, valid, cols = _VocabParallelOTR.apply(
+        flat_logits, flat_labels, keys, spec, backend, tp_group, ignore_index, chunk, cfg.inplace_backward)
     loss = loss.view(shape)
     if not return_stats:
         return loss
-    out = {}
-    valid = stats["valid"]
-    sparse = stats.pop("owned_samples", None)
-    for name, value in stats.items():
-        if value.is_floating_point():
-            value = torch.where(valid, value, torch.zeros_like(value))
-        if name == "hits":
-            value = value.round().to(torch.int64)
-        elif value.dtype == torch.float64:
-            value = value.float()
-        out[name] = value.view(shape)
-    if sparse is not None:
+
+    def per_token(value):
+        return torch.where(valid, value, torch.zeros_like(value)).float().view(shape)
+
+    stats = {"label_logprob": per_token(label_logprob), "valid": valid.view(shape)}
+    if spec.tempered:
+        stats["label_prob_tempered"] = per_token(q_label)
+    if spec.estimator == "sample":
+        stats["hits"] = torch.where(valid, hits, 0.0).round().to(torch.int64).view(shape)
+        stats["reward_mean"] = per_token(reward_mean)
         # this rank's draws, one entry per sample (duplicates repeated): (flat token index, global id)
-        out["owned_samples"] = (sparse[0], sparse[1] + rank * shard)
-    return loss, out
+        tok, j = (cols >= 0).nonzero(as_tuple=True)  # the second (optional) host sync
+        stats["owned_samples"] = (tok, cols[tok, j] + rank * shard)
+    return loss, stats

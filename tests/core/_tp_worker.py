@@ -69,13 +69,11 @@ def check_layout(group, report):
             dist.all_gather_object(gathered, st["owned_samples"], group=group)
             ours = samples_matrix((torch.cat([g[0] for g in gathered]), torch.cat([g[1] for g in gathered])), N, K)
             ref = samples_matrix(st1["owned_samples"], N, K)
-            same = (ours == ref).all(-1)
             report[f"tp{tp}_sample_mismatch"] = int((ours != ref).sum())
-            assert (ours != ref).float().mean() <= 1e-3
-            assert torch.equal(st["hits"][same], st1["hits"][same])
-            torch.testing.assert_close(loss[same], loss1[same], atol=2e-5, rtol=2e-5)
-            rows = same.nonzero().squeeze(1)
-            torch.testing.assert_close(grad[rows], grad1[rows, r * shard : (r + 1) * shard], atol=1e-6, rtol=1e-5)
+            assert torch.equal(ours, ref), f"TP={tp}: {int((ours != ref).sum())} samples differ from TP=1"  # layout-exact
+            assert torch.equal(st["hits"], st1["hits"])
+            torch.testing.assert_close(loss, loss1, atol=2e-5, rtol=2e-5)
+            torch.testing.assert_close(grad, grad1[:, r * shard : (r + 1) * shard], atol=1e-6, rtol=1e-5)
         else:
             torch.testing.assert_close(loss, loss1, atol=2e-5, rtol=2e-5)
             torch.testing.assert_close(grad, grad1[:, r * shard : (r + 1) * shard], atol=1e-6, rtol=1e-5)
@@ -105,15 +103,30 @@ def check_layout(group, report):
         assert sizes[0] == sizes[1], f"communication grew with K: {sizes}"
         report[f"tp{tp}_{est}_collectives"] = sizes[0]
 
-    # mismatched inputs across ranks fail loudly on every rank
-    bad_y = y.clone()
-    if r == 0:
-        bad_y[3] = (bad_y[3] + 1) % VOCAB if bad_y[3] >= 0 else 1
+    # mismatched inputs across ranks fail loudly on every rank: a changed label, and changes that a
+    # weighted sum sum((i+1) * label) cannot see ([10, 20] vs [12, 19]), permutations, swaps, shifts
+    y0 = y.clone()
+    y0[:2] = torch.tensor([10, 20])
+    variants = {"changed": lambda t: torch.cat([((t[:4] + 1) % VOCAB), t[4:]]),
+                "weighted-sum collision": lambda t: torch.cat([torch.tensor([12, 19]), t[2:]]),
+                "permuted": lambda t: t[torch.randperm(N, generator=torch.Generator().manual_seed(3))],
+                "swapped pair": lambda t: torch.cat([t[1:2], t[0:1], t[2:]]),
+                "shifted": lambda t: torch.roll(t, 1)}
+    for name, change in variants.items():
+        bad_y = change(y0) if r == 0 else y0
+        assert r != 0 or not torch.equal(bad_y, y0), name
+        try:
+            otr.vocab_parallel_otr_loss(x[:, :shard], bad_y, otr.OTRConfig(), tp_group=group, vocab_size=VOCAB)
+            raise AssertionError(f"labels differing across TP ranks ({name}) were not detected")
+        except ValueError as e:
+            assert "disagree on labels" in str(e), (name, str(e))
+    bad_keys = torch.arange(N) if r else torch.arange(N).flip(0)
     try:
-        otr.vocab_parallel_otr_loss(x[:, :shard], bad_y, otr.OTRConfig(), tp_group=group, vocab_size=VOCAB)
-        raise AssertionError("labels differing across TP ranks were not detected")
+        otr.vocab_parallel_otr_loss(x[:, :shard], y, otr.OTRConfig(), tp_group=group, vocab_size=VOCAB,
+                                    token_keys=bad_keys)
+        raise AssertionError("token keys differing across TP ranks were not detected")
     except ValueError as e:
-        assert "disagree on labels" in str(e)
+        assert "disagree on token_keys" in str(e)
     rows = N if r else N - 1
     try:
         otr.vocab_parallel_otr_loss(x[:rows, :shard], y[:rows], otr.OTRConfig(), tp_group=group, vocab_size=VOCAB)
