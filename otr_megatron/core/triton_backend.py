@@ -75,7 +75,9 @@ def _uniforms(base, j):
 
 @triton.jit
 def _token_base(key, key_mix):
-    return _splitmix64(key.to(tl.uint64, bitcast=True) ^ key_mix.to(tl.uint64, bitcast=True))
+    # key_mix arrives as i32 (or a constexpr) when its value is small: widen before the bitcast
+    mix = (tl.zeros([], dtype=tl.int64) + key_mix).to(tl.uint64, bitcast=True)
+    return _splitmix64(key.to(tl.uint64, bitcast=True) ^ mix)
 
 
 # --------------------------------------------------------------------------------------------
@@ -184,7 +186,7 @@ def _stats_kernel(X, stride_x, LABEL_COL, OWNS, STATS, stride_s, PREFIX, stride_
 # --------------------------------------------------------------------------------------------
 
 
-@triton.jit
+@triton.jit(do_not_specialize=["key_mix"])
 def _sample_kernel(X, stride_x, KEYS, LABEL_COL, OWNS, OK, TOTAL, CUM, stride_cum, SCALE, PREFIX, stride_p,
                    PARTIAL, stride_part, COLS, stride_c, WTS, stride_w,
                    n_real, n_blocks, key_mix, K, INV_KAPPA: tl.constexpr, BETA: tl.constexpr,
@@ -264,7 +266,7 @@ def _sample_kernel(X, stride_x, KEYS, LABEL_COL, OWNS, OK, TOTAL, CUM, stride_cu
     tl.store(PARTIAL + row * stride_part + 1, wsum)
 
 
-@triton.jit
+@triton.jit(do_not_specialize=["key_mix"])
 def _uniforms_kernel(KEYS, OUT, key_mix, K, KP: tl.constexpr):
     """Test hook: the sampler's uniforms [R, K], to check them against core/random.py bit for bit."""
     row = tl.program_id(0).to(tl.int64)
