@@ -21,8 +21,10 @@ Fine-tuning then trains one of three tasks from that same warm start:
 * ``ab_strings_train``  more of the old task (the original demo's fine-tuning), for the
   in-domain / out-of-domain comparison.
 
-Evaluation splits: ``ab_strings_eval`` (old task, unseen words, 3-8 letters: retention),
-``ab_strings_ood`` (9-10 letters, just beyond training: length generalisation),
+Evaluation splits: ``ab_strings_eval`` (old task, unseen words: retention), ``ab_strings_ood``
+(held-out combinations: each operation on words starting with letters it never saw first, though
+the other operations did: rev a-d, up e-h, rot i-l), ``ab_strings_long`` (9-10 letters, beyond every
+length trained: a harder split where this tiny model stays at exact match 0),
 ``ab_parity_eval`` (unseen numbers; response = last digit, so the job's own exact match there is
 "greedy answer = last digit"; the harness measures parity accuracy and KL from the distributions).
 Every (op, word) and every n is in at most one split.
@@ -44,11 +46,17 @@ OPS = {
 PREFIX = "ab_"
 PRIOR_LAST_DIGIT = 0.5  # share of warm-start answers that are n's last digit (else a uniform digit)
 
-STRING_SPLITS = {  # name: (count, min_len, max_len)
-    "strings_eval": (400, 3, 8),
-    "strings_ood": (400, 9, 10),
-    "strings_train": (4000, 3, 8),
-    "strings_pretrain": (4000, 3, 8),
+# Old task, in domain: words of 3-8 letters, but each operation never sees words starting with its
+# own held-out letters (other operations do). Out of domain (``strings_ood``): exactly those
+# held-out (operation, first letter) combinations. Words of 9+ letters (``strings_long``, beyond
+# every length trained) are kept as a second, harder split: this model stays at exact match 0 there.
+HELD_OUT_FIRST = {"rev": "abcd", "up": "efgh", "rot": "ijkl"}
+STRING_SPLITS = {  # name: (count, min_len, max_len, first letter held out (False) or required (True))
+    "strings_eval": (400, 3, 8, False),
+    "strings_ood": (400, 3, 8, True),
+    "strings_long": (400, 9, 10, False),
+    "strings_train": (4000, 3, 8, False),
+    "strings_pretrain": (4000, 3, 8, False),
 }
 PARITY_SPLITS = {"parity_eval": 400, "parity_train": 4000, "parity_pretrain": 3000}
 
@@ -60,11 +68,13 @@ def valid_digits(n: int) -> list[str]:
 
 def _string_rows(rng: random.Random, seen: set) -> dict[str, list[dict]]:
     out = {}
-    for name, (count, lo, hi) in STRING_SPLITS.items():
+    for name, (count, lo, hi, held_out) in STRING_SPLITS.items():
         rows = []
         while len(rows) < count:
             op = rng.choice(sorted(OPS))
             word = "".join(rng.choice(string.ascii_lowercase) for _ in range(rng.randint(lo, hi)))
+            if (word[0] in HELD_OUT_FIRST[op]) != held_out:
+                continue
             if (op, word) in seen:
                 continue
             seen.add((op, word))
@@ -102,6 +112,7 @@ def make_splits(seed: int = 20260930) -> dict[str, list[dict]]:
         "strings_train": strings["strings_train"],
         "strings_eval": strings["strings_eval"],
         "strings_ood": strings["strings_ood"],
+        "strings_long": strings["strings_long"],
         "parity_fixed": [{"prompt": f"P:{n}=", "response": str(n % 10)} for n in nums["parity_train"]],
         "parity_uniform": [{"prompt": f"P:{n}=", "response": rng.choice(valid_digits(n))} for n in nums["parity_train"]],
         "parity_eval": [{"prompt": f"P:{n}=", "response": str(n % 10)} for n in nums["parity_eval"]],

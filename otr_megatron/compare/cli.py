@@ -24,28 +24,29 @@ AB_TRAIN = {
     "pretrain_iters": 800,
     "pretrain_lr": 2.0e-3,
     "finetune_iters": 150,
-    "finetune_lr": 1.0e-3,
+    "finetune_lr": 1.0e-4,
     "micro_batch_size": 16,
     "global_batch_size": 32,
-    "eval_interval": 50,
+    "eval_interval": 0,
     "data": {
         "pretrain": ["assets:ab_pretrain.jsonl"],
         "train": ["assets:ab_parity_uniform.jsonl"],
         "eval": {
             "old": ["assets:ab_strings_eval.jsonl"],
             "ood": ["assets:ab_strings_ood.jsonl"],
+            "long": ["assets:ab_strings_long.jsonl"],
             "parity": ["assets:ab_parity_eval.jsonl"],
         },
     },
 }
 AB_SWEEPS = [
     "data.train=assets:ab_parity_fixed.jsonl,assets:ab_parity_uniform.jsonl,assets:ab_strings_train.jsonl",
-    "finetune_lr=3e-4,1e-3",
+    "finetune_lr=1e-4,3e-4",
 ]
 DEFAULT_LOSSES = ("sft", "dft", "otr-expected", "otr")  # the baseline first
 AB_RULES = {"parity": "parity_digit"}
-AB_METRICS = ["parity/greedy_valid", "parity/valid_mass", "parity/kl_answer", "parity/base_mode_mass",
-              "old/exact_match", "old/ce", "ood/exact_match", "ood/ce"]
+AB_METRICS = ["parity/greedy_valid", "parity/valid_mass", "parity/base_mode_mass", "parity/kl_answer",
+              "parity/kl_valid", "old/exact_match", "old/ce", "old/kl_response", "ood/exact_match", "ood/ce"]
 AB_FRONTIER = ("parity/valid_mass", "old/ce")
 # --quick: the same harness end to end in a couple of minutes (CI): 2 losses x 2 seeds, a tiny model.
 QUICK_OVERRIDES = ["pretrain_iters=30", "finetune_iters=10", "eval_interval=0", "model.num_layers=1",
@@ -88,6 +89,10 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def _git_commit() -> str | None:
+    """HEAD of the source tree (+ a note if it has uncommitted changes). A run from an exported tree
+    (`git archive`) has no repository: OTR_MEGATRON_GIT_COMMIT names the commit it was exported from."""
+    if os.environ.get("OTR_MEGATRON_GIT_COMMIT"):
+        return os.environ["OTR_MEGATRON_GIT_COMMIT"] + " (exported tree)"
     here = os.path.dirname(os.path.abspath(__file__))
     try:
         sha = subprocess.run(["git", "-C", here, "rev-parse", "HEAD"], capture_output=True, text=True, timeout=10)

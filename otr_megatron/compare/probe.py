@@ -12,7 +12,10 @@ Per split and run, over the response tokens of the split (real vocabulary, float
   (how much of the base model's preference survives).
 * with an answer rule for the split (``parity_digit``: the prompt is ``P:<n>=``, the correct answers
   are the five digits with n's parity): ``valid_mass`` (probability of a correct answer: accuracy
-  when sampling at temperature 1) and ``greedy_valid`` (the argmax is a correct answer).
+  when sampling at temperature 1), ``greedy_valid`` (the argmax is a correct answer) and
+  ``kl_valid`` (KL(base || tuned) of the two distributions restricted to the correct answers and
+  renormalised: how far the preference among correct answers moved, without the wrong answers'
+  removal, which dominates ``kl_answer`` once they are gone).
 """
 
 from __future__ import annotations
@@ -20,6 +23,7 @@ from __future__ import annotations
 import json
 import os
 import re
+import shutil
 import sys
 
 import torch
@@ -66,6 +70,12 @@ def distribution_metrics(lp_base: torch.Tensor, lp_tuned: torch.Tensor, first: t
             mask[i, ids] = True
         out["valid_mass"] = float((ft.exp() * mask).sum(-1).mean())
         out["greedy_valid"] = float(mask.gather(-1, ft.argmax(-1, keepdim=True)).double().mean())
+        # KL(base || tuned) between the two distributions restricted to the correct answers and
+        # renormalised: which correct answer is preferred, without the removal of wrong answers.
+        neg = torch.tensor(float("-inf"), dtype=fb.dtype)
+        vb = torch.log_softmax(torch.where(mask, fb, neg), -1)
+        vt = torch.log_softmax(torch.where(mask, ft, neg), -1)
+        out["kl_valid"] = float(torch.where(mask, vb.exp() * (vb - vt), torch.zeros_like(vb)).sum(-1).mean())
     return out
 
 
@@ -168,6 +178,7 @@ def run_probe(spec: dict) -> dict:
                                                                   if k != "iteration"), flush=True)
     finally:
         teardown_parallel()
+        shutil.rmtree(tmp, ignore_errors=True)
     return results
 
 

@@ -109,6 +109,8 @@ def test_distribution_metrics_match_an_independent_reference():
     assert got["base_mode_mass"] == pytest.approx(np.mean([pt[i][np.argmax(pb[i])] for i in f]), rel=1e-10)
     assert got["valid_mass"] == pytest.approx(np.mean([pt[i][v].sum() for i, v in zip(f, valid)]), rel=1e-10)
     assert got["greedy_valid"] == pytest.approx(np.mean([np.argmax(pt[i]) in v for i, v in zip(f, valid)]))
+    kv = [entropy(pb[i][v] / pb[i][v].sum(), pt[i][v] / pt[i][v].sum()) for i, v in zip(f, valid)]
+    assert got["kl_valid"] == pytest.approx(np.mean(kv), rel=1e-10)
     same = distribution_metrics(lb, lb, first, valid)
     assert same["kl_answer"] == pytest.approx(0.0, abs=1e-12) and same["kl_response"] == pytest.approx(0.0, abs=1e-12)
     with pytest.raises(ValueError, match="answer sets"):
@@ -175,10 +177,23 @@ def test_shipped_ab_data_is_the_generator_output_and_has_the_designed_properties
     assert abs(share - 0.55) < 4 * math.sqrt(0.55 * 0.45 / len(prior))
     nums = [set(map(n, rows)) for rows in (prior, fixed, ev)]
     assert not (nums[0] & nums[1]) and not (nums[0] & nums[2]) and not (nums[1] & nums[2])
-    strings = [{r["prompt"] for r in splits[k]} for k in ("strings_train", "strings_eval", "strings_ood")]
-    strings.append({r["prompt"] for r in splits["pretrain"] if not r["prompt"].startswith("P:")})
+    old_pre = [r for r in splits["pretrain"] if not r["prompt"].startswith("P:")]
+    strings = [{r["prompt"] for r in splits[k]} for k in ("strings_train", "strings_eval", "strings_ood", "strings_long")]
+    strings.append({r["prompt"] for r in old_pre})
     assert sum(map(len, strings)) == len(set().union(*strings))
-    assert all(9 <= len(r["response"]) <= 10 for r in splits["strings_ood"])
+
+    def held_out(r):
+        op, word = r["prompt"][:-1].split(":")
+        return word[0] in gen.HELD_OUT_FIRST[op]
+
+    assert all(held_out(r) for r in splits["strings_ood"])
+    for rows in (old_pre, splits["strings_train"], splits["strings_eval"], splits["strings_long"]):
+        assert not any(held_out(r) for r in rows)
+    # every held-out first letter is seen first in training, under the other operations
+    firsts = {r["prompt"].split(":")[1][0] for r in old_pre}
+    assert set("".join(gen.HELD_OUT_FIRST.values())) <= firsts
+    assert all(3 <= len(r["response"]) <= 8 for r in splits["strings_ood"])
+    assert all(9 <= len(r["response"]) <= 10 for r in splits["strings_long"])
 
 
 def test_configs_compare_ab_yaml_equals_the_embedded_study():
