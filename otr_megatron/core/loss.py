@@ -138,10 +138,14 @@ def _sequence_hash(values: torch.Tensor, salt: int) -> torch.Tensor:
 def _fingerprint(labels, keys, vocab_size, ignore_index, cfg, step, shard) -> torch.Tensor:
     n = labels.numel()
     bad = _out_of_range(labels, vocab_size, ignore_index)
-    head = torch.tensor([n, shard, vocab_size, _settings_id(cfg, step, ignore_index)], dtype=torch.int64,
-                        device=labels.device)
-    tail = torch.stack([_sequence_hash(labels, _LABEL_SALT), _sequence_hash(keys, _KEY_SALT), bad.sum()])
-    return torch.cat([head, tail])
+    out = torch.empty(7, dtype=torch.int64, device=labels.device)
+    # filled on the device: torch.tensor(list) or out[i] = int on CUDA is a blocking host-to-device copy
+    for i, value in enumerate([n, shard, vocab_size, _settings_id(cfg, step, ignore_index)]):
+        out[i].fill_(value)
+    out[4] = _sequence_hash(labels, _LABEL_SALT)
+    out[5] = _sequence_hash(keys, _KEY_SALT)
+    out[6] = bad.sum()
+    return out
 
 
 _FINGERPRINT_FIELDS = ["number of tokens", "logits last dimension", "vocab_size",

@@ -8,6 +8,7 @@ indexing or `bool(tensor)`; every fallback is an unconditional tensor op, every 
 from __future__ import annotations
 
 import math
+import struct
 
 import torch
 import torch.nn.functional as F
@@ -54,7 +55,7 @@ def scratch(rows: int, cols: int, device) -> _Scratch | None:
 
 def _inv_kappa(spec: Spec) -> float:
     """float32(1 / kappa): the factor every tempered exp uses, in both passes and both backends."""
-    return float(torch.tensor(1.0 / spec.kappa, dtype=torch.float32))
+    return struct.unpack("<f", struct.pack("<f", 1.0 / spec.kappa))[0]
 
 
 def _block_max(t: torch.Tensor, block: int) -> torch.Tensor:
@@ -84,10 +85,10 @@ def local_stats(x, label_col, owns_label, spec: Spec, stats_out, prefix_out, scr
     rows, n = x.size(0), spec.n_real
     stats_out[:, STAT_LABEL] = torch.where(owns_label, x.gather(1, label_col[:, None]).squeeze(1).double(), 0.0)
     if n == 0:
-        stats_out[:, STAT_MAX] = -math.inf
-        stats_out[:, STAT_SUMEXP] = 0.0
+        stats_out[:, STAT_MAX].fill_(-math.inf)
+        stats_out[:, STAT_SUMEXP].zero_()
         if spec.tempered:
-            stats_out[:, STAT_TMASS:] = 0.0
+            stats_out[:, STAT_TMASS:].zero_()
         return
     xf, buf, spare = scratch.views(x[:, :n])
     m = xf.amax(-1)  # NaN if a logit is NaN
@@ -193,7 +194,7 @@ def grad(x, out, g, coef_pi, coef_q, cols, weights, valid, spec: Spec, scratch):
     """Gradient of a chunk of rows (see `core/backends.py`); one rounding to ``out.dtype``."""
     rows, n = x.size(0), spec.n_real
     if n < x.size(1):
-        out[:, n:] = 0.0  # padded ids: not part of the softmax
+        out[:, n:].zero_()  # padded ids: not part of the softmax
     if n == 0:
         return
     xf, p, spare = scratch.views(x[:, :n])
