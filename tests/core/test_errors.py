@@ -22,8 +22,13 @@ CFG = otr.OTRConfig(num_samples=4)
         (dict(temperature=math.inf), "temperature"),
         (dict(temperature=math.nan), "temperature"),
         (dict(neg_reward=1.0), "neg_reward"),
+        (dict(neg_reward=0.1), r"neg_reward \(beta\) must be a number in \[-1, 0\].*got 0.1"),
+        (dict(neg_reward=-1.5), r"neg_reward.*\[-1, 0\].*got -1.5"),
         (dict(neg_reward=math.nan), "neg_reward"),
         (dict(neg_reward=-math.inf), "neg_reward"),
+        (dict(neg_reward="-0.1"), "neg_reward"),
+        (dict(temperature=math.nan), r"temperature \(kappa\) must be a finite number > 0.*got nan"),
+        (dict(backend="cuda"), r"backend must be one of \('auto', 'torch', 'triton'\), got 'cuda'"),
         (dict(estimator="ppo"), "estimator"),
         (dict(chunk_tokens=0), "chunk_tokens"),
         (dict(seed=1.5), "seed"),
@@ -32,6 +37,56 @@ CFG = otr.OTRConfig(num_samples=4)
 def test_config_rejects_bad_values(kwargs, match):
     with pytest.raises(ValueError, match=match):
         otr.OTRConfig(**kwargs)
+
+
+@pytest.mark.parametrize("beta", [0, 0.0, -1, -1.0, -0.1])
+def test_config_accepts_the_documented_neg_reward_range(beta):
+    assert otr.OTRConfig(neg_reward=beta).neg_reward == beta
+
+
+def test_triton_backend_request_fails_clearly_when_unavailable(monkeypatch):
+    import sys
+
+    from otr_megatron.core.backends import get_backend
+
+    monkeypatch.setitem(sys.modules, "otr_megatron.core.triton_backend", None)  # import raises ImportError
+    with pytest.raises(RuntimeError, match="backend='triton'.*does not import"):
+        get_backend("triton", torch.device("cpu"))
+    assert get_backend("auto", torch.device("cuda")).name == "torch"  # auto falls back
+    assert get_backend("auto", torch.device("cpu")).name == "torch"
+    with pytest.raises(RuntimeError, match="backend='triton'"):
+        otr.vocab_parallel_otr_loss(X, Y, otr.OTRConfig(num_samples=4, backend="triton"))
+
+
+def test_fingerprint_tells_apart_label_sequences_a_weighted_sum_confuses():
+    """Simulated all-gather of two ranks' fingerprints: any difference raises, on every rank."""
+    from otr_megatron.core.loss import _fingerprint, _verify_fingerprints
+
+    g = torch.Generator().manual_seed(0)
+    base = torch.randint(0, 1000, (64,), generator=g)
+    base[:2] = torch.tensor([10, 20])
+    keys = torch.arange(64)
+    swapped = base.clone()
+    swapped[[5, 9]] = base[[9, 5]]
+    variants = {
+        "weighted-sum collision": torch.cat([torch.tensor([12, 19]), base[2:]]),  # 10+2*20 == 12+2*19
+        "permuted": base[torch.randperm(64, generator=g)],
+        "swapped pair": swapped,
+        "shifted": torch.roll(base, 1),
+        "one changed": torch.where(torch.arange(64) == 30, base + 1, base),
+    }
+
+    def prints(labels, k=keys):
+        return _fingerprint(labels, k, 1000, -100, CFG, 0, 16)
+
+    _verify_fingerprints(torch.stack([prints(base), prints(base)]), base, 1000, -100)  # equal: passes
+    for name, other in variants.items():
+        assert not torch.equal(other, base), name
+        for gathered in ([prints(base), prints(other)], [prints(other), prints(base)]):  # rank 0's and 1's view
+            with pytest.raises(ValueError, match="disagree on labels"):
+                _verify_fingerprints(torch.stack(gathered), base, 1000, -100)
+    with pytest.raises(ValueError, match="disagree on token_keys"):
+        _verify_fingerprints(torch.stack([prints(base), prints(base, keys.flip(0))]), base, 1000, -100)
 
 
 def test_config_from_dict_names_unknown_keys():
