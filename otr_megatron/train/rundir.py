@@ -49,6 +49,13 @@ def _pid_alive(pid: int) -> bool:
     return True
 
 
+def _command_line() -> str:
+    prog = os.path.basename(sys.argv[0]) if sys.argv and sys.argv[0] else "otr-megatron"
+    if prog.endswith(".py"):  # python -m otr_megatron.cli ...
+        prog = "python -m " + ("otr_megatron.cli" if prog == "cli.py" else "otr_megatron")
+    return shlex.join([prog, *sys.argv[1:]])
+
+
 class RunLock:
     """The lock file of one output directory, held by this process until `release()`."""
 
@@ -62,7 +69,7 @@ class RunLock:
             "host": socket.gethostname(),
             "started": datetime.datetime.now(datetime.timezone.utc).strftime("%Y-%m-%d %H:%M:%S UTC"),
             "proc_start": _proc_start(os.getpid()),
-            "command": shlex.join([os.path.basename(sys.argv[0]) or "otr-megatron", *sys.argv[1:]]),
+            "command": _command_line(),
         }
 
     def _read(self) -> dict | None:

@@ -390,14 +390,16 @@ class Trainer:
         named = [(n[len("module."):] if n.startswith("module.") else n, p)
                  for m in self.model for n, p in m.named_parameters()]
         with torch.no_grad():
-            amax = torch.stack([p.detach().abs().amax().float() for _, p in named]) if named else torch.zeros(1)
+            # max |w| per parameter without an abs() copy; NaN propagates, so non-finite shows here
+            amax = [torch.linalg.vector_norm(p.detach(), ord=math.inf).float() for _, p in named]
+            amax = torch.stack(amax) if amax else torch.zeros(1)
             finite = torch.isfinite(amax)
             flags = torch.stack([(~finite).any().float(), torch.where(finite, amax, torch.zeros_like(amax)).max()])
-        flags = flags.double().cpu()
+        flags = flags.double()
         if torch.distributed.is_initialized():
-            v = flags.to(_device())
-            torch.distributed.all_reduce(v, op=torch.distributed.ReduceOp.MAX)
-            flags = v.cpu()
+            flags = flags.to(_device())
+            torch.distributed.all_reduce(flags, op=torch.distributed.ReduceOp.MAX)
+        flags = flags.cpu()
         if flags[0] == 0 and flags[1] <= bound:
             self._params_ok_at = self.iteration
             return None
