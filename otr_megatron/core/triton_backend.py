@@ -360,11 +360,39 @@ def _check_rows(name: str, t: torch.Tensor) -> None:
                          f"and strides {t.stride()}")
 
 
-def _tile(cols: int, elem_bytes: int) -> int:
-    """Elements per tile: 16 KB of input per iteration on a GPU, few large tiles in the interpreter."""
-    if INTERPRET:
-        return min(triton.next_power_of_2(max(cols, 1)), _MAX_TILE)
-    return min(triton.next_power_of_2(max(cols, 1)), max(1024, 16384 // elem_bytes))
+def _tile(cols: int, gpu_elems: int, interpret: bool) -> int:
+    """Elements per tile: few, large tiles in the interpreter; on a GPU a size that keeps the
+    kernel near 80-110 registers at 8 warps (2-3 CTAs per SM; sm_90 numbers from triton_aot)."""
+    full = triton.next_power_of_2(max(cols, 1))
+    return min(full, _MAX_TILE if interpret else gpu_elems)
+
+
+def stats_params(spec: Spec, elem_bytes: int, interpret: bool = INTERPRET) -> dict:
+    """Compile-time parameters of the statistics kernel for this call."""
+    sample = spec.estimator == "sample"
+    b = spec.block if sample else 1
+    if sample:  # the [TILE / B, B] tile and its pairwise tree: ~80 registers at these sizes
+        gpu = 4096 if b <= 16 else 2048
+    else:
+        gpu = 16384 // elem_bytes
+    return dict(SAMPLE=sample, EXPECTED=spec.estimator == "expected", B=b, LOG2B=b.bit_length() - 1,
+                TILE=max(_tile(spec.n_real, gpu, interpret), b),
+                EPI=min(triton.next_power_of_2(max(spec.n_blocks, 1)), 1024), PRECISE=not interpret, num_warps=8)
+
+
+def sample_params(spec: Spec, interpret: bool = INTERPRET) -> dict:
+    """Compile-time parameters of the sampler: KC lanes per step (all K in the interpreter; on a
+    GPU KC * B <= 1024 keeps the [KC, B] block tiles near 80-95 registers at 8 warps)."""
+    kc = triton.next_power_of_2(spec.k)
+    if not interpret:
+        kc = min(kc, max(16, 1024 // spec.block))
+    return dict(RANK=spec.rank, TP=spec.world, B=spec.block, KC=kc, NSTEP=spec.n_blocks.bit_length(),
+                PRECISE=not interpret, num_warps=8)
+
+
+def grad_params(shard: int, elem_bytes: int, s: int, interpret: bool = INTERPRET) -> dict:
+    sp = triton.next_power_of_2(max(s, 2))
+    return dict(SP=sp, MC=min(sp, 32), TILE=_tile(shard, 8192 // elem_bytes, interpret), num_warps=8)
 
 
 def _inv_kappa(spec: Spec) -> float:
@@ -398,17 +426,13 @@ def local_stats(x, label_col, owns_label, spec: Spec, stats_out, prefix_out, scr
             stats_out[:, STAT_TMASS:] = 0.0
         return
     sample = spec.estimator == "sample"
-    b = spec.block if sample else 1
-    tile = max(_tile(spec.n_real, x.element_size()), b)
     prefix = prefix_out if sample else stats_out  # a dummy pointer when unused
     if sample:
         _check_rows("prefix_out", prefix_out)
-    epi = min(triton.next_power_of_2(max(spec.n_blocks, 1)), 1024)
     LAST_LAUNCH["stats"] = _stats_kernel[(rows,)](
         x, x.stride(0), _vec(label_col), _vec(owns_label), stats_out, stats_out.stride(0), prefix, prefix.stride(0),
         spec.n_real, spec.n_blocks, INV_KAPPA=_inv_kappa(spec), KAPPA=float(spec.kappa),
-        SAMPLE=sample, EXPECTED=spec.estimator == "expected", B=b, LOG2B=b.bit_length() - 1,
-        TILE=tile, EPI=epi, PRECISE=not INTERPRET, num_warps=8)
+        **stats_params(spec, x.element_size()))
 
 
 def sample(x, keys, label_col, owns_label, ok, total, rank_cum, rank_scale, prefix, spec: Spec, partial_out,
@@ -425,18 +449,12 @@ def sample(x, keys, label_col, owns_label, ok, total, rank_cum, rank_scale, pref
     for name, t in (("logits", x), ("rank_cum", rank_cum), ("prefix", prefix), ("partial_out", partial_out),
                     ("cols_out", cols_out), ("weights_out", weights_out)):
         _check_rows(name, t)
-    b = spec.block
-    kc = triton.next_power_of_2(spec.k)
-    if not INTERPRET:
-        kc = min(kc, max(16, 2048 // b))  # lanes per step: bounds the [lanes, B] registers
     LAST_LAUNCH["sample"] = _sample_kernel[(rows,)](
         x, x.stride(0), _vec(keys), _vec(label_col), _vec(owns_label), _vec(ok), _vec(total), rank_cum,
-        rank_cum.stride(0), _vec(rank_scale), prefix, prefix.stride(0), partial_out, partial_out.stride(0), cols_out, cols_out.stride(0),
-        weights_out, weights_out.stride(0),
+        rank_cum.stride(0), _vec(rank_scale), prefix, prefix.stride(0), partial_out, partial_out.stride(0),
+        cols_out, cols_out.stride(0), weights_out, weights_out.stride(0),
         spec.n_real, spec.n_blocks, stream_key(spec.seed, spec.step), spec.k,
-        INV_KAPPA=_inv_kappa(spec), BETA=float(spec.beta),
-        RANK=spec.rank, TP=spec.world, B=b, KC=kc, NSTEP=spec.n_blocks.bit_length(), PRECISE=not INTERPRET,
-        num_warps=4)
+        INV_KAPPA=_inv_kappa(spec), BETA=float(spec.beta), **sample_params(spec))
 
 
 def grad(x, out, g, coef_pi, coef_q, cols, weights, valid, spec: Spec, scratch=None, local=None):
@@ -454,7 +472,6 @@ def grad(x, out, g, coef_pi, coef_q, cols, weights, valid, spec: Spec, scratch=N
     _check_rows("out", out)
     _check_rows("cols", cols)
     s = cols.size(1)
-    sp = triton.next_power_of_2(max(s, 2))
     has_q = coef_q is not None
     if local is not None and has_q and spec.estimator != "expected":
         local = None  # TMASS is the plain tempered sum only for "expected"
@@ -462,9 +479,8 @@ def grad(x, out, g, coef_pi, coef_q, cols, weights, valid, spec: Spec, scratch=N
         x, x.stride(0), out, out.stride(0), _vec(g), _vec(coef_pi), _vec(coef_q if has_q else coef_pi), cols,
         cols.stride(0), weights, weights.stride(0), _vec(valid), local if local is not None else g,
         local.stride(0) if local is not None else 0,
-        spec.n_real, shard, s, INV_KAPPA=_inv_kappa(spec),
-        SP=sp, MC=min(sp, 32), HAS_Q=has_q, HAS_LOCAL=local is not None,
-        TILE=_tile(shard, x.element_size()), num_warps=8)
+        spec.n_real, shard, s, INV_KAPPA=_inv_kappa(spec), HAS_Q=has_q, HAS_LOCAL=local is not None,
+        **grad_params(shard, x.element_size(), s))
 
 
 def uniforms(keys: torch.Tensor, k: int, seed: int, step: int) -> torch.Tensor:

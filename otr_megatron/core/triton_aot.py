@@ -1,0 +1,137 @@
+"""Ahead-of-time compilation of the Triton backend's kernels for a GPU architecture, on a machine
+without a GPU: catches what the interpreter cannot (code the compiler rejects, register spills).
+
+    TRITON_INTERPRET=0 python -m otr_megatron.core.triton_aot [--arch 90]
+
+Compiles the variants the backend launches at the benchmark's sizes (bf16/fp16/fp32 inputs, every
+estimator, K = 8 and 256) to cubin with Triton's bundled LLVM and ptxas, and reads each kernel's
+registers, stack and local memory (spills) with the bundled cuobjdump. Needs TRITON_INTERPRET unset
+or 0 before `triton_backend` is imported (the interpreter replaces the kernels).
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import re
+import subprocess
+import sys
+import tempfile
+import time
+
+_DTYPES = {"bf16": "*bf16", "fp16": "*fp16", "fp32": "*fp32"}
+# ptxas spills one 8-byte scalar in one grad variant (fp16, two passes, no tempered term), outside
+# the per-element work; anything larger is a layout/tile choice to revisit
+MAX_SPILL_BYTES = 16
+
+
+def _sig(kernel, types: dict, constexprs: dict) -> dict:
+    """Triton signature: pointer/int types by name, everything in `constexprs` as constexpr."""
+    sig = {}
+    for name in kernel.arg_names:
+        if name in constexprs:
+            sig[name] = "constexpr"
+        elif name in types:
+            sig[name] = types[name]
+        else:  # strides, sizes and scalar ints
+            sig[name] = "i64" if name == "key_mix" else "i32"
+    return sig
+
+
+def variants():
+    """(label, kernel, pointer types, constexprs, num_warps) exactly as the wrappers would launch them
+    on a GPU at N x V/tp = 8192 x {131072, 16384} (their `*_params` functions, interpret=False)."""
+    from otr_megatron.core import triton_backend as trb
+    from otr_megatron.core.backends import Spec, block_size
+
+    out = []
+    for dt, est, shard, k, tp, rank in (("bf16", "sample", 131072, 256, 1, 0), ("bf16", "sample", 16384, 256, 8, 3),
+                                        ("bf16", "sample", 16384, 8, 8, 3), ("fp32", "sample", 16384, 256, 1, 0),
+                                        ("bf16", "expected", 131072, 1, 1, 0), ("fp16", "sft", 16384, 1, 1, 0)):
+        vocab = shard * tp
+        b = block_size(vocab, k, shard) if est == "sample" else 1
+        spec = Spec(est, 1.3, -0.1, k, 1234, 0, rank, tp, shard, shard, b)
+        elem = {"bf16": 2, "fp16": 2, "fp32": 4}[dt]
+        inv = trb._inv_kappa(spec)
+        tag = f"{dt} V/tp={shard} tp={tp}" + (f" K={k} B={b}" if est == "sample" else "")
+        const = dict(INV_KAPPA=inv, KAPPA=1.3, **trb.stats_params(spec, elem, interpret=False))
+        warps = const.pop("num_warps")
+        types = {"X": _DTYPES[dt], "LABEL_COL": "*i64", "OWNS": "*u8", "STATS": "*fp64", "PREFIX": "*fp64"}
+        out.append((f"stats {est} {tag}", trb._stats_kernel, types, const, warps))
+        if est == "sample":
+            const = dict(INV_KAPPA=inv, BETA=-0.1, **trb.sample_params(spec, interpret=False))
+            warps = const.pop("num_warps")
+            types = {"X": _DTYPES[dt], "KEYS": "*i64", "LABEL_COL": "*i64", "OWNS": "*u8", "OK": "*u8",
+                     "TOTAL": "*fp64", "CUM": "*fp64", "SCALE": "*fp64", "PREFIX": "*fp64",
+                     "PARTIAL": "*fp64", "COLS": "*i64", "WTS": "*fp32"}
+            out.append((f"sampler {tag}", trb._sample_kernel, types, const, warps))
+        s = k if est == "sample" else 1
+        for local in (False, True):
+            const = dict(INV_KAPPA=inv, HAS_Q=est == "expected", HAS_LOCAL=local,
+                         **trb.grad_params(shard, elem, s, interpret=False))
+            warps = const.pop("num_warps")
+            types = {"X": _DTYPES[dt], "OUT": _DTYPES[dt], "G": "*fp32", "CPI": "*fp32", "CQ": "*fp32",
+                     "COLS": "*i64", "WTS": "*fp32", "VALID": "*u8", "LOCAL": "*fp64"}
+            out.append((f"grad {est} {tag} S={s}" + (" local" if local else " 2-pass"), trb._grad_kernel, types,
+                        const, warps))
+    return out
+
+
+def _resources(ptx: str, arch: int) -> dict:
+    """Registers, stack frame and spill bytes of the kernel, from the bundled ptxas's -v report."""
+    import triton
+
+    tool = os.path.join(os.path.dirname(triton.__file__), "backends", "nvidia", "bin", "ptxas")
+    with tempfile.TemporaryDirectory() as d:
+        src = os.path.join(d, "k.ptx")
+        with open(src, "w") as f:
+            f.write(ptx)
+        text = subprocess.run([tool, f"-arch=sm_{arch}a" if arch >= 90 else f"-arch=sm_{arch}", "-v", src,
+                               "-o", os.path.join(d, "k.cubin")], capture_output=True, text=True, check=True).stderr
+    num = {"regs": r"Used (\d+) registers", "stack": r"(\d+) bytes stack frame",
+           "spill_stores": r"(\d+) bytes spill stores", "spill_loads": r"(\d+) bytes spill loads",
+           "smem": r"(\d+) bytes smem"}
+    out = {}
+    for key, pat in num.items():
+        m = re.search(pat, text)
+        out[key] = int(m.group(1)) if m else 0
+    return out
+
+
+def compile_report(arch: int = 90) -> list[dict]:
+    """Compile every variant for sm_{arch}; one row per variant with its resources and seconds."""
+    if os.environ.get("TRITON_INTERPRET", "0") not in ("", "0"):
+        raise RuntimeError("triton_aot needs TRITON_INTERPRET unset or 0 (the interpreter replaces the kernels)")
+    import triton
+    from triton.backends.compiler import GPUTarget
+    from triton.compiler import ASTSource
+
+    target = GPUTarget("cuda", arch, 32)
+    rows = []
+    for label, kernel, types, const, warps in variants():
+        t0 = time.perf_counter()
+        compiled = triton.compile(ASTSource(kernel, _sig(kernel, types, const), const), target=target,
+                                  options={"num_warps": warps})
+        rows.append(dict(variant=label, num_warps=warps, seconds=time.perf_counter() - t0,
+                         **_resources(compiled.asm["ptx"], arch)))
+    return rows
+
+
+def main(argv=None) -> int:
+    p = argparse.ArgumentParser(prog="python -m otr_megatron.core.triton_aot", description=__doc__,
+                                formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--arch", type=int, default=90, help="compute capability x 10 (90 = Hopper)")
+    args = p.parse_args(argv)
+    rows = compile_report(args.arch)
+    print(f"{'variant':<56}{'warps':>6}{'regs':>6}{'stack':>7}{'spill st/ld':>12}{'s':>6}")
+    for r in rows:
+        print(f"{r['variant']:<56}{r['num_warps']:>6}{r['regs']:>6}{r['stack']:>7}"
+              f"{r['spill_stores']:>6}/{r['spill_loads']:<5}{r['seconds']:>6.1f}")
+    spilled = [r["variant"] for r in rows if r["spill_stores"] > MAX_SPILL_BYTES]
+    if spilled:
+        print(f"register spills over {MAX_SPILL_BYTES} bytes:", ", ".join(spilled))
+    return 1 if spilled else 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
