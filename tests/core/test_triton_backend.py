@@ -279,6 +279,9 @@ def grad_inputs(x, spec, s, with_q, seed=0):
     weights = torch.where(cols >= 0, torch.where(torch.rand(n, s, generator=g) < 0.3, -1.0, 0.1) / s, 0.0)
     cols[~valid] = -1
     weights[~valid] = 0.0
+    coef_pi[~valid] = 0.0  # as the loss passes them for ignored tokens
+    if coef_q is not None:
+        coef_q[~valid] = 0.0
     dev = [t.to(DEV) if t is not None else None for t in (upstream, coef_pi, coef_q, cols, weights, valid)]
     return dev
 
