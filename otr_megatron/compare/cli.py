@@ -49,7 +49,7 @@ AB_METRICS = ["parity/greedy_valid", "parity/valid_mass", "parity/base_mode_mass
               "parity/kl_valid", "old/exact_match", "old/ce", "old/kl_response", "ood/exact_match", "ood/ce"]
 AB_FRONTIER = ("parity/valid_mass", "old/ce")
 # --quick: the same harness end to end in a couple of minutes (CI): 2 losses x 2 seeds, a tiny model.
-QUICK_OVERRIDES = ["pretrain_iters=30", "finetune_iters=10", "eval_interval=0", "model.num_layers=1",
+QUICK_OVERRIDES = ["pretrain_iters=30", "finetune_iters=10", "finetune_lr=1e-3", "eval_interval=0", "model.num_layers=1",
                    "model.hidden_size=32", "model.num_attention_heads=2", "model.ffn_hidden_size=64",
                    "otr.num_samples=8"]
 QUICK_SWEEPS = ["data.train=assets:ab_parity_uniform.jsonl"]
@@ -207,6 +207,7 @@ def main(argv: list[str] | None = None) -> int:
     summary = summarize(plan, table, reference)
     metrics = [m.strip() for m in args.metrics.split(",")] if args.metrics else (
         AB_METRICS if default_study else default_metrics(summary))
+    ran = sum(t.status in ("done", "failed") for t in tasks)
     failed = [t for t in tasks if t.status in ("failed", "blocked")]
     pending = [t for t in tasks if t.status == "pending"]
     study_path = os.path.join(out, "study.json")
@@ -220,8 +221,9 @@ def main(argv: list[str] | None = None) -> int:
         "machine": _machine(),
         "losses": losses, "seeds": seeds, "sweeps": [s.key + "=" + ",".join(s.labels) for s in sweeps],
         "jobs": jobs, "answer_rules": rules, "overrides": overrides, "config": args.config,
-        "started": prev.get("started") if args.report_only else started,
-        "wall_s_this_invocation": None if args.report_only else wall,
+        # one entry per invocation that ran tasks (a resumed study has several)
+        "invocations": prev.get("invocations", []) + ([] if args.report_only or not ran else [
+            {"started": started, "wall_s": wall, "tasks_run": ran, "git_commit": _git_commit()}]),
         "task_wall_s_total": sum(t.wall_s for t in tasks),
         "finished_runs": sum(t.status in ("done", "skipped-done") and t.kind == "arm" for t in tasks),
         "planned_runs": len(plan.runs),
@@ -236,7 +238,9 @@ def main(argv: list[str] | None = None) -> int:
     header = (f"# otr-megatron compare: {study['finished_runs']} of {study['planned_runs']} runs finished\n\n"
               f"`{study['command']}` at commit {study['git_commit']}; {m['cores']} cores ({m['cpu']}), "
               f"torch {m['torch']}, megatron-core {m['megatron_core']}; {len(seeds)} seeds planned; "
-              f"sum of task times {study['task_wall_s_total'] / 60:.1f} min.")
+              f"wall time {sum(i['wall_s'] for i in study['invocations']) / 60:.1f} min over "
+              f"{len(study['invocations'])} invocation(s) running {jobs} tasks at a time; sum of task times "
+              f"{study['task_wall_s_total'] / 60:.1f} min.")
     md = markdown(summary, metrics, header)
     with open(os.path.join(out, "results.md"), "w", encoding="utf-8") as f:
         f.write(md)

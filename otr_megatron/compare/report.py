@@ -107,8 +107,11 @@ def _fmt(st: dict | None, n_row: int) -> str:
     if st is None:
         return "-"
     a = abs(st["mean"])
-    digits = 3 if a < 100 else 1
-    text = f"{st['mean']:.{digits}f} ± {st['std']:.{digits}f}"
+    if 0 < a < 0.01:  # small KLs: keep significant digits instead of printing 0.000
+        text = f"{st['mean']:.2e} ± {st['std']:.1e}"
+    else:
+        digits = 3 if a < 100 else 1
+        text = f"{st['mean']:.{digits}f} ± {st['std']:.{digits}f}"
     return text if st["n"] == n_row else f"{text} (n={st['n']})"
 
 
