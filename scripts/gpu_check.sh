@@ -46,10 +46,10 @@ if [ "$DRY" = 1 ]; then
 fi
 export TRITON_INTERPRET=0
 echo "=== 1/2 compiled-kernel tests ==="
-timeout 270 "$PY" -m pytest tests/core/test_triton_backend.py -q -x -p no:cacheprovider -W ignore::UserWarning 2>&1 \
+timeout 210 "$PY" -m pytest tests/core/test_triton_backend.py -q -rfE -p no:cacheprovider -W ignore::UserWarning 2>&1 \
   | tee "$OUTDIR/tests.log" || rc=$?
 echo "=== 2/2 benchmark ==="
-timeout 330 "$PY" -m otr_megatron.bench_gpu --out "$OUTDIR/bench_gpu.json" 2>&1 | tee "$OUTDIR/bench.log" \
+timeout 250 "$PY" -m otr_megatron.bench_gpu --out "$OUTDIR/bench_gpu.json" 2>&1 | tee "$OUTDIR/bench.log" \
   || rc=$((rc ? rc : $?))
 echo "gpu_check exit status: $rc"
 exit $rc

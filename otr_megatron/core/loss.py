@@ -349,6 +349,8 @@ class _VocabParallelOTR(torch.autograd.Function):
         ctx.save_for_backward(logits)
         ctx.coef_pi, ctx.coef_q, ctx.cols, ctx.weights, ctx.valid = coef_pi, coef_q, cols, weights, valid
         ctx.spec, ctx.backend, ctx.chunk, ctx.inplace = spec, backend, chunk, inplace
+        # the Triton gradient reads the logits once when given this rank's own max and sums
+        ctx.local = stats if backend.name == "triton" else None
 
         def stat(t):
             return _NONE.to(logits.device) if t is None else t
@@ -371,7 +373,8 @@ class _VocabParallelOTR(torch.autograd.Function):
             hi = min(n_tok, lo + chunk)
             backend.grad(logits[lo:hi], out[lo:hi], g[lo:hi], ctx.coef_pi[lo:hi],
                          ctx.coef_q[lo:hi] if ctx.coef_q is not None else None, ctx.cols[lo:hi],
-                         ctx.weights[lo:hi], ctx.valid[lo:hi], spec, scratch)
+                         ctx.weights[lo:hi], ctx.valid[lo:hi], spec, scratch,
+                         **({"local": ctx.local[lo:hi]} if ctx.local is not None else {}))
         return out, None, None, None, None, None, None, None, None
 
 
@@ -425,7 +428,12 @@ def vocab_parallel_otr_loss(
 
     spec = make_spec(cfg, step, rank, world, shard, vocab_size)
     backend = get_backend(cfg.backend, flat_logits.device)
-    chunk = cfg.chunk_tokens or _default_chunk_tokens(shard, flat_logits.device.type == "cuda")
+    if cfg.chunk_tokens:
+        chunk = cfg.chunk_tokens
+    elif backend.name == "triton":  # no workspace, one program per row: every row in one launch
+        chunk = max(1, flat_logits.size(0))
+    else:
+        chunk = _default_chunk_tokens(shard, flat_logits.device.type == "cuda")
     loss, label_logprob, q_label, hits, reward_mean, valid, cols = _VocabParallelOTR.apply(
         flat_logits, flat_labels, keys, spec, backend, tp_group, ignore_index, chunk, cfg.inplace_backward)
     loss = loss.view(shape)

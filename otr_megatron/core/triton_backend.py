@@ -354,6 +354,14 @@ def _grad_kernel(X, stride_x, OUT, stride_o, G, CPI, CQ, COLS, stride_c, WTS, st
 # --------------------------------------------------------------------------------------------
 
 
+def _check_device(x: torch.Tensor) -> None:
+    if x.device.type != "cuda" and not INTERPRET:
+        raise RuntimeError(
+            f"the Triton backend needs CUDA logits, got logits on {x.device}; use OTRConfig.backend='torch' (or "
+            "'auto'), or set TRITON_INTERPRET=1 before otr_megatron.core.triton_backend is imported to run the "
+            "kernels in Triton's interpreter on CPU")
+
+
 def _check_rows(name: str, t: torch.Tensor) -> None:
     if t.dim() != 2 or (t.size(1) > 1 and t.stride(1) != 1):
         raise ValueError(f"{name} must be a 2-D tensor with contiguous rows, got shape {tuple(t.shape)} "
@@ -415,6 +423,7 @@ def scratch(rows: int, cols: int, device):
 def local_stats(x, label_col, owns_label, spec: Spec, stats_out, prefix_out, scratch=None):
     """Per-rank statistics of a chunk of rows (see `core/backends.py`)."""
     rows = x.size(0)
+    _check_device(x)
     _check_rows("logits", x)
     if rows == 0:
         return
@@ -439,6 +448,7 @@ def sample(x, keys, label_col, owns_label, ok, total, rank_cum, rank_scale, pref
            cols_out, weights_out, scratch=None):
     """Hierarchical inverse-CDF draw of K samples per row (docs/sampling.md section 4)."""
     rows = x.size(0)
+    _check_device(x)
     if rows == 0:
         return
     if spec.n_blocks == 0:  # no real id on this rank: it owns no sample
@@ -466,6 +476,7 @@ def grad(x, out, g, coef_pi, coef_q, cols, weights, valid, spec: Spec, scratch=N
     normalisers in a first pass (6 B/elem).
     """
     rows, shard = x.shape
+    _check_device(x)
     if rows == 0:
         return
     _check_rows("logits", x)
