@@ -34,14 +34,21 @@ class _Scratch:
 
     def __init__(self, rows: int, cols: int, device):
         self.bufs = torch.empty(3, rows, cols, dtype=torch.float32, device=device)
+        self.zero = torch.zeros(1, 1, dtype=torch.float32, device=device)
 
-    def views(self, x: torch.Tensor):
-        """(x as fp32, two scratch buffers): fp32 input is used as is and never written."""
+    def views(self, x: torch.Tensor, keep_rows: torch.Tensor | None = None):
+        """(x as fp32, two scratch buffers): fp32 input is used as is and never written. With
+        ``keep_rows`` ([R] bool), other rows of the fp32 copy are 0, fused into the upcast."""
         rows = x.size(0)
         a, b, c = (t[:rows] for t in self.bufs)
         if x.dtype == torch.float32:
             return x, b, c
-        a.copy_(x)
+        if keep_rows is None:
+            a.copy_(x)
+        elif x.dtype == torch.float64:
+            a.copy_(x).masked_fill_(~keep_rows[:, None], 0.0)
+        else:  # a [1, 1] fp32 operand promotes the select to fp32: an exact upcast, one pass
+            torch.where(keep_rows[:, None], x, self.zero, out=a)
         return a, b, c
 
     def free_after(self, xf: torch.Tensor) -> torch.Tensor:
@@ -64,20 +71,20 @@ def _block_max(t: torch.Tensor, block: int) -> torch.Tensor:
 
 
 def _tempered_exp(xb: torch.Tensor, bmax: torch.Tensor, inv_kappa: float, out: torch.Tensor) -> torch.Tensor:
-    """Blocks ``xb [..., B]`` (fp32, padding -inf) -> exp((x - bmax_b) * inv_kappa32) into ``out`` (may
-    be ``xb``). The one formula of both passes and both backends (docs/sampling.md section 2)."""
+    """Blocks ``xb [..., B]`` (fp32, padding -inf) -> exp((x - bmax_b) * inv_kappa32) into ``out`` (any
+    strides, may be ``xb``). The one formula of both passes and both backends (docs/sampling.md 2)."""
     safe = torch.where(bmax == -math.inf, 0.0, bmax)  # a block with no finite id: exp(-inf) = 0, not NaN
     return torch.sub(xb, safe.unsqueeze(-1), out=out).mul_(inv_kappa).exp_()
 
 
-def _tree_sum(e: torch.Tensor) -> torch.Tensor:
-    """Pairwise fp32 sum over the last dim (B -> B/2 -> ... -> 1, ``e[i] + e[i + width]``), in place:
-    its rounding depends on the block's values only, never on the batch around it."""
-    width = e.size(-1)
+def _tree_sum(e: torch.Tensor, dim: int) -> torch.Tensor:
+    """Pairwise fp32 sum over ``dim`` (B -> B/2 -> ... -> 1, ``e[i] + e[i + width]``), in place: its
+    rounding depends on the block's values only, never on the batch around it."""
+    width = e.size(dim)
     while width > 1:
         width //= 2
-        e[..., :width] += e[..., width : 2 * width]
-    return e[..., 0]
+        e.narrow(dim, 0, width).add_(e.narrow(dim, width, width))
+    return e.select(dim, 0)
 
 
 def local_stats(x, label_col, owns_label, spec: Spec, stats_out, prefix_out, scratch):
@@ -111,18 +118,27 @@ def local_stats(x, label_col, owns_label, spec: Spec, stats_out, prefix_out, scr
         # fp32 sum of exp((x - bmax_b) * inv_kappa32). Both depend on the block's values only.
         b, nb = spec.block, spec.n_blocks
         if nb * b == n:
-            xp, e = xf, buf.view(rows, nb, b)
+            xp = xf
+            e_t = buf.view(rows, b, nb)
         else:  # the last real block ends in padding: pad it with -inf
             xp = torch.full((rows, nb * b), -math.inf, dtype=torch.float32, device=x.device)
             xp[:, :n] = xf
-            e = xp.view(rows, nb, b)
+            e_t = torch.empty(rows, b, nb, dtype=torch.float32, device=x.device)
         bmax = _block_max(xp, b)
-        bsum = _tree_sum(_tempered_exp(xp.view(rows, nb, b), bmax, inv, out=e))
+        # the exponentials are written block-element-major ([rows, B, n_blocks]): the tree's adds are
+        # then whole contiguous rows (about 4x cheaper on CPU than adding runs of B/2, B/4, ... ids)
+        _tempered_exp(xp.view(rows, nb, b), bmax, inv, out=e_t.permute(0, 2, 1))
+        bsum = _tree_sum(e_t, 1)
         # block weights in units of exp(m_r / kappa), float64 prefix sums; Z_r is the last one
         m64 = torch.where(empty, 0.0, m.double())[:, None]
         w = torch.exp((bmax.double() - m64) / spec.kappa).mul_(bsum.double())
         torch.cumsum(w, -1, out=prefix_out)
         stats_out[:, STAT_TMASS] = prefix_out[:, -1]
+
+
+def _count_below(sorted_rows: torch.Tensor, value: torch.Tensor) -> torch.Tensor:
+    """searchsorted(rows, value) (left) for one value per row: the first index reaching it."""
+    return torch.searchsorted(sorted_rows, value.contiguous())
 
 
 def _sample_rows(spec: Spec, device) -> int:
@@ -155,15 +171,19 @@ def sample(x, keys, label_col, owns_label, ok, total, rank_cum, rank_scale, pref
         okr = ok[lo:hi]
         # 1-2. global CDF position and the owning rank, identically on every rank
         t = token_uniforms(keys[lo:hi], k, spec.seed, spec.step) * torch.where(okr, total[lo:hi], 0.0)[:, None]
-        cum = rank_cum[lo:hi]
-        last_rank = torch.searchsorted(cum, cum[:, -1:].contiguous())  # first rank reaching the total: last with mass
-        owner = torch.minimum(torch.searchsorted(cum, t, right=True), last_rank)
-        mine = (owner == spec.rank) & okr[:, None]
-        # 3. this rank's block, in units of its own reference exp(m_r / kappa)
-        before = cum[:, spec.rank - 1 : spec.rank] if spec.rank > 0 else torch.zeros_like(cum[:, :1])
-        t_r = ((t - before) / rank_scale[lo:hi, None]).clamp_(min=0.0)
+        if spec.world == 1:  # one rank owns everything; its reference is the global one (t_r = t)
+            mine = okr[:, None].expand(rows, k)
+            t_r = t
+        else:
+            cum = rank_cum[lo:hi]
+            last_rank = _count_below(cum, cum[:, -1:])  # first rank reaching the total: last with mass
+            owner = torch.minimum(torch.searchsorted(cum, t, right=True), last_rank)
+            mine = (owner == spec.rank) & okr[:, None]
+            # 3. this rank's block, in units of its own reference exp(m_r / kappa)
+            before = cum[:, spec.rank - 1 : spec.rank] if spec.rank > 0 else torch.zeros_like(cum[:, :1])
+            t_r = ((t - before) / rank_scale[lo:hi, None]).clamp_(min=0.0)
         pre = prefix[lo:hi]
-        last_blk = torch.searchsorted(pre, pre[:, -1:].contiguous())  # last block with positive weight
+        last_blk = _count_below(pre, pre[:, -1:])  # last block with positive weight
         blk = torch.minimum(torch.searchsorted(pre, t_r, right=True), last_blk).clamp_(max=nb - 1)
         c_hi = pre.gather(1, blk)
         c_lo = torch.where(blk > 0, pre.gather(1, (blk - 1).clamp_(min=0)), 0.0)
@@ -176,10 +196,11 @@ def sample(x, keys, label_col, owns_label, ok, total, rank_cum, rank_scale, pref
             real = (blk.view(-1, 1) * b + in_block) < spec.n_real
             xb.masked_fill_(~real, -math.inf)
         e = _tempered_exp(xb, xb.amax(-1), inv, out=xb)
-        s = e.double().cumsum_(-1)  # the block's own masses, float64 prefix sums
+        s = torch.cumsum(e, -1, dtype=torch.float64)  # the block's own masses, float64 prefix sums
         target = frac.view(-1, 1) * s[:, -1:]
-        last_pos = torch.searchsorted(s, s[:, -1:].contiguous())  # last id with positive mass
-        pos = torch.minimum(torch.searchsorted(s, target, right=True), last_pos).clamp_(max=b - 1)
+        last_pos = _count_below(s, s[:, -1:])  # last id with positive mass
+        # searchsorted(s, target, right=True) over B ids: the count of prefix sums <= target
+        pos = torch.minimum((s <= target).sum(-1, keepdim=True), last_pos).clamp_(max=b - 1)
         col = blk * b + pos.view(rows, k)
         logit = x.view(-1)[(row_ids * b + col).view(-1)].view(rows, k).double()  # xb is overwritten
         hit = mine & (col == label_col[lo:hi, None]) & owns_label[lo:hi, None]
@@ -197,7 +218,8 @@ def grad(x, out, g, coef_pi, coef_q, cols, weights, valid, spec: Spec, scratch):
         out[:, n:].zero_()  # padded ids: not part of the softmax
     if n == 0:
         return
-    xf, p, spare = scratch.views(x[:, :n])
+    # ignored rows are exactly 0 even for non-finite logits: zero them in the upcast (free), or after
+    xf, p, spare = scratch.views(x[:, :n], keep_rows=valid)
     _softmax(xf, out=p).mul_((coef_pi * g)[:, None])  # local softmax x this rank's global share
     if coef_q is not None:
         tempered = torch.mul(xf, _inv_kappa(spec), out=spare)
@@ -206,5 +228,6 @@ def grad(x, out, g, coef_pi, coef_q, cols, weights, valid, spec: Spec, scratch):
     # scatter-add of the sparse entries (duplicates accumulate; col -1 = none, weight 0 there)
     flat = (torch.arange(rows, device=x.device)[:, None] * n + cols.clamp(min=0)).view(-1)
     p.view(-1).index_add_(0, flat, (weights * g[:, None]).view(-1))
-    p.masked_fill_(~valid[:, None], 0.0)  # ignored tokens: exactly 0, even for non-finite logits
+    if xf.dtype == x.dtype:  # fp32 input was not copied: zero the ignored rows here
+        p.masked_fill_(~valid[:, None], 0.0)
     out[:, :n].copy_(p)  # the one rounding to the input dtype
