@@ -233,13 +233,25 @@ class Runner:
                         t.status, t.note = "failed", f"{type(e).__name__}: {e}"
                     finished += 1
                     elapsed = time.time() - start
-                    left = sum(x.status == "pending" for x in todo)
-                    eta = elapsed / finished * left if finished else 0.0
+                    eta = self._eta(todo)
                     self.log(f"{t.status:6s} {t.kind:5s} {t.name} in {t.wall_s:.0f} s   "
                              f"[{n_skip + finished}/{n_total} tasks, {elapsed / 60:.1f} min, ~{eta / 60:.1f} min left]")
                     if t.status == "failed":
                         self.log("  " + t.note.replace("\n", "\n  "))
         return self.tasks
+
+    def _eta(self, todo: list[Task]) -> float:
+        """Seconds left: the mean time of each kind of task (warm starts, arms and probes differ a
+        lot) times how many of that kind are left, spread over the parallel jobs."""
+        took = {}
+        for k in ("warm", "arm", "probe"):
+            xs = [t.wall_s for t in todo if t.kind == k and t.status in ("done", "failed")]
+            took[k] = sum(xs) / len(xs) if xs else None
+        known = [v for v in took.values() if v is not None]
+        fallback = max(known) if known else 0.0
+        left = sum((took[t.kind] if took[t.kind] is not None else fallback)
+                   for t in todo if t.status == "pending")
+        return left / self.jobs
 
     @staticmethod
     def _readiness(t: Task) -> str:
