@@ -221,6 +221,10 @@ def main(argv: list[str] | None = None) -> int:
     except user_errors() as e:
         print(error_line(e), file=sys.stderr)
         return exit_code(e)
+    except KeyboardInterrupt:  # Ctrl-C: one line instead of a [rank0] traceback; the lock is released below
+        print(f"otr-megatron train: interrupted; continue from the last checkpoint with --resume -o {cfg.output_dir}",
+              file=sys.stderr)
+        return 130
     finally:
         if lock is not None:
             lock.release()
