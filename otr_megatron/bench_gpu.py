@@ -151,16 +151,14 @@ def _baselines(leaf, labels, mask, group, device):
     return out
 
 
-def _otr_methods(leaf, labels, mask, k, n_tok, backends):
+def _otr_methods(leaf, labels, mask, k, backends):
     import otr_megatron as otr
 
     out = []
     for backend in backends:
         for est in ("sample", "expected", "sft", "dft"):
-            # the Triton kernels want every row in one launch (one program per row); the torch
-            # path keeps its own default chunking
-            chunk = n_tok if backend == "triton" else None
-            cfg = otr.OTRConfig(estimator=est, num_samples=k, backend=backend, chunk_tokens=chunk)
+            # default chunking: every row in one launch for Triton, cache/memory-sized chunks for torch
+            cfg = otr.OTRConfig(estimator=est, num_samples=k, backend=backend)
 
             def fn(cfg=cfg):
                 (otr.vocab_parallel_otr_loss(leaf, labels, cfg) * mask).sum().backward()
@@ -285,7 +283,7 @@ def run(args) -> dict:
                 report["notes"].append(f"V/tp={v}: {name} not run: {note}" if note else f"{name} not run")
             else:
                 methods.append((name, fn, "baseline", None, note))
-        for name, fn, est, backend in _otr_methods(leaf, labels, mask, k, n, backends):
+        for name, fn, est, backend in _otr_methods(leaf, labels, mask, k, backends):
             methods.append((name, fn, est, backend, ""))
         for _, fn, *_ in methods:  # warm-up (compiles the kernels)
             for _ in range(max(args.warmup, 1) if device.type == "cuda" else 1):
