@@ -191,16 +191,23 @@ def sample(x, keys, label_col, owns_label, ok, total, rank_cum, rank_scale, pref
         frac = ((t_r - c_lo) / (c_hi - c_lo)).clamp_(0.0, 1.0)
         # 5. recompute that block's tempered masses (fp32), search their float64 prefix sums
         row_ids = torch.arange(lo, hi, device=dev)[:, None] * (shard // b)
-        xb = blocks.index_select(0, (row_ids + blk).view(-1)).float()  # [rows * K, B], a fresh copy
+        xb = blocks.index_select(0, (row_ids + blk).view(-1))  # [M = rows * K, B], input dtype
         if ragged:
             real = (blk.view(-1, 1) * b + in_block) < spec.n_real
-            xb.masked_fill_(~real, -math.inf)
-        e = _tempered_exp(xb, xb.amax(-1), inv, out=xb)
-        s = torch.cumsum(e, -1, dtype=torch.float64)  # the block's own masses, float64 prefix sums
-        target = frac.view(-1, 1) * s[:, -1:]
-        last_pos = _count_below(s, s[:, -1:])  # last id with positive mass
-        # searchsorted(s, target, right=True) over B ids: the count of prefix sums <= target
-        pos = torch.minimum((s <= target).sum(-1, keepdim=True), last_pos).clamp_(max=b - 1)
+            xb = xb.float().masked_fill_(~real, -math.inf)
+        bmax = _block_max(xb.reshape(1, -1), b).view(-1).float()
+        # exponentials written id-major ([B, M]): the float64 prefix sums and the searches are then
+        # B contiguous vector ops instead of M tiny rows (same values as cumsum: sequential adds)
+        e_t = torch.empty(b, xb.size(0), dtype=torch.float32, device=dev)
+        _tempered_exp(xb, bmax, inv, out=e_t.T)
+        s = torch.empty(b, xb.size(0), dtype=torch.float64, device=dev)
+        s[0] = e_t[0]
+        for i in range(1, b):
+            torch.add(s[i - 1], e_t[i], out=s[i])
+        target = frac.view(-1) * s[-1]
+        last_pos = (s < s[-1]).sum(0)  # first id reaching the block total: the last with positive mass
+        # searchsorted(s, target, right=True): the count of prefix sums <= target
+        pos = torch.minimum((s <= target).sum(0), last_pos).clamp_(max=b - 1)
         col = blk * b + pos.view(rows, k)
         logit = x.view(-1)[(row_ids * b + col).view(-1)].view(rows, k).double()  # xb is overwritten
         hit = mine & (col == label_col[lo:hi, None]) & owns_label[lo:hi, None]
