@@ -192,7 +192,7 @@ def main(argv: list[str] | None = None) -> int:
     started = datetime.datetime.now(datetime.timezone.utc).strftime("%Y-%m-%d %H:%M:%S UTC")
     try:
         if args.report_only:
-            runner.check_existing()
+            runner.check_existing(strict=False)
             tasks = runner.tasks
         else:
             tasks = runner.run()
@@ -223,7 +223,8 @@ def main(argv: list[str] | None = None) -> int:
         "jobs": jobs, "answer_rules": rules, "overrides": overrides, "config": args.config,
         # one entry per invocation that ran tasks (a resumed study has several)
         "invocations": prev.get("invocations", []) + ([] if args.report_only or not ran else [
-            {"started": started, "wall_s": wall, "tasks_run": ran, "git_commit": _git_commit()}]),
+            {"started": started, "wall_s": wall, "tasks_run": ran, "git_commit": _git_commit(),
+             "command": "otr-megatron compare " + " ".join(argv)}]),
         "task_wall_s_total": sum(t.wall_s for t in tasks),
         "finished_runs": sum(t.status in ("done", "skipped-done") and t.kind == "arm" for t in tasks),
         "planned_runs": len(plan.runs),
@@ -235,8 +236,9 @@ def main(argv: list[str] | None = None) -> int:
     with open(study_path, "w", encoding="utf-8") as f:
         json.dump(study, f, indent=1)
     m = study["machine"]
+    commits = sorted({str(i.get("git_commit")) for i in study["invocations"]}) or [str(study["git_commit"])]
     header = (f"# otr-megatron compare: {study['finished_runs']} of {study['planned_runs']} runs finished\n\n"
-              f"`{study['command']}` at commit {study['git_commit']}; {m['cores']} cores ({m['cpu']}), "
+              f"`{study['invocations'][0]['command'] if study['invocations'] else study['command']}`, runs at commit {', '.join(commits)}; {m['cores']} cores ({m['cpu']}), "
               f"torch {m['torch']}, megatron-core {m['megatron_core']}; {len(seeds)} seeds planned; "
               f"wall time {sum(i['wall_s'] for i in study['invocations']) / 60:.1f} min over "
               f"{len(study['invocations'])} invocation(s) running {jobs} tasks at a time; sum of task times "

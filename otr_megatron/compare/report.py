@@ -193,17 +193,20 @@ def plot(summary: dict, metrics: list[str], path: str, losses: list[str], title:
 
 def plot_frontier(summary: dict, x_metric: str, y_metric: str, path: str, losses: list[str]) -> str | None:
     """Trade-off view: every (panel, arm) as a point (mean, std error bars) of two metrics, so a
-    loss can be compared with another at a matched value of one of them (e.g. a learning-rate sweep)."""
+    loss can be compared with another at a matched value of one of them (e.g. a learning-rate sweep).
+    Colour = arm, marker = panel; the points of one arm within panels that differ in one knob only
+    are not joined (the panels need not be ordered)."""
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
+    from matplotlib.lines import Line2D
 
     rows_order = [WARM, *losses]
     colors = {row: plt.cm.tab10(i) for i, row in enumerate(rows_order)}
     markers = "osD^v<>PX*"
-    fig, ax = plt.subplots(figsize=(7.5, 5))
-    any_point = False
+    fig, ax = plt.subplots(figsize=(8, 5.5))
+    used_rows, used_panels = [], []
     for pi, p in enumerate(summary["panels"]):
         for row in rows_order:
             r = next((x for x in p["rows"] if x["row"] == row), None)
@@ -211,16 +214,19 @@ def plot_frontier(summary: dict, x_metric: str, y_metric: str, path: str, losses
                 continue
             sx, sy = r["metrics"][x_metric], r["metrics"][y_metric]
             ax.errorbar(sx["mean"], sy["mean"], xerr=sx["std"], yerr=sy["std"], fmt=markers[pi % len(markers)],
-                        color=colors[row], ms=5, capsize=2, lw=0.8,
-                        label=f"{row} | {p['panel']}")
-            any_point = True
-    if not any_point:
+                        color=colors[row], ms=6, capsize=2, lw=0.8, alpha=0.85)
+            used_rows += [row] if row not in used_rows else []
+            used_panels += [pi] if pi not in used_panels else []
+    if not used_rows:
         plt.close(fig)
         return None
+    handles = [Line2D([], [], color=colors[r], marker="o", ls="", label=r) for r in rows_order if r in used_rows]
+    handles += [Line2D([], [], color="gray", marker=markers[pi % len(markers)], ls="",
+                       label=summary["panels"][pi]["panel"]) for pi in used_panels]
+    ax.legend(handles=handles, fontsize=7, loc="best")
     ax.set_xlabel(x_metric)
     ax.set_ylabel(y_metric)
-    ax.legend(fontsize=6, ncol=2)
-    ax.set_title(f"{y_metric} vs {x_metric} (mean ± std over seeds)", fontsize=9)
+    ax.set_title(f"{y_metric} vs {x_metric} (mean ± std over seeds; colour = arm, marker = panel)", fontsize=9)
     fig.tight_layout()
     fig.savefig(path, dpi=110)
     plt.close(fig)

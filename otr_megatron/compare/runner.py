@@ -105,13 +105,16 @@ class Runner:
         return config_hash({"warm": w.key, "runs": sorted((t.name, t.key) for t in arms), "rules": self.rules})
 
     # -- state ----------------------------------------------------------------------------------
-    def check_existing(self) -> None:
-        """Mark finished tasks; refuse if a finished run used a different config."""
+    def check_existing(self, strict: bool = True) -> None:
+        """Mark finished tasks; refuse if a finished run used a different config (strict=False, for
+        --report-only: report it anyway, with a warning; e.g. the train config gained a key since)."""
         for t in self.tasks:
             done = _read_done(t.dir)
             if done is None:
                 continue
-            if done.get("key") != t.key:
+            if done.get("key") != t.key and not strict and t.kind != "probe":
+                self.log(f"warning: {t.dir} ran with config hash {done.get('key')}, the grid now gives {t.key}")
+            elif done.get("key") != t.key:
                 if t.kind == "probe":  # the set of runs changed: probe again (cheap, no results lost)
                     continue
                 raise CompareError(
