@@ -123,7 +123,7 @@ class LossSettings:
     chunk_tokens: int | None = None  # None: the loss's GPU default, 2**24 // (V/tp) tokens per chunk
     chunk_fp32_temporaries: int = 3  # live fp32 [chunk, V/tp] buffers inside one chunk
     stats_per_token: int = 4  # float64 per-token scalars saved for backward (coefficients, shares)
-    bytes_per_owned_sample: int = 20  # int64 token + int64 id + fp32 weight, for this rank's K/tp samples
+    bytes_per_sample: int = 12  # int64 column + fp32 weight: the fixed-shape [tokens, K] list, on every rank
 
 
 def bytes_per_param_mixed_precision(dp: int, distributed_optimizer: bool, grad_bytes: int = 4) -> float:
@@ -183,20 +183,23 @@ def loss_memory(dims: ModelDims, layout: Layout, loss: LossSettings) -> dict[str
     logits: [s/cp, b, V/tp] in bf16, the LM-head output (all TP ranks hold the full sequence).
     Megatron CE (`vocab_parallel_cross_entropy`) converts them to fp32 and keeps the fp32 softmax of
     the whole [tokens, V/tp] for backward. OTR (chunked) keeps the bf16 logits, a few scalars per
-    token and this rank's share of the K sampled ids per token, and needs `chunk_fp32_temporaries`
-    fp32 [chunk, V/tp] buffers plus the forward's block-mass table [tokens, V/tp / B] fp32.
+    token and the fixed-shape [tokens, K] sample list (column and weight; -1 where another rank owns
+    the draw: the same shape on every rank, so nothing syncs with the host), and needs
+    `chunk_fp32_temporaries` fp32 [chunk, V/tp] buffers plus the forward's float64 block prefix sums
+    [tokens, V/tp / B] (B from the real vocabulary and K, docs/sampling.md).
     """
     tokens = layout.seq_length // layout.cp * layout.micro_batch_size
     v_local = dims.padded_vocab_size(layout.tp) // layout.tp
     logits = 2.0 * tokens * v_local
     ce_saved = 4.0 * tokens * v_local
-    from otr_megatron.core.loss import _block_size, _default_chunk_tokens
+    from otr_megatron.core.backends import block_size
+    from otr_megatron.core.loss import _default_chunk_tokens
 
     chunk = min(loss.chunk_tokens or _default_chunk_tokens(v_local, on_gpu=True), tokens)
-    block_table = 4.0 * tokens * -(-v_local // _block_size(v_local, loss.num_samples))  # forward only
+    block = block_size(dims.vocab_size, loss.num_samples, v_local)
+    block_table = 8.0 * tokens * (v_local // block)  # float64 prefix sums, forward only
     otr_temporaries = 4.0 * chunk * v_local * loss.chunk_fp32_temporaries + block_table
-    owned = -(-loss.num_samples // layout.tp)  # samples land on ranks by mass; K/tp on average
-    otr_saved = tokens * (8.0 * loss.stats_per_token + loss.bytes_per_owned_sample * owned)
+    otr_saved = tokens * (8.0 * loss.stats_per_token + loss.bytes_per_sample * loss.num_samples)
     return {
         "tokens": float(tokens),
         "vocab_per_rank": float(v_local),

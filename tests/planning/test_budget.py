@@ -58,12 +58,12 @@ def test_loss_memory_ce_vs_otr():
     m = loss_memory(LLAMA3_70B, lay, LossSettings(num_samples=256, chunk_tokens=1024, chunk_fp32_temporaries=3))
     v = 129024 // 8
     assert m["ce_fp32_softmax"] == 4 * 8192 * v  # fp32 softmax of the whole [tokens, V/tp]
-    block = 8  # the loss's block size for V/tp = 16128, K = 256: 2**round(log2(63) / 2)
-    assert m["otr_chunk_temporaries"] == 3 * 4 * 1024 * v + 4 * 8192 * (v // block)  # + block-mass table
-    assert m["otr_saved"] == 8192 * (8 * 4 + 20 * 256 // 8)  # per-token scalars + this rank's K/tp samples
+    block = 16  # the loss's block size for the real vocabulary 128256, K = 256: 2**round(log2(501) / 2)
+    assert m["otr_chunk_temporaries"] == 3 * 4 * 1024 * v + 8 * 8192 * (v // block)  # + float64 block prefix sums
+    assert m["otr_saved"] == 8192 * (8 * 4 + 12 * 256)  # per-token scalars + the [tokens, K] sample list
     assert m["otr_total"] < m["ce_total"]
     default = loss_memory(LLAMA3_70B, lay, LossSettings(num_samples=256))
-    assert default["otr_chunk_temporaries"] == 3 * 4 * (2**24 // v) * v + 4 * 8192 * (v // block)
+    assert default["otr_chunk_temporaries"] == 3 * 4 * (2**24 // v) * v + 8 * 8192 * (v // block)
     assert m["otr_total"] < m["ce_total"]
 
 
