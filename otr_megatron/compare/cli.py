@@ -238,7 +238,7 @@ def main(argv: list[str] | None = None) -> int:
     m = study["machine"]
     commits = sorted({str(i.get("git_commit")) for i in study["invocations"]}) or [str(study["git_commit"])]
     header = (f"# otr-megatron compare: {study['finished_runs']} of {study['planned_runs']} runs finished\n\n"
-              f"`{study['invocations'][0]['command'] if study['invocations'] else study['command']}`, runs at commit {', '.join(commits)}; {m['cores']} cores ({m['cpu']}), "
+              f"`{study['invocations'][0].get('command', study['command']) if study['invocations'] else study['command']}`, runs at commit {', '.join(commits)}; {m['cores']} cores ({m['cpu']}), "
               f"torch {m['torch']}, megatron-core {m['megatron_core']}; {len(seeds)} seeds planned; "
               f"wall time {sum(i['wall_s'] for i in study['invocations']) / 60:.1f} min over "
               f"{len(study['invocations'])} invocation(s) running {jobs} tasks at a time; sum of task times "
