@@ -249,7 +249,7 @@ def main(argv: list[str] | None = None) -> int:
     png = None
     if summary["panels"]:
         png = plot(summary, metrics, os.path.join(out, "results.png"), losses,
-                   title=f"mean ± std over seeds, dots = seeds; commit {study['git_commit']}")
+                   title=f"mean ± std over seeds, dots = seeds; runs at commit {', '.join(c[:12] for c in commits)}")
         fr = args.frontier.split(",") if args.frontier else (AB_FRONTIER if default_study else None)
         if fr:
             plot_frontier(summary, fr[0].strip(), fr[1].strip(), os.path.join(out, "frontier.png"), losses)

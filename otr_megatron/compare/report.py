@@ -150,6 +150,11 @@ def markdown(summary: dict, metrics: list[str], header: str = "") -> str:
     return "\n".join(lines) + "\n"
 
 
+def _short_panel(panel: str) -> str:
+    """Tick label of a panel: its knob values only, one per line (the keys go on the axis label)."""
+    return "\n".join(part.split("=", 1)[-1] for part in panel.split(", "))
+
+
 def plot(summary: dict, metrics: list[str], path: str, losses: list[str], title: str = "") -> str:
     """One panel per metric: a bar per (panel, arm) with std error bars and the seeds as dots."""
     import matplotlib
@@ -176,7 +181,9 @@ def plot(summary: dict, metrics: list[str], path: str, losses: list[str], title:
                        label=row if pi == 0 else None, error_kw={"lw": 0.8})
                 ax.scatter([x] * len(st["values"]), st["values"], s=6, color="k", zorder=3)
         ax.set_xticks(range(len(panels)))
-        ax.set_xticklabels([p["panel"].replace(", ", "\n") for p in panels], fontsize=7)
+        ax.set_xticklabels([_short_panel(p["panel"]) for p in panels], fontsize=7)
+        if panels and "=" in panels[0]["panel"]:
+            ax.set_xlabel(" / ".join(part.split("=", 1)[0] for part in panels[0]["panel"].split(", ")), fontsize=7)
         ax.set_title(m, fontsize=9)
         ax.tick_params(axis="y", labelsize=7)
     for ax in list(axes.flat)[len(metrics):]:
