@@ -3,7 +3,6 @@ and the probe (writes what they write), so dependencies, skipping of finished ru
 changed config, failure isolation and the report are checked in a second."""
 
 import json
-import os
 import stat
 import sys
 
