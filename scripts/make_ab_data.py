@@ -33,16 +33,14 @@ Every (op, word) and every n is in at most one split.
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import random
 import string
+import sys
 
-OPS = {
-    "rev": lambda w: w[::-1],
-    "up": lambda w: w.upper(),
-    "rot": lambda w: "".join(chr((ord(c) - 97 + 1) % 26 + 97) for c in w),
-}
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+from make_demo_data import ASSETS, OPS, write_splits  # noqa: E402  (the old task's operations, one writer)
+
 PREFIX = "ab_"
 PRIOR_LAST_DIGIT = 0.5  # share of warm-start answers that are n's last digit (else a uniform digit)
 
@@ -120,19 +118,11 @@ def make_splits(seed: int = 20260930) -> dict[str, list[dict]]:
 
 
 def main(argv=None) -> int:
-    here = os.path.dirname(os.path.abspath(__file__))
-    default_out = os.path.join(here, os.pardir, "otr_megatron", "data", "assets")
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("--out", default=os.path.normpath(default_out), help="output directory")
+    ap.add_argument("--out", default=ASSETS, help="output directory")
     ap.add_argument("--seed", type=int, default=20260930)
     args = ap.parse_args(argv)
-    os.makedirs(args.out, exist_ok=True)
-    for name, rows in make_splits(args.seed).items():
-        path = os.path.join(args.out, f"{PREFIX}{name}.jsonl")
-        with open(path, "w", encoding="utf-8", newline="\n") as f:
-            for r in rows:
-                f.write(json.dumps(r, separators=(",", ":")) + "\n")
-        print(f"wrote {len(rows):5d} records to {path} ({os.path.getsize(path)} bytes)")
+    write_splits(args.out, make_splits(args.seed), prefix=PREFIX)
     return 0
 
 

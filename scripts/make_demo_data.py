@@ -62,20 +62,27 @@ def make_splits(seed: int = 20250930) -> dict[str, list[dict]]:
     return out
 
 
-def main(argv=None) -> int:
-    here = os.path.dirname(os.path.abspath(__file__))
-    default_out = os.path.join(here, os.pardir, "otr_megatron", "data", "assets")
-    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("--out", default=os.path.normpath(default_out), help="output directory")
-    ap.add_argument("--seed", type=int, default=20250930)
-    args = ap.parse_args(argv)
-    os.makedirs(args.out, exist_ok=True)
-    for name, rows in make_splits(args.seed).items():
-        path = os.path.join(args.out, f"{name}.jsonl")
+ASSETS = os.path.normpath(os.path.join(os.path.dirname(os.path.abspath(__file__)), os.pardir, "otr_megatron",
+                                       "data", "assets"))
+
+
+def write_splits(out_dir: str, splits: dict[str, list[dict]], prefix: str = "") -> None:
+    """Write each split to ``out_dir/<prefix><name>.jsonl``: compact JSON lines, LF, byte-stable."""
+    os.makedirs(out_dir, exist_ok=True)
+    for name, rows in splits.items():
+        path = os.path.join(out_dir, f"{prefix}{name}.jsonl")
         with open(path, "w", encoding="utf-8", newline="\n") as f:
             for r in rows:
                 f.write(json.dumps(r, separators=(",", ":")) + "\n")
         print(f"wrote {len(rows):5d} records to {path} ({os.path.getsize(path)} bytes)")
+
+
+def main(argv=None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--out", default=ASSETS, help="output directory")
+    ap.add_argument("--seed", type=int, default=20250930)
+    args = ap.parse_args(argv)
+    write_splits(args.out, make_splits(args.seed))
     return 0
 
 
