@@ -35,11 +35,10 @@ from __future__ import annotations
 import argparse
 import os
 import random
-import string
 import sys
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-from make_demo_data import ASSETS, OPS, write_splits  # noqa: E402  (the old task's operations, one writer)
+from make_demo_data import ASSETS, string_rows, write_splits  # noqa: E402  (the old task's rows, one writer)
 
 PREFIX = "ab_"
 PRIOR_LAST_DIGIT = 0.5  # share of warm-start answers that are n's last digit (else a uniform digit)
@@ -67,17 +66,8 @@ def valid_digits(n: int) -> list[str]:
 def _string_rows(rng: random.Random, seen: set) -> dict[str, list[dict]]:
     out = {}
     for name, (count, lo, hi, held_out) in STRING_SPLITS.items():
-        rows = []
-        while len(rows) < count:
-            op = rng.choice(sorted(OPS))
-            word = "".join(rng.choice(string.ascii_lowercase) for _ in range(rng.randint(lo, hi)))
-            if (word[0] in HELD_OUT_FIRST[op]) != held_out:
-                continue
-            if (op, word) in seen:
-                continue
-            seen.add((op, word))
-            rows.append({"prompt": f"{op}:{word}=", "response": OPS[op](word)})
-        out[name] = rows
+        out[name] = string_rows(rng, seen, count, lo, hi,
+                                accept=lambda op, word, h=held_out: (word[0] in HELD_OUT_FIRST[op]) == h)
     return out
 
 

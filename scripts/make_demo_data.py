@@ -50,16 +50,23 @@ def make_splits(seed: int = 20250930) -> dict[str, list[dict]]:
     # Evaluation splits first so their items are never taken by the (larger) training splits.
     for name in ("eval_id", "eval_ood", "train", "pretrain"):
         count, lo, hi = SPLITS[name]
-        rows = []
-        while len(rows) < count:
-            op = rng.choice(sorted(OPS))
-            word = "".join(rng.choice(string.ascii_lowercase) for _ in range(rng.randint(lo, hi)))
-            if (op, word) in seen:
-                continue
-            seen.add((op, word))
-            rows.append({"prompt": f"{op}:{word}=", "response": OPS[op](word)})
-        out[name] = rows
+        out[name] = string_rows(rng, seen, count, lo, hi)
     return out
+
+
+def string_rows(rng: random.Random, seen: set, count: int, lo: int, hi: int, accept=None) -> list[dict]:
+    """`count` new (op, word) records, words of lo..hi letters; `accept(op, word)` filters (no RNG use)."""
+    rows = []
+    while len(rows) < count:
+        op = rng.choice(sorted(OPS))
+        word = "".join(rng.choice(string.ascii_lowercase) for _ in range(rng.randint(lo, hi)))
+        if accept is not None and not accept(op, word):
+            continue
+        if (op, word) in seen:
+            continue
+        seen.add((op, word))
+        rows.append({"prompt": f"{op}:{word}=", "response": OPS[op](word)})
+    return rows
 
 
 ASSETS = os.path.normpath(os.path.join(os.path.dirname(os.path.abspath(__file__)), os.pardir, "otr_megatron",
