@@ -38,7 +38,6 @@ from otr_megatron.core.backends import (
     STAT_TMEAN,
     Backend,
     Spec,
-    base_block_size,
     block_size,
     get_backend,
 )
@@ -54,11 +53,6 @@ def _default_chunk_tokens(shard: int, on_gpu: bool) -> int:
     # benchmark sweep); GPUs want fewer, larger launches (~16M elements, 64 MB).
     target = 1 << 24 if on_gpu else 1 << 20
     return max(1, target // max(shard, 1))
-
-
-def _block_size(vocab_size: int, k: int) -> int:
-    """Ids per sampling block for a vocabulary and K (kept for the memory planner)."""
-    return base_block_size(vocab_size, k)
 
 
 def _tp_layout(tp_group) -> tuple[int, int]:
