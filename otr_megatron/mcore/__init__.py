@@ -7,7 +7,6 @@ Importing this package does not import megatron-core; the submodules import it w
 - `forward_step`, `loss_func`, `prepare_batch`                                 (training.py)
 - `build_gpt_model`, `build_model_chunks`, `GPTBuildConfig`, `layout_invariant_init_` (model.py)
 - `enable_cpu_backend`                                                         (cpu_backend.py)
-- `launch`, `init_parallel`, `run_layout`, `reference_run`                     (testing.py)
 """
 
 from otr_megatron.mcore.cpu_backend import SPTorchNorm, cpu_backend_enabled, enable_cpu_backend
@@ -21,7 +20,6 @@ from otr_megatron.mcore.hook import (
     get_otr_hook,
     make_output_processor,
     output_processor_supported,
-    megatron_ce_loss_fn,
     set_iteration,
     set_otr_context,
     slice_batch_for_cp,
@@ -42,6 +40,6 @@ __all__ = [
     "GPTBuildConfig", "OTRBatchContext", "OTRLossHook", "SPTorchNorm", "build_gpt_model",
     "build_model_chunks", "cp_zigzag_positions", "cpu_backend_enabled", "disable_otr", "enable_cpu_backend",
     "enable_otr", "fallback_sample_ids", "forward_step", "get_otr_hook", "layout_invariant_init_",
-    "loss_func", "make_output_processor", "make_transformer_config", "output_processor_supported", "megatron_ce_loss_fn", "prepare_batch", "set_iteration",
+    "loss_func", "make_output_processor", "make_transformer_config", "output_processor_supported", "prepare_batch", "set_iteration",
     "set_otr_context", "slice_batch_for_cp", "te_available", "token_keys_from_sample_ids", "unwrap_model",
 ]

@@ -89,20 +89,6 @@ def _default_loss_fn():
     return fn
 
 
-def megatron_ce_loss_fn(logits, labels, cfg=None, tp_group=None, step=0, vocab_size=None,
-                        token_keys=None, ignore_index=-100, return_stats=False):
-    """Megatron's vocab-parallel cross entropy behind the OTR loss signature (A/B and tests)."""
-    from megatron.core import tensor_parallel
-
-    ignored = labels == ignore_index
-    safe = labels.masked_fill(ignored, 0)
-    loss = tensor_parallel.vocab_parallel_cross_entropy(logits.float().clone(), safe)
-    loss = loss.masked_fill(ignored, 0.0)
-    if return_stats:
-        return loss, {"label_logprob": (-loss).detach()}
-    return loss
-
-
 def _tp_group_of(model):
     pgc = getattr(model, "pg_collection", None)
     group = getattr(pgc, "tp", None) if pgc is not None else None
@@ -220,7 +206,7 @@ def enable_otr(model, cfg, *, vocab_size: Optional[int] = None, mtp_loss: str = 
 
     cfg: an `otr_megatron.OTRConfig`. vocab_size: the real vocabulary (default: the value the
     builder stored on the model). loss_fn: override of `otr_megatron.vocab_parallel_otr_loss`
-    (same signature), e.g. `megatron_ce_loss_fn`. Returns the hook (or list of hooks).
+    (same signature; the tests pass Megatron's cross entropy). Returns the hook (or list of hooks).
     """
     if isinstance(model, (list, tuple)):
         return [enable_otr(m, cfg, vocab_size=vocab_size, mtp_loss=mtp_loss, mask_labels=mask_labels,

@@ -25,7 +25,7 @@ def step_contract_worker(rank, world_size):
     from otr_megatron import OTRConfig
     from otr_megatron.bridge.step import OTRForwardStep
     from otr_megatron.mcore import GPTBuildConfig, build_gpt_model, disable_otr, enable_otr, forward_step, set_iteration
-    from otr_megatron.mcore.testing import causal_mask, init_parallel, synthetic_batch
+    from tests.harness import causal_mask, init_parallel, synthetic_batch
 
     init_parallel(tp=world_size)
     cfg = GPTBuildConfig(vocab_size=250, seq_length=16, hidden_size=32, num_layers=1, num_attention_heads=4,

@@ -24,7 +24,7 @@ def test_signature_is_one_bridge_accepts():
 @pytest.fixture(scope="module")
 def contract():
     pytest.importorskip("megatron.core")
-    from otr_megatron.mcore import testing as T
+    from tests import harness as T
 
     from tests.bridge import bridge_workers as W
 

@@ -23,7 +23,7 @@ STEPS = 3
 
 
 def _rel_err(local, ref):
-    from otr_megatron.mcore import testing as T
+    from tests import harness as T
 
     errs = T.compare_to_global(local, ref)
     scale = max(float(t.abs().max()) for t in ref.values())
@@ -38,7 +38,7 @@ SEQUENCE_LAYOUTS = ("tp2_dp2", "pp2_dp2_1f1b", "cp2_dp2_zigzag_sim")
 def layouts_worker(rank, world, estimators):
     """Reference single-model run vs every layout, for each estimator ("name:sequence" = per-sequence)."""
     import otr_megatron as otr
-    from otr_megatron.mcore import testing as T
+    from tests import harness as T
 
     report = {}
     for est in estimators:
@@ -70,7 +70,7 @@ def api_worker(rank, world):
     from megatron.core.distributed import DistributedDataParallel, DistributedDataParallelConfig
 
     from otr_megatron.mcore import hook as H
-    from otr_megatron.mcore import testing as T
+    from tests import harness as T
     from otr_megatron.mcore.model import build_model_chunks, layout_invariant_init_
     from otr_megatron.mcore.training import loss_func, prepare_batch
 

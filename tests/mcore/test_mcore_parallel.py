@@ -10,7 +10,7 @@ import pytest
 
 pytest.importorskip("megatron.core")
 
-from otr_megatron.mcore import testing as T  # noqa: E402
+from tests import harness as T  # noqa: E402
 
 from tests.mcore import mcore_workers as W  # noqa: E402
 

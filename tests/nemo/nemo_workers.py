@@ -13,7 +13,7 @@ def fake_gpt_forward_step(model, batch):
 def nemo_step_worker(rank, world_size):
     from otr_megatron import OTRConfig
     from otr_megatron.mcore import GPTBuildConfig, build_gpt_model, disable_otr, enable_otr, forward_step, set_iteration
-    from otr_megatron.mcore.testing import causal_mask, init_parallel, synthetic_batch
+    from tests.harness import causal_mask, init_parallel, synthetic_batch
     from otr_megatron.nemo.step import STATS_KEY, otr_forward_step, otr_report
 
     init_parallel(tp=1)

@@ -70,7 +70,7 @@ def test_reduce_metrics_is_per_token_mean():
 @pytest.mark.slow
 def test_forward_step_matches_mcore_integration():
     pytest.importorskip("megatron.core")
-    from otr_megatron.mcore import testing as T
+    from tests import harness as T
 
     from tests.nemo import nemo_workers as W
 

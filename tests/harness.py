@@ -1,4 +1,4 @@
-"""Multi-process gloo harness for real megatron-core runs on CPU (tests, CI, the train job's checks).
+"""Test harness: multi-process gloo runs of real megatron-core on CPU (not shipped in the package).
 
 `launch(fn, world_size, *args)` spawns `world_size` processes, sets up gloo and the CPU backend,
 runs `fn(rank, world_size, *args)` in each and returns the per-rank return values (rank order).
@@ -161,6 +161,20 @@ def compare_to_global(local: Dict[tuple, torch.Tensor], ref: Dict[str, torch.Ten
         e = float((t[idx].reshape(g.shape) - g).abs().max())
         errs[key] = max(errs.get(key, 0.0), e)
     return errs
+
+
+def megatron_ce_loss_fn(logits, labels, cfg=None, tp_group=None, step=0, vocab_size=None,
+                        token_keys=None, ignore_index=-100, return_stats=False):
+    """Megatron's vocab-parallel cross entropy behind the OTR loss signature (oracle for the tests)."""
+    from megatron.core import tensor_parallel
+
+    ignored = labels == ignore_index
+    safe = labels.masked_fill(ignored, 0)
+    loss = tensor_parallel.vocab_parallel_cross_entropy(logits.float().clone(), safe)
+    loss = loss.masked_fill(ignored, 0.0)
+    if return_stats:
+        return loss, {"label_logprob": (-loss).detach()}
+    return loss
 
 
 def reduce_report(losses_reduced: List[dict]) -> Dict[str, float]:
