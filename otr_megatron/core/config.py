@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass, fields
+from typing import Any, Mapping
 
 ESTIMATORS = ("sample", "expected", "sft", "dft")
 BACKENDS = ("auto", "torch", "triton")
@@ -69,10 +70,34 @@ class OTRConfig:
             raise ValueError(f"OTRConfig.chunk_tokens must be None or an integer >= 1, got {c!r}")
 
     @classmethod
-    def from_dict(cls, values: dict) -> "OTRConfig":
-        """Build from a mapping (YAML, CLI overrides), rejecting unknown keys by name."""
-        known = {f.name for f in fields(cls)}
-        unknown = sorted(set(values) - known)
+    def check_keys(cls, values: Mapping[str, Any]) -> None:
+        """Raise `UnknownOTRKeyError` if `values` names a key that is not a field: the one unknown-key
+        check for OTR settings (YAML files, `otr.KEY=VALUE` overrides, recipe keyword arguments), so a
+        typo such as `otr.num_sample` fails instead of silently training with the default."""
+        known = [f.name for f in fields(cls)]
+        unknown = {str(k): v for k, v in values.items() if k not in known}
         if unknown:
-            raise KeyError(f"unknown OTR option(s) {unknown}; known options: {sorted(known)}")
-        return cls(**values)
+            raise UnknownOTRKeyError(unknown, known)
+
+    @classmethod
+    def from_dict(cls, values: Mapping[str, Any]) -> "OTRConfig":
+        """Build from a mapping of settings (YAML, `otr.KEY=VALUE` overrides with the `otr.` removed).
+
+        Unknown keys raise `UnknownOTRKeyError`, bad values the `ValueError` of `__post_init__`; both are
+        ValueErrors. An integer is taken for a float field (YAML reads `otr.temperature=2` as 2).
+        """
+        cls.check_keys(values)
+        floats = {f.name for f in fields(cls) if f.type == "float"}
+        return cls(**{k: float(v) if k in floats and type(v) is int else v for k, v in values.items()})
+
+
+class UnknownOTRKeyError(ValueError):
+    """OTR settings that name a key `OTRConfig` does not have; the message names each as `otr.KEY`, its
+    value, and the known keys."""
+
+    def __init__(self, unknown: Mapping[str, Any], known: list[str]):
+        self.unknown = dict(unknown)
+        self.known = list(known)
+        given = ", ".join(f"otr.{k}={v!r}" for k, v in self.unknown.items())
+        super().__init__(f"unknown OTR setting{'s' if len(self.unknown) > 1 else ''} {given}; "
+                         f"known: {', '.join('otr.' + k for k in self.known)}")

@@ -90,9 +90,18 @@ def test_fingerprint_tells_apart_label_sequences_a_weighted_sum_confuses():
 
 
 def test_config_from_dict_names_unknown_keys():
-    with pytest.raises(KeyError, match="num_sample"):
-        otr.OTRConfig.from_dict({"num_sample": 3})
-    assert otr.OTRConfig.from_dict({"num_samples": 3}).num_samples == 3
+    from otr_megatron.core.config import UnknownOTRKeyError
+
+    with pytest.raises(UnknownOTRKeyError) as info:
+        otr.OTRConfig.from_dict({"num_sample": 3, "temperature": 1.0, "kappa": "x"})
+    msg = str(info.value)
+    assert msg.startswith("unknown OTR settings otr.num_sample=3, otr.kappa='x'; known: otr.num_samples, ")
+    assert "otr.temperature" in msg.split("known:")[1] and isinstance(info.value, ValueError)
+    assert info.value.unknown == {"num_sample": 3, "kappa": "x"}
+    cfg = otr.OTRConfig.from_dict({"num_samples": 3, "temperature": 2})
+    assert cfg.num_samples == 3 and cfg.temperature == 2.0 and type(cfg.temperature) is float
+    with pytest.raises(ValueError, match=r"OTRConfig\.neg_reward .*got 0\.5"):  # values: __post_init__'s rules
+        otr.OTRConfig.from_dict({"neg_reward": 0.5})
 
 
 @pytest.mark.parametrize(
