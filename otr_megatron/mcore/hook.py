@@ -51,20 +51,22 @@ import torch
 _HOOK_ATTR = "_otr_hook"
 
 
-def unwrap_model(model):
-    """Strip DDP / Float16Module / torch DDP wrappers down to the language module."""
-    seen = 0
-    while hasattr(model, "module") and not hasattr(model, "compute_language_model_loss"):
-        model = model.module
-        seen += 1
-        if seen > 16:
-            raise RuntimeError("unwrap_model: wrapper chain deeper than 16 levels")
-    if not hasattr(model, "compute_language_model_loss"):
-        raise TypeError(
-            f"model: expected a megatron-core LanguageModule (e.g. GPTModel) or a wrapper of one, "
-            f"got {type(model).__name__}"
-        )
-    return model
+def unwrap_model(model, max_depth: int = 16):
+    """Strip DDP / Float16Module / torch DDP / NeMo wrappers down to the language module.
+
+    Decides by type, not `hasattr`: NeMo's wrappers forward attribute lookups to `.module`, so the
+    wrapper itself seems to have `compute_language_model_loss`.
+    """
+    start = type(model).__name__
+    for _ in range(max_depth + 1):
+        if getattr(type(model), "compute_language_model_loss", None) is not None:
+            return model
+        inner = getattr(model, "module", None)
+        if inner is None:
+            raise TypeError(f"model: expected a megatron-core LanguageModule (e.g. GPTModel) or a wrapper of one, "
+                            f"got {start} (no compute_language_model_loss below it)")
+        model = inner
+    raise RuntimeError(f"unwrap_model: {start} wraps more than {max_depth} levels without a LanguageModule")
 
 
 @dataclass

@@ -174,3 +174,38 @@ def test_sequence_normalization_needs_per_token_loss_mode():
     check_sequence_normalization(Model(True))
     with pytest.raises(ValueError, match="calculate_per_token_loss=True"):
         check_sequence_normalization(Model(False))
+
+
+class _LM(torch.nn.Module):
+    def compute_language_model_loss(self, labels, logits):
+        return logits
+
+
+class _ForwardingWrapper(torch.nn.Module):
+    """Like NeMo's DDP / Float16Module: unknown attributes are looked up on `.module`."""
+
+    def __init__(self, module):
+        super().__init__()
+        self.module = module
+
+    def __getattr__(self, name):
+        try:
+            return super().__getattr__(name)
+        except AttributeError:
+            return getattr(self.module, name)
+
+
+def test_unwrap_model_decides_by_type_not_hasattr():
+    from otr_megatron.mcore.hook import unwrap_model
+
+    lm = _LM()
+    wrapped = _ForwardingWrapper(_ForwardingWrapper(lm))
+    assert hasattr(wrapped, "compute_language_model_loss")  # what fooled the hasattr version
+    assert unwrap_model(wrapped) is lm and unwrap_model(lm) is lm
+    with pytest.raises(TypeError, match="_ForwardingWrapper"):
+        unwrap_model(_ForwardingWrapper(torch.nn.Linear(2, 2)))
+    deep = lm
+    for _ in range(3):
+        deep = _ForwardingWrapper(deep)
+    with pytest.raises(RuntimeError, match="more than 2 levels"):
+        unwrap_model(deep, max_depth=2)
