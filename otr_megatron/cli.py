@@ -1,13 +1,23 @@
-"""`otr-megatron` command line: one entry point, each subcommand owned by its layer.
+"""`otr-megatron` command line: one entry point, each subcommand owned by its layer, one override grammar.
 
 Subcommands import their framework lazily, so `otr-megatron slurm` works on a login node that has
 neither Megatron-Bridge nor a GPU.
+
+Config files and overrides (`train`, `plan`, `slurm --config`; `bridge` hands its `KEY=VALUE`
+words to Bridge's own OmegaConf machinery): a YAML file, then `KEY.SUB=VALUE` words, each value
+read as OmegaConf's dotlist reads it (YAML: `3`, `1e-3`, `true`, `null`, `[a, b]`, `{k: v}`). A
+mapping given for a section of fixed keys sets those keys one by one; any other value replaces
+what was there (a list, a free-form mapping such as the train job's `data.eval`). Errors name the
+key, the value and what was expected; an unknown key lists the valid keys at its level.
 """
 
 from __future__ import annotations
 
+import dataclasses
 import importlib
+import os
 import sys
+import typing
 
 # name -> (module, one-line help). Each module exposes `main(argv: list[str]) -> int`.
 SUBCOMMANDS = {
@@ -18,6 +28,119 @@ SUBCOMMANDS = {
     "plan": ("otr_megatron.planning.cli", "memory and communication budget per GPU for a configuration"),
     "compare": ("otr_megatron.compare.cli", "A/B harness: the train job over losses, knobs and seeds; mean +- std"),
 }
+
+
+class OverrideError(ValueError):
+    """A config file or `KEY=VALUE` override names an unknown key or gives a value of the wrong type."""
+
+
+def parse_override(text: str) -> tuple[str, typing.Any]:
+    """`a.b.c=value` -> ("a.b.c", value), the value parsed by OmegaConf's dotlist reader."""
+    from omegaconf import OmegaConf
+    from omegaconf.errors import OmegaConfBaseException
+    from yaml import YAMLError
+
+    key, sep, raw = text.partition("=")
+    key = key.strip()
+    if not sep or not all(key.split(".")):
+        raise OverrideError(f"override {text!r}: expected KEY=VALUE, e.g. optim.lr=3e-4")
+    try:
+        return key, OmegaConf.to_container(OmegaConf.from_dotlist([f"v={raw}"]))["v"]
+    except (YAMLError, OmegaConfBaseException) as e:
+        raise OverrideError(f"override {text!r}: the value is not valid YAML ({str(e).splitlines()[0]})") from None
+
+
+def load_yaml(path: str) -> dict:
+    """A YAML config file's top-level mapping (an empty file is an empty mapping)."""
+    import yaml
+
+    if not os.path.isfile(path):
+        raise OverrideError(f"config file {path!r} not found")
+    with open(path, encoding="utf-8") as f:
+        try:
+            data = yaml.safe_load(f)
+        except yaml.YAMLError as e:
+            raise OverrideError(f"{path}: not valid YAML: {e}") from None
+    if data is None:
+        return {}
+    if not isinstance(data, dict):
+        raise OverrideError(f"{path}: the top level must be a mapping of config keys, got {type(data).__name__}")
+    return data
+
+
+def load_config_dict(path: str, overrides: typing.Sequence[str] = ()) -> dict:
+    """A config file without a schema (`plan`, `slurm --config`) plus overrides of the keys it has."""
+    from omegaconf import OmegaConf
+
+    conf = OmegaConf.create(load_yaml(path))
+    OmegaConf.set_struct(conf, True)  # an override may change a key, never add one (a typo fails)
+    for text in overrides:
+        set_key(conf, *parse_override(text))
+    return OmegaConf.to_container(conf, resolve=True)
+
+
+def set_key(conf, key: str, value) -> None:
+    """Set the dotted `key` of an OmegaConf config, checked against its schema or its keys."""
+    from omegaconf import DictConfig
+
+    *sections, name = key.split(".")
+    node = conf
+    for i, part in enumerate(sections):
+        path = ".".join(sections[: i + 1])
+        _check_known(node, part, path)
+        node = node._get_node(part)
+        if not isinstance(node, DictConfig):
+            raise OverrideError(f"{path} is a value, not a section; {key!r} cannot be set")
+    _set(node, name, value, key)
+
+
+def _fixed_keys(node) -> bool:
+    """A dataclass section or a struct config: its keys are the valid ones (a free-form dict's are not)."""
+    from omegaconf import OmegaConf
+
+    return bool(OmegaConf.is_struct(node)) or dataclasses.is_dataclass(OmegaConf.get_type(node))
+
+
+def _check_known(node, name: str, key: str) -> None:
+    if name not in node and _fixed_keys(node):
+        raise OverrideError(f"unknown config key {key!r}; valid keys here: {sorted(node)}")
+
+
+def _set(node, name: str, value, key: str) -> None:
+    from omegaconf import DictConfig, ListConfig
+    from omegaconf.errors import OmegaConfBaseException
+    from omegaconf.nodes import BooleanNode
+
+    _check_known(node, name, key)
+    child = node._get_node(name) if name in node else None
+    if isinstance(value, dict) and isinstance(child, DictConfig) and _fixed_keys(child):
+        for k, v in value.items():
+            _set(child, str(k), v, f"{key}.{k}")
+        return
+    if isinstance(child, BooleanNode) and not isinstance(value, bool):  # OmegaConf reads 3 or 'yes' as true
+        raise OverrideError(f"{key}={value!r}; expected true or false")
+    element = None if child is not None else getattr(node._metadata, "element_type", None)
+    if isinstance(value, str) and (isinstance(child, ListConfig) or typing.get_origin(element) is list):
+        value = [value]  # one path given where a list of paths is expected
+    try:
+        node[name] = value
+    except OmegaConfBaseException as e:
+        raise OverrideError(f"{key}={value!r}; expected {_expected(child, element, e)}") from None
+
+
+def _expected(child, element, exc) -> str:
+    """What the schema wants at a key, in words (a new entry of a typed dict: its element type)."""
+    from omegaconf import DictConfig, ListConfig
+    from omegaconf.nodes import FloatNode, IntegerNode, StringNode
+
+    for kind, words in ((IntegerNode, "an integer"), (FloatNode, "a number"), (StringNode, "a string"),
+                        (ListConfig, "a list"), (DictConfig, "a mapping")):
+        if isinstance(child, kind):
+            return words + (" or null" if child._is_optional() else "")
+    origin = typing.get_origin(element)
+    if origin in (list, dict):
+        return "a list" if origin is list else "a mapping"
+    return str(exc).splitlines()[0]
 
 
 def _usage() -> str:

@@ -1,9 +1,15 @@
-"""Configuration of `otr-megatron train`: dataclasses, YAML files and ``key.sub=value`` overrides.
+"""Configuration of `otr-megatron train`: typed dataclasses, YAML files and ``key.sub=value`` overrides.
 
 The dataclass defaults *are* the embedded default job (``configs/tiny_cpu.yaml`` is the same values
 written out; a test keeps them equal), so the job runs after a plain ``pip install`` without any
-file. A YAML file or override only has to name what it changes; an unknown key is an error that
-lists the valid keys at that level, so a typo never silently trains the wrong thing.
+file. OmegaConf builds the typed schema from the dataclasses and applies the file and the overrides
+(the grammar of `otr_megatron.cli`, shared with `plan` and `slurm`); an unknown key is an error
+that lists the valid keys at that level, so a typo never silently trains the wrong thing.
+
+`otr:` is the core `OTRConfig` itself, every field settable, except two that the job owns: the
+estimator comes from `loss` (and is cross entropy in the warm start) and the OTR seed is the job's
+`seed`, which also seeds the weights and the data order. `otr.estimator` / `otr.seed` are refused
+unless they equal what `loss` / `seed` give (so a dumped config loads back).
 
 Data paths of the form ``assets:NAME`` point into the demo dataset shipped inside the package.
 """
@@ -18,9 +24,13 @@ from dataclasses import dataclass, field
 
 import yaml
 
+from otr_megatron.cli import OverrideError, load_yaml, parse_override, set_key
+from otr_megatron.core.config import OTRConfig, UnknownOTRKeyError
+
 ASSETS_PREFIX = "assets:"
 LOSSES = ("otr", "otr-expected", "sft", "dft")
 LOSS_TO_ESTIMATOR = {"otr": "sample", "otr-expected": "expected", "sft": "sft", "dft": "dft"}  # core estimator
+JOB_OWNED_OTR_KEYS = {"estimator": "loss", "seed": "seed"}  # otr.KEY -> the job key it follows
 
 
 class ConfigError(ValueError):
@@ -68,16 +78,6 @@ class DataConfig:
 
 
 @dataclass
-class OTRConfig:
-    """OTR hyper-parameters (paper: K=256 on 7B models; scaled down for the tiny CPU model)."""
-
-    num_samples: int = 32  # K
-    temperature: float = 1.3  # kappa
-    neg_reward: float = -0.1  # beta: reward of a sampled token that is not the label
-    normalization: str = "token"  # 'token' (Megatron global token mean) | 'sequence' (paper)
-
-
-@dataclass
 class OptimConfig:
     lr: float = 1.0e-3
     min_lr: float = 1.0e-4
@@ -86,15 +86,6 @@ class OptimConfig:
     adam_beta1: float = 0.9
     adam_beta2: float = 0.98
     clip_grad: float = 1.0
-
-
-@dataclass
-class StageConfig:
-    """One training stage: `iters` optimizer steps of `loss` at learning rate `lr` (None: optim.lr)."""
-
-    iters: int = 0
-    loss: str = "sft"
-    lr: float | None = None
 
 
 @dataclass
@@ -127,8 +118,15 @@ class TrainConfig:
     plot: bool = True
     model: ModelConfig = field(default_factory=ModelConfig)
     data: DataConfig = field(default_factory=DataConfig)
-    otr: OTRConfig = field(default_factory=OTRConfig)
+    # the core config; K scaled down from the paper's 256 for the tiny CPU model
+    otr: OTRConfig = field(default_factory=lambda: OTRConfig(num_samples=32))
     optim: OptimConfig = field(default_factory=OptimConfig)
+
+    def __post_init__(self):
+        """`otr.estimator` and `otr.seed` follow `loss` and `seed`, so `otr` reads as the fine-tuning
+        stage's settings wherever it is printed (an unknown loss is left to `validate`)."""
+        if self.loss in LOSSES and isinstance(self.otr, OTRConfig):
+            self.otr = dataclasses.replace(self.otr, estimator=LOSS_TO_ESTIMATOR[self.loss], seed=self.seed)
 
     @property
     def world_size(self) -> int:
@@ -137,12 +135,6 @@ class TrainConfig:
     @property
     def total_iters(self) -> int:
         return self.pretrain_iters + self.finetune_iters
-
-    def stage(self, iteration: int) -> StageConfig:
-        """The stage that optimizer step `iteration` (0-based) belongs to."""
-        if iteration < self.pretrain_iters:
-            return StageConfig(self.pretrain_iters, "sft", self.pretrain_lr)
-        return StageConfig(self.finetune_iters, self.loss, self.finetune_lr)
 
     def validate(self) -> "TrainConfig":
         """Cross-field checks, each error naming the key, its value and what was expected.
@@ -187,29 +179,24 @@ class TrainConfig:
         self.core_otr_config()  # the core's own rules for K, kappa, beta, normalization
         return self
 
-    def core_otr_config(self, mode: str | None = None):
-        """The core `OTRConfig` of stage `mode` ('pretrain' or a loss; default: the fine-tuning
-        loss). Built here too, so the core's validation (one rule, one place) runs before anything
-        is launched; its error is re-worded to name the train-config keys (``otr.neg_reward``)."""
-        from otr_megatron.core.config import OTRConfig as CoreOTRConfig
-
+    def core_otr_config(self, mode: str | None = None) -> OTRConfig:
+        """The core `OTRConfig` of stage `mode`: 'pretrain' (the cross-entropy warm start: estimator
+        sft, Megatron's token mean) or a loss (default: the fine-tuning loss `loss`), with the job's
+        seed. Also run by `validate`, so the core's rules (one rule, one place) hold before anything is
+        launched; its error is re-worded to name the train-config keys (``otr.neg_reward``)."""
         mode = mode or self.loss
-        o = self.otr
-        kwargs = dict(
-            num_samples=o.num_samples,
-            temperature=o.temperature,
-            neg_reward=o.neg_reward,
-            estimator="sft" if mode == "pretrain" else LOSS_TO_ESTIMATOR[mode],
-            seed=self.seed,
-        )
-        if "normalization" in {f.name for f in dataclasses.fields(CoreOTRConfig)}:
-            kwargs["normalization"] = "token" if mode == "pretrain" else o.normalization
-        elif o.normalization not in ("token", "sequence"):
-            raise ConfigError(f"otr.normalization={o.normalization!r}; expected 'token' or 'sequence'")
+        if mode != "pretrain" and mode not in LOSSES:
+            raise ConfigError(f"stage {mode!r}; expected 'pretrain' or one of {LOSSES}")
+        pretrain = mode == "pretrain"
         try:
-            return CoreOTRConfig(**kwargs)
+            return dataclasses.replace(
+                self.otr,
+                estimator="sft" if pretrain else LOSS_TO_ESTIMATOR[mode],
+                seed=self.seed,
+                normalization="token" if pretrain else self.otr.normalization,
+            )
         except ValueError as e:
-            raise ConfigError(str(e).replace("OTRConfig.", "otr.", 1)) from None
+            raise ConfigError(_otr_keys(e)) from None
 
     def _validate_lrs(self) -> None:
         o = self.optim
@@ -277,146 +264,109 @@ class TrainConfig:
 
 
 # ----------------------------------------------------------------------------------------------
-# Generic dataclass <-> dict with type checks
+# Parsing: OmegaConf schema from the dataclasses, the shared override grammar, then validation
 
 
-def _type_name(tp) -> str:
-    return getattr(tp, "__name__", None) or str(tp).replace("typing.", "")
+def _otr_keys(e: Exception) -> str:
+    """The core's message with its field names as train-config keys (OTRConfig.x -> otr.x)."""
+    return str(e).replace("OTRConfig.", "otr.")
 
 
-def _coerce(value, tp, key: str):
-    """Check (and minimally convert: int -> float) `value` against the annotation `tp`."""
-    origin = typing.get_origin(tp)
-    args = typing.get_args(tp)
-    if origin in (typing.Union, getattr(__import__("types"), "UnionType", None)):
-        if value is None and type(None) in args:
-            return None
-        errors = []
-        for a in args:
-            if a is type(None):
-                continue
+def _schema(cls=None):
+    from omegaconf import OmegaConf
+
+    conf = OmegaConf.structured(cls or TrainConfig)
+    if "otr" in conf:  # the core config is a frozen dataclass; to_object rebuilds (and validates) it
+        OmegaConf.set_readonly(conf.otr, False)
+    return conf
+
+
+class _Builder:
+    """Defaults, then file and overrides set key by key; the job-owned `otr.*` keys are held back and
+    checked against `loss` / `seed` once everything is applied."""
+
+    def __init__(self, cls=None):
+        self.conf = _schema(cls)
+        self.owned: dict[str, typing.Any] = {}
+
+    def set(self, key: str, value) -> None:
+        if key == "otr" and isinstance(value, dict):
+            for k, v in value.items():
+                self.set(f"otr.{k}", v)
+            return
+        if key.startswith("otr."):
+            name = key[len("otr."):]
             try:
-                return _coerce(value, a, key)
-            except ConfigError as e:
-                errors.append(str(e))
-        raise ConfigError(f"{key}={value!r}; expected {' or '.join(_type_name(a) for a in args)}")
-    if origin is list:
-        if isinstance(value, str):  # a single path given on the command line
-            value = [value]
-        if not isinstance(value, list):
-            raise ConfigError(f"{key}={value!r}; expected a list")
-        return [_coerce(v, args[0], f"{key}[{i}]") for i, v in enumerate(value)] if args else value
-    if origin is dict:
-        if not isinstance(value, dict):
-            raise ConfigError(f"{key}={value!r}; expected a mapping")
-        return {str(k): _coerce(v, args[1], f"{key}.{k}") for k, v in value.items()} if args else value
-    if dataclasses.is_dataclass(tp):
-        if not isinstance(value, dict):
-            raise ConfigError(f"{key}={value!r}; expected a mapping of {tp.__name__} fields")
-        return from_dict(tp, value, prefix=f"{key}.")
-    if tp is float:
-        if isinstance(value, str):  # YAML 1.1 reads "3e-4" (no dot) as a string
-            try:
-                value = float(value)
-            except ValueError:
-                pass
-        if isinstance(value, bool) or not isinstance(value, (int, float)):
-            raise ConfigError(f"{key}={value!r}; expected a number")
-        return float(value)
-    if tp is int:
-        if isinstance(value, bool) or not isinstance(value, int):
-            raise ConfigError(f"{key}={value!r}; expected an integer")
-        return value
-    if tp is bool:
-        if not isinstance(value, bool):
-            raise ConfigError(f"{key}={value!r}; expected true or false")
-        return value
-    if tp is str:
-        if not isinstance(value, str):
-            raise ConfigError(f"{key}={value!r}; expected a string")
-        return value
-    return value
-
-
-def _hints(cls) -> dict:
-    return typing.get_type_hints(cls)
-
-
-def from_dict(cls, data: dict, prefix: str = "", base=None):
-    """Build (or update a copy of `base`) dataclass `cls` from a nested dict; unknown keys raise."""
-    if data is None:
-        data = {}
-    if not isinstance(data, dict):
-        raise ConfigError(f"{prefix.rstrip('.') or 'config'}: expected a mapping, got {data!r}")
-    hints = _hints(cls)
-    obj = dataclasses.replace(base) if base is not None else cls()
-    for k, v in data.items():
-        if k not in hints:
-            raise ConfigError(f"unknown config key {prefix + str(k)!r}; valid keys here: {sorted(hints)}")
-        tp = hints[k]
-        if dataclasses.is_dataclass(tp) and isinstance(v, dict):
-            setattr(obj, k, from_dict(tp, v, prefix=f"{prefix}{k}.", base=getattr(obj, k)))
-        else:
-            setattr(obj, k, _coerce(v, tp, prefix + k))
-    return obj
-
-
-def to_dict(obj) -> dict:
-    return dataclasses.asdict(obj)
-
-
-def apply_override(cfg: TrainConfig, text: str) -> TrainConfig:
-    """Apply one ``a.b.c=value`` override (value parsed as YAML: 3, 1e-3, true, [a, b], null)."""
-    if "=" not in text:
-        raise ConfigError(f"override {text!r}: expected KEY=VALUE, e.g. optim.lr=3e-4")
-    key, raw = text.split("=", 1)
-    key = key.strip()
-    try:
-        value = yaml.safe_load(raw) if raw.strip() else ""
-    except yaml.YAMLError as e:
-        raise ConfigError(f"override {text!r}: value is not valid YAML ({e})") from None
-    parts = key.split(".")
-    nested: dict = {}
-    cur = nested
-    for p in parts[:-1]:
-        cur[p] = {}
-        cur = cur[p]
-    cur[parts[-1]] = value
-    # Dicts of lists (data.eval.NAME=path) are replaced per entry, not as a whole.
-    if len(parts) == 3 and parts[:2] == ["data", "eval"]:
-        new = dict(cfg.data.eval)
-        new[parts[2]] = _coerce(value, list[str], key)
-        cfg.data.eval = new
-        return cfg
-    return from_dict(TrainConfig, nested, base=cfg)
-
-
-def load_yaml(path: str) -> dict:
-    if not os.path.isfile(path):
-        raise ConfigError(f"config file {path!r} not found")
-    with open(path, encoding="utf-8") as f:
+                OTRConfig.check_keys({name: value})
+            except UnknownOTRKeyError as e:
+                raise ConfigError(str(e)) from None
+            if name in JOB_OWNED_OTR_KEYS:
+                self.owned[name] = value
+                return
         try:
-            data = yaml.safe_load(f)
-        except yaml.YAMLError as e:
-            raise ConfigError(f"{path}: not valid YAML: {e}") from None
-    if data is None:
-        return {}
+            set_key(self.conf, key, value)
+        except OverrideError as e:
+            raise ConfigError(str(e)) from None
+
+    def merge(self, data: dict) -> None:
+        for k, v in data.items():
+            self.set(str(k), v)
+
+    def build(self):
+        from omegaconf import OmegaConf
+        from omegaconf.errors import OmegaConfBaseException
+
+        try:
+            cfg = OmegaConf.to_object(self.conf)
+        except OmegaConfBaseException as e:  # e.g. an interpolation ${...} that does not resolve
+            raise ConfigError(f"{e.full_key}: {str(e).splitlines()[0]}") from None
+        except ValueError as e:  # the core OTRConfig's own checks
+            raise ConfigError(_otr_keys(e)) from None
+        for name, value in self.owned.items():
+            owner = JOB_OWNED_OTR_KEYS[name]
+            if cfg.loss in LOSSES and value != getattr(cfg.otr, name):
+                raise ConfigError(
+                    f"otr.{name}={value!r}: the job sets it from `{owner}` ({owner}={getattr(cfg, owner)!r} gives "
+                    f"{getattr(cfg.otr, name)!r}); set `{owner}` instead"
+                )
+        return cfg
+
+
+def from_dict(cls, data: dict):
+    """Build `cls` (TrainConfig or one of its sections) from a nested dict; unknown keys raise."""
     if not isinstance(data, dict):
-        raise ConfigError(f"{path}: top level must be a mapping of config keys, got {type(data).__name__}")
-    return data
+        raise ConfigError(f"expected a mapping of {cls.__name__} keys, got {data!r}")
+    b = _Builder(cls)
+    b.merge(data)
+    return b.build()
+
+
+def to_dict(cfg: TrainConfig) -> dict:
+    """The job's keys: `otr` without the keys the job owns (`loss` and `seed` state them)."""
+    d = dataclasses.asdict(cfg)
+    for name in JOB_OWNED_OTR_KEYS:
+        d["otr"].pop(name, None)
+    return d
 
 
 def load_config(path: str | None = None, overrides: typing.Sequence[str] = ()) -> TrainConfig:
     """Defaults, then the YAML file (if any), then each override, then cross-field validation."""
-    cfg = TrainConfig()
+    b = _Builder()
     if path:
         try:
-            cfg = from_dict(TrainConfig, load_yaml(path), base=cfg)
+            data = load_yaml(path)
+        except OverrideError as e:
+            raise ConfigError(str(e)) from None
+        try:
+            b.merge(data)
         except ConfigError as e:
             raise ConfigError(f"{path}: {e}") from None
-    for o in overrides:
-        cfg = apply_override(cfg, o)
-    return cfg.validate()
+    for text in overrides:
+        try:
+            b.set(*parse_override(text))
+        except OverrideError as e:
+            raise ConfigError(str(e)) from None
+    return b.build().validate()
 
 
 def assets_dir() -> str:

@@ -21,8 +21,10 @@ from otr_megatron.train.rundir import prepare_output_dir
 LOCK_HELD_ENV = "OTR_MEGATRON_TRAIN_LOCK_HELD"  # set for torchrun children of a launcher that holds the lock
 
 EPILOG = """\
-overrides: any config key as KEY=VALUE (YAML value), e.g.
-  otr-megatron train finetune_iters=300 optim.lr=3e-4 otr.num_samples=64 data.pack=false
+overrides: any config key as KEY=VALUE (OmegaConf dotlist: the value is YAML; the same grammar as
+`otr-megatron plan` and `otr-megatron slurm --config`), applied after --config, e.g.
+  otr-megatron train finetune_iters=300 optim.lr=3e-4 otr.num_samples=64 otr.backend=torch data.pack=false
+`otr:` takes every field of the core OTRConfig except estimator (set by --loss) and seed (the job's seed).
 examples:
   otr-megatron train                              # embedded default: CE warm start, then OTR (CPU, minutes)
   otr-megatron train --loss sft --output-dir runs/sft   # A/B baseline on identical data and seeds
