@@ -1,7 +1,7 @@
 """`otr-megatron bridge`: run a Megatron-Bridge recipe with OTR as the loss.
 
     otr-megatron bridge --recipe megatron.bridge.recipes.llama:llama3_70b_sft_config \\
-        [--config overrides.yaml] [--mode sft|pretrain] [--vocab-size N] [--dry-run] \\
+        [--config overrides.yaml] [--mode auto|sft|pretrain] [--hf-path DIR] [--vocab-size N] [--dry-run] \\
         [otr.num_samples=256 otr.temperature=1.3 ...] [model.tensor_model_parallel_size=8 train.global_batch_size=128 ...]
 
 The recipe is a dotted path `module:function` to a zero-argument function returning Bridge's
@@ -9,13 +9,21 @@ The recipe is a dotted path `module:function` to a zero-argument function return
 keys (on the command line, or an `otr:` section of the YAML file) are parsed here into
 `otr_megatron.OTRConfig`; everything else goes to Bridge's own override machinery
 (`process_config_with_overrides`: YAML merge, then Hydra-style `key=value`, `+key=value`, `~key`).
+
+On a machine without a CUDA device the real Bridge loop runs on the CPU (gloo): `bridge/cpu.py`
+applies its import shims and runtime patches and names them in one log line. Try it with the tiny
+recipe shipped here:
+
+    otr-megatron bridge --recipe otr_megatron.bridge.recipes:tiny_gpt_cpu_config train.train_iters=4 otr.num_samples=8
 """
 
 from __future__ import annotations
 
 import argparse
+import contextlib
 import dataclasses
 import importlib
+import inspect
 import os
 import sys
 import tempfile
@@ -36,8 +44,9 @@ class BridgeCLIError(ValueError):
 @dataclass
 class BridgeArgs:
     recipe: str
-    mode: str = "sft"
+    mode: str = "auto"
     config: Optional[str] = None
+    hf_path: Optional[str] = None
     vocab_size: Optional[int] = None
     dry_run: bool = False
     otr: dict = field(default_factory=dict)
@@ -69,7 +78,7 @@ def split_overrides(tokens: list[str]) -> tuple[dict, list[str]]:
                 raise BridgeCLIError(f"{tok!r}: OTR settings take the form otr.KEY=VALUE")
             key, value = tok[len(OTR_PREFIX):].split("=", 1)
             if not key or "." in key:
-                raise BridgeCLIError(f"{tok!r}: expected otr.KEY=VALUE with one of {otr_keys()}")
+                raise BridgeCLIError(f"{tok!r}: expected otr.KEY=VALUE (OTR settings are not nested)")
             otr[key] = _parse_value(key, value)
         elif tok.startswith("-"):
             raise BridgeCLIError(f"unknown option {tok!r}; Bridge overrides are KEY=VALUE, see --help")
@@ -80,28 +89,13 @@ def split_overrides(tokens: list[str]) -> tuple[dict, list[str]]:
     return otr, bridge
 
 
-def otr_keys() -> list[str]:
-    from otr_megatron import OTRConfig
-
-    return [f.name for f in dataclasses.fields(OTRConfig)]
-
-
 def build_otr_config(values: dict):
-    """`OTRConfig` from parsed `otr.*` values; unknown keys and bad values are named in the error."""
+    """`OTRConfig` from parsed `otr.*` values, through the one unknown-key check (`OTRConfig.from_dict`)."""
     from otr_megatron import OTRConfig
 
-    known = otr_keys()
-    unknown = sorted(set(values) - set(known))
-    if unknown:
-        raise BridgeCLIError(f"unknown OTR key(s) {['otr.' + k for k in unknown]}; known: {['otr.' + k for k in known]}")
-    vals = dict(values)
-    # YAML reads `otr.temperature=2` as int; the config wants a number either way.
-    for k in ("temperature", "neg_reward"):
-        if isinstance(vals.get(k), int) and not isinstance(vals.get(k), bool):
-            vals[k] = float(vals[k])
     try:
-        return OTRConfig(**vals)
-    except (TypeError, ValueError) as exc:
+        return OTRConfig.from_dict(values)
+    except (TypeError, ValueError) as exc:  # UnknownOTRKeyError is a ValueError naming otr.KEY
         raise BridgeCLIError(str(exc)) from exc
 
 
@@ -110,14 +104,19 @@ def parse_args(argv: list[str]) -> BridgeArgs:
                                  formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--recipe", required=True, help="module:function returning a Bridge ConfigContainer")
     ap.add_argument("--config", help="YAML merged into the recipe (Bridge keys; an `otr:` section is read here)")
-    ap.add_argument("--mode", choices=("sft", "pretrain"), default="sft",
-                    help="sft -> megatron.bridge.training.finetune, pretrain -> .pretrain (default sft)")
+    ap.add_argument("--mode", choices=("auto", "sft", "pretrain"), default="auto",
+                    help="sft -> megatron.bridge.training.finetune (needs checkpoint.pretrained_checkpoint or "
+                         "checkpoint.load), pretrain -> .pretrain (from the recipe's initialization); auto (default): "
+                         "sft when the configuration names a checkpoint, else pretrain")
+    ap.add_argument("--hf-path", metavar="DIR",
+                    help="local Hugging Face model directory (config.json, tokenizer) used wherever the recipe "
+                         "asks the Hugging Face Hub for a model (AutoBridge.from_hf_pretrained), e.g. offline")
     ap.add_argument("--vocab-size", type=int, help="real vocabulary size (default: cfg.model.vocab_size)")
     ap.add_argument("--dry-run", action="store_true", help="build and print the configuration, do not train")
     ns, rest = ap.parse_known_args(argv)
     otr, bridge = split_overrides(rest)
-    return BridgeArgs(recipe=ns.recipe, mode=ns.mode, config=ns.config, vocab_size=ns.vocab_size,
-                      dry_run=ns.dry_run, otr=otr, overrides=bridge)
+    return BridgeArgs(recipe=ns.recipe, mode=ns.mode, config=ns.config, hf_path=ns.hf_path,
+                      vocab_size=ns.vocab_size, dry_run=ns.dry_run, otr=otr, overrides=bridge)
 
 
 def split_yaml(path: str) -> tuple[dict, Optional[dict]]:
@@ -188,16 +187,23 @@ class BridgeAPI:
 
     @classmethod
     def default(cls) -> "BridgeAPI":
+        """Check the version; on a machine without CUDA apply CPU mode first (`bridge/cpu.py`)."""
         version = installed_bridge_version()
         check_bridge_version(version)
         try:
+            from otr_megatron.bridge import cpu
+
+            cpu.enable()
             from megatron.bridge.training.finetune import finetune
             from megatron.bridge.training.pretrain import pretrain
             from megatron.bridge.training.utils.omegaconf_utils import process_config_with_overrides
         except ImportError as exc:
             raise BridgeCLIError(
-                f"Megatron-Bridge {version} is installed but its training API failed to import ({exc}); it needs "
-                "Transformer Engine and a GPU machine (NeMo Framework container)"
+                f"Megatron-Bridge {version} is installed but its training API failed to import ({exc}). Bridge 0.6 "
+                "needs megatron-core >= 0.19 (with its megatron.training package), transformers, nvidia-modelopt, "
+                "megatron-energon, tensorboard, diffusers, omegaconf and hydra-core; Transformer Engine and a GPU "
+                "are optional (without CUDA, otr-megatron runs Bridge on the CPU with gloo). Pinned versions: "
+                "`MCORE=0.19.2 BRIDGE=0.6.2 bash scripts/setup_env.sh`"
             ) from exc
         return cls(version, process_config_with_overrides, finetune, pretrain)
 
@@ -226,6 +232,59 @@ def load_recipe(spec: str) -> Callable:
     return fn
 
 
+def _first_line(exc: BaseException) -> str:
+    return (str(exc).strip().splitlines() or [type(exc).__name__])[0]
+
+
+def _is_hub_error(exc: BaseException) -> bool:
+    """True if `exc` (or what caused it) is Hugging Face failing to fetch a model: Bridge's
+    `safe_load_config_with_retry` turns transformers' OSError into a ValueError."""
+    seen = exc
+    while seen is not None:
+        text = str(seen).lower()
+        if "huggingface" in text or "failed to load configuration from" in text or "hf_hub_offline" in text:
+            return True
+        seen = seen.__cause__ or seen.__context__
+    return False
+
+
+@contextlib.contextmanager
+def _local_hf_models(hf_path: Optional[str]):
+    """While the recipe is built, `AutoBridge.from_hf_pretrained(ID)` reads `hf_path` instead of the
+    Hub model ID; yields the IDs asked for (so `_replace_strings` can point the tokenizer there too)."""
+    requested: list[str] = []
+    if hf_path is None:
+        yield requested
+        return
+    if not os.path.isfile(os.path.join(hf_path, "config.json")):
+        raise BridgeCLIError(f"--hf-path {hf_path!r}: expected a Hugging Face model directory with a config.json")
+    from megatron.bridge.models.conversion.auto_bridge import AutoBridge
+
+    original = AutoBridge.__dict__["from_hf_pretrained"]
+
+    def from_local(cls, path, *args, **kwargs):
+        requested.append(str(path))
+        return original.__func__(cls, hf_path, *args, **kwargs)
+
+    AutoBridge.from_hf_pretrained = classmethod(from_local)
+    try:
+        yield requested
+    finally:
+        AutoBridge.from_hf_pretrained = original
+
+
+def _replace_strings(cfg, old: set, new: Optional[str]) -> None:
+    """Set every string field of cfg's sections (tokenizer.tokenizer_model, dataset.hf_processor_path, ...)
+    that equals a redirected Hub ID to the local directory."""
+    if not old or new is None:
+        return
+    for section in vars(cfg).values():
+        if dataclasses.is_dataclass(section):
+            for f in dataclasses.fields(section):
+                if isinstance(getattr(section, f.name, None), str) and getattr(section, f.name) in old:
+                    setattr(section, f.name, new)
+
+
 def build_config(args: BridgeArgs, api: BridgeAPI):
     """Recipe -> ConfigContainer with YAML and CLI overrides applied; returns (cfg, OTRConfig)."""
     otr_values: dict = {}
@@ -237,13 +296,27 @@ def build_config(args: BridgeArgs, api: BridgeAPI):
 
     recipe = load_recipe(args.recipe)
     try:
-        cfg = recipe()
+        with _local_hf_models(args.hf_path) as requested:
+            cfg = recipe()
     except TypeError as exc:
         raise BridgeCLIError(f"--recipe {args.recipe!r}: calling it with no arguments failed ({exc})") from exc
+    except (ValueError, OSError) as exc:
+        if not _is_hub_error(exc):
+            raise
+        raise BridgeCLIError(
+            f"--recipe {args.recipe!r} asks the Hugging Face Hub for its model config when it is built, and that "
+            f"failed ({_first_line(exc)}). Offline, pass a local Hugging Face model directory (config.json and "
+            "tokenizer files, e.g. written by transformers' save_pretrained) with --hf-path DIR: the recipe's "
+            "AutoBridge.from_hf_pretrained(...) and its tokenizer then read DIR. Or set HF_HUB_OFFLINE=1 with the "
+            "model already in the Hugging Face cache (HF_HOME). The weights to fine-tune come from "
+            "checkpoint.pretrained_checkpoint=MEGATRON_CHECKPOINT_DIR (convert a Hugging Face model with "
+            "megatron.bridge.AutoBridge.import_ckpt)"
+        ) from exc
     for attr in ("model", "train"):
         if not hasattr(cfg, attr):
             raise BridgeCLIError(f"--recipe {args.recipe!r} returned {type(cfg).__name__}, not a Bridge ConfigContainer "
                                  f"(no .{attr})")
+    _replace_strings(cfg, set(requested), args.hf_path)
 
     tmp = None
     try:
@@ -265,20 +338,57 @@ def build_config(args: BridgeArgs, api: BridgeAPI):
     return cfg, otr_cfg
 
 
+def resolve_mode(mode: str, cfg) -> tuple[str, str]:
+    """("sft" or "pretrain", why): auto picks sft (Bridge's finetune) when the configuration names a
+    checkpoint to start from; Bridge's finetune asserts one."""
+    ckpt = getattr(cfg, "checkpoint", None)
+    source = next((f"checkpoint.{k}={getattr(ckpt, k)}" for k in ("pretrained_checkpoint", "load")
+                   if getattr(ckpt, k, None)), None)
+    if mode == "sft" and source is None:
+        raise BridgeCLIError("--mode sft runs Bridge's finetune, which starts from a checkpoint: set "
+                             "checkpoint.pretrained_checkpoint=DIR (or checkpoint.load=DIR to resume), or use "
+                             "--mode pretrain to train from the recipe's initialization")
+    if mode == "auto":
+        mode = "sft" if source else "pretrain"
+    if mode == "sft":
+        return mode, f"starts from {source}"
+    return mode, source or "from the recipe's initialization: no checkpoint configured"
+
+
+def train(api: BridgeAPI, mode: str, cfg, step) -> None:
+    """Bridge's finetune/pretrain with `OTRConsoleMetrics` as a callback where Bridge takes callbacks."""
+    from otr_megatron.bridge.console import OTRConsoleMetrics
+
+    fn = api.finetune if mode == "sft" else api.pretrain
+    try:
+        takes_callbacks = "callbacks" in inspect.signature(fn).parameters
+    except (TypeError, ValueError):  # builtins / C callables without a signature
+        takes_callbacks = False
+    if takes_callbacks:
+        fn(cfg, step, callbacks=[OTRConsoleMetrics()])
+    else:
+        warnings.warn(f"Megatron-Bridge {api.version} takes no training callbacks: its console drops negative "
+                      "averages, so 'otr loss' and 'otr mean reward' appear only in TensorBoard/W&B", stacklevel=2)
+        fn(cfg, step)
+
+
 def run(argv: list[str], api: Optional[BridgeAPI] = None) -> int:
     args = parse_args(argv)
     api = api or BridgeAPI.default()
     cfg, otr_cfg = build_config(args, api)
     from otr_megatron.bridge.step import OTRForwardStep
 
+    mode, why = resolve_mode(args.mode, cfg)
     step = OTRForwardStep(otr_cfg, vocab_size=args.vocab_size)
     model = cfg.model
-    print(f"otr-megatron bridge: recipe {args.recipe} (Bridge {api.version}), mode {args.mode}, "
-          f"tp={getattr(model, 'tensor_model_parallel_size', '?')} pp={getattr(model, 'pipeline_model_parallel_size', '?')} "
-          f"cp={getattr(model, 'context_parallel_size', '?')}, {otr_cfg}")
+    if os.environ.get("RANK", "0") == "0":
+        print(f"otr-megatron bridge: recipe {args.recipe} (Bridge {api.version}), mode {mode} ({why}), "
+              f"tp={getattr(model, 'tensor_model_parallel_size', '?')} "
+              f"pp={getattr(model, 'pipeline_model_parallel_size', '?')} "
+              f"cp={getattr(model, 'context_parallel_size', '?')}, {otr_cfg}", flush=True)
     if args.dry_run:
         return 0
-    (api.finetune if args.mode == "sft" else api.pretrain)(cfg, step)
+    train(api, mode, cfg, step)
     return 0
 
 

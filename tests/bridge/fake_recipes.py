@@ -1,6 +1,7 @@
 """Stand-ins for Bridge recipes (zero-argument functions returning a ConfigContainer-like object)."""
 
 from dataclasses import dataclass, field
+from typing import Optional
 
 
 @dataclass
@@ -18,9 +19,22 @@ class _Train:
 
 
 @dataclass
+class _Checkpoint:
+    pretrained_checkpoint: Optional[str] = None
+    load: Optional[str] = None
+
+
+@dataclass
+class _Tokenizer:
+    tokenizer_model: Optional[str] = None
+
+
+@dataclass
 class FakeConfigContainer:
     model: _Model = field(default_factory=_Model)
     train: _Train = field(default_factory=_Train)
+    checkpoint: _Checkpoint = field(default_factory=_Checkpoint)
+    tokenizer: _Tokenizer = field(default_factory=_Tokenizer)
 
 
 def tiny_sft_config():
@@ -36,3 +50,15 @@ not_a_recipe_config = 42
 
 def returns_dict_config():
     return {"model": 1}
+
+
+def offline_hub_config():
+    """What Bridge's Llama recipes raise offline (safe_load_config_with_retry wraps transformers' OSError)."""
+    try:
+        raise OSError("We couldn't connect to 'https://huggingface.co' to load the files")
+    except OSError as exc:
+        raise ValueError("Failed to load configuration from meta-llama/Llama-3.2-1B after 4 attempts") from exc
+
+
+def broken_config():
+    raise ValueError("a recipe bug unrelated to the hub")

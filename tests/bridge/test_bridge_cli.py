@@ -1,6 +1,6 @@
-"""`otr-megatron bridge` on CPU: otr.* parsing, YAML split, recipe loading, version checks, full flow.
-
-Bridge is replaced by a `BridgeAPI` of recording fakes (the real one needs Transformer Engine).
+"""`otr-megatron bridge` logic with Bridge replaced by recording fakes: otr.* parsing, YAML split,
+recipe loading, version checks, mode choice, hub errors, the console callback. Fast, and runs where
+Megatron-Bridge is not installed; the real Bridge loop is tested in test_real_bridge.py.
 """
 
 import warnings
@@ -29,7 +29,7 @@ def test_split_overrides_and_types():
 
 
 @pytest.mark.parametrize("tokens,needle", [
-    (["otr.bogus=1"], "unknown OTR key(s) ['otr.bogus']"),
+    (["otr.bogus=1"], "otr.bogus=1"),
     (["otr.num_samples=0"], "num_samples"),
     (["otr.temperature=hot"], "temperature"),
     (["otr.estimator=ppo"], "estimator"),
@@ -95,34 +95,68 @@ class Recorder:
                 setattr(getattr(cfg, sect), attr, yaml.safe_load(v))
             return cfg
 
-        return BridgeAPI(version, pco, lambda c, f: self.calls.append(("finetune", c, f)),
-                         lambda c, f: self.calls.append(("pretrain", c, f)))
+        def finetune(c, f, callbacks=None):
+            self.calls.append(("finetune", c, f, callbacks))
+
+        def pretrain(c, f, callbacks=None):
+            self.calls.append(("pretrain", c, f, callbacks))
+
+        return BridgeAPI(version, pco, finetune, pretrain)
 
 
 def test_full_flow_with_yaml_and_overrides(tmp_path, capsys):
+    from otr_megatron.bridge.console import OTRConsoleMetrics
+
     y = tmp_path / "o.yaml"
     y.write_text(yaml.safe_dump({"otr": {"num_samples": 128, "seed": 5}, "train": {"micro_batch_size": 2}}))
     rec = Recorder()
-    rc = cli.run(["--recipe", RECIPE, "--config", str(y), "otr.num_samples=256", "model.tensor_model_parallel_size=8"],
-                 api=rec.api())
+    rc = cli.run(["--recipe", RECIPE, "--config", str(y), "otr.num_samples=256", "model.tensor_model_parallel_size=8",
+                  "checkpoint.pretrained_checkpoint=/ckpt"], api=rec.api())
     assert rc == 0
     kind, yaml_part, overrides = rec.calls[0]
     assert kind == "overrides" and yaml_part == {"train": {"micro_batch_size": 2}}  # no otr section for Bridge
-    assert overrides == ["model.tensor_model_parallel_size=8"]
-    kind, cfg, step = rec.calls[1]
-    assert kind == "finetune" and cfg.model.tensor_model_parallel_size == 8
+    assert overrides == ["model.tensor_model_parallel_size=8", "checkpoint.pretrained_checkpoint=/ckpt"]
+    kind, cfg, step, callbacks = rec.calls[1]
+    assert kind == "finetune" and cfg.model.tensor_model_parallel_size == 8  # auto: a checkpoint -> finetune
     assert isinstance(step, OTRForwardStep)
     assert step.otr_config == OTRConfig(num_samples=256, seed=5)  # command line wins over the file
-    assert "tp=8" in capsys.readouterr().out
+    assert [type(c) for c in callbacks] == [OTRConsoleMetrics]
+    out = capsys.readouterr().out
+    assert "tp=8" in out and "mode sft (starts from checkpoint.pretrained_checkpoint=/ckpt)" in out
 
 
-def test_pretrain_mode_and_dry_run():
+def test_mode_choice():
     rec = Recorder()
-    assert cli.run(["--recipe", RECIPE, "--mode", "pretrain"], api=rec.api()) == 0
+    assert cli.run(["--recipe", RECIPE], api=rec.api()) == 0  # auto without a checkpoint -> pretrain
     assert [c[0] for c in rec.calls] == ["pretrain"]  # no overrides -> Bridge's override step skipped
+    rec = Recorder()
+    assert cli.run(["--recipe", RECIPE, "--mode", "pretrain", "checkpoint.load=/run"], api=rec.api()) == 0
+    assert [c[0] for c in rec.calls] == ["overrides", "pretrain"]
+    with pytest.raises(BridgeCLIError, match="checkpoint.pretrained_checkpoint=DIR"):
+        cli.run(["--recipe", RECIPE, "--mode", "sft"], api=Recorder().api())
     rec = Recorder()
     assert cli.run(["--recipe", RECIPE, "--dry-run", "train.global_batch_size=4"], api=rec.api()) == 0
     assert [c[0] for c in rec.calls] == ["overrides"]
+
+
+def test_bridge_without_callbacks_warns():
+    calls = []
+    api = BridgeAPI("0.3.1", None, None, lambda c, f: calls.append((c, f)))
+    with pytest.warns(UserWarning, match="takes no training callbacks"):
+        assert cli.run(["--recipe", RECIPE], api=api) == 0
+    assert len(calls) == 1
+
+
+def test_offline_hub_error_says_how_to_pass_a_local_model():
+    with pytest.raises(BridgeCLIError) as exc:
+        cli.run(["--recipe", "tests.bridge.fake_recipes:offline_hub_config"], api=Recorder().api())
+    msg = str(exc.value)
+    assert "--hf-path DIR" in msg and "HF_HUB_OFFLINE=1" in msg and "meta-llama/Llama-3.2-1B" in msg
+    with pytest.raises(ValueError, match="unrelated to the hub") as exc:  # other recipe errors are not relabelled
+        cli.run(["--recipe", "tests.bridge.fake_recipes:broken_config"], api=Recorder().api())
+    assert not isinstance(exc.value, BridgeCLIError)
+    with pytest.raises(BridgeCLIError, match="config.json"):
+        cli.run(["--recipe", RECIPE, "--hf-path", "/no/such/dir"], api=Recorder().api())
 
 
 def test_bridge_override_error_is_wrapped():
@@ -164,3 +198,44 @@ def test_import_does_not_need_bridge():
 
     assert "megatron.bridge" not in sys.modules
     warnings.simplefilter("default")
+
+
+class _Ctx:
+    """The fields of Bridge's CallbackContext that OTRConsoleMetrics reads."""
+
+    def __init__(self, step, loss_dict=None, skipped=False, interval=2, skip_log=False):
+        from types import SimpleNamespace as NS
+
+        self.state = NS(train_state=NS(step=step), cfg=NS(logger=NS(log_interval=interval, skip_train_metrics_log=skip_log),
+                                                          train=NS(train_iters=6)))
+        self.loss_dict = loss_dict
+        self.skipped_iter = skipped
+
+
+def test_console_metrics_averages_like_training_log(capsys):
+    """Bridge's order per iteration: on_train_step_end (step not yet incremented), its own line, then
+    the next on_train_step_start; the OTR line is the interval mean over non-skipped iterations."""
+    import torch
+
+    from otr_megatron.bridge.console import OTRConsoleMetrics
+
+    cb = OTRConsoleMetrics()
+    t = torch.tensor
+    seq = [({"lm loss": t(5.0), "otr loss": t(-0.5), "otr hit rate": t(0.1), "otr mean reward": t(-0.09)}, False),
+           ({"lm loss": t(4.0), "otr loss": t(-0.3), "otr hit rate": t(0.2), "otr mean reward": t(-0.07)}, False),
+           ({"lm loss": t(9.0), "otr loss": t(9.0)}, True),  # skipped: not averaged (as training_log)
+           ({"lm loss": t(3.0), "otr loss": t(0.2), "otr hit rate": t(0.3), "otr mean reward": t(-0.05), "x": t(-1.0)},
+            False)]
+    for i, (losses, skipped) in enumerate(seq):
+        cb.on_train_step_start(_Ctx(i))
+        cb.on_train_step_end(_Ctx(i, losses, skipped))
+    cb.on_train_end(_Ctx(4))
+    lines = capsys.readouterr().out.splitlines()
+    assert lines == [
+        " [otr] iteration        2/       6 | otr loss: -4.000000E-01 | otr mean reward: -8.000000E-02 |",
+        # otr loss positive: still shown (the set of names is fixed); any other negative average as well
+        " [otr] iteration        4/       6 | otr loss: 2.000000E-01 | otr mean reward: -5.000000E-02 | x: -1.000000E+00 |",
+    ]
+    cb.on_train_step_end(_Ctx(4, {"otr loss": t(-1.0)}, interval=2, skip_log=True))
+    cb.on_train_step_start(_Ctx(6, skip_log=True))
+    assert capsys.readouterr().out == ""
