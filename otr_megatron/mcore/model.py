@@ -117,6 +117,10 @@ def make_transformer_config(cfg: Any):
         recompute_method="uniform" if cfg.recompute_granularity == "full" else None,
         recompute_num_layers=(cfg.recompute_num_layers or 1) if cfg.recompute_granularity == "full" else None,
     )
+    if cfg.mtp_num_layers:
+        # megatron-core 0.15 defaults this to None, which GPTModel then divides by the MTP depth;
+        # 0.1 is the default from 0.16 on
+        kw["mtp_loss_scaling_factor"] = 0.1
     if cfg.fp8:
         if not cfg.use_te:
             raise ValueError(f"fp8={cfg.fp8!r} needs use_te=True (FP8 runs through Transformer Engine)")
