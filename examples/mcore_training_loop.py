@@ -85,7 +85,7 @@ def main(argv=None):
         first = first or m
     if dist.get_rank() == 0:
         print(f"OTR: hit rate {first['otr hit rate']:.3f} -> {m['otr hit rate']:.3f}, "
-              f"label log-prob {first['otr label logprob']:.3f} -> {m['otr label logprob']:.3f}")
+              f"lm loss (label CE) {first['lm loss']:.3f} -> {m['lm loss']:.3f}")
     ps.destroy_model_parallel()
     dist.destroy_process_group()
     return m

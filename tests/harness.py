@@ -178,19 +178,12 @@ def megatron_ce_loss_fn(logits, labels, cfg=None, tp_group=None, step=0, vocab_s
 
 
 def reduce_report(losses_reduced: List[dict]) -> Dict[str, float]:
-    """Sum `[sum, count]` pairs over micro-batches, all-reduce over DP x CP, divide (like Megatron)."""
+    """Means of the OTR reports over micro-batches and DP x CP, as Megatron's logging computes them."""
     from megatron.core import parallel_state as ps
 
-    keys = sorted({k for d in losses_reduced for k in d})
-    if not keys:
-        return {}
-    acc = torch.zeros(len(keys), 2, dtype=torch.float64)
-    for d in losses_reduced:
-        for i, k in enumerate(keys):
-            if k in d:
-                acc[i] += d[k].double().reshape(2)
-    torch.distributed.all_reduce(acc, group=ps.get_data_parallel_group(with_context_parallel=True))
-    return {k: float(acc[i, 0] / acc[i, 1]) for i, k in enumerate(keys)}
+    from otr_megatron.mcore.metrics import reduce_reports, report_means
+
+    return report_means(reduce_reports(losses_reduced, group=ps.get_data_parallel_group(with_context_parallel=True)))
 
 
 # ----------------------------------------------------------------------------------------------
@@ -213,7 +206,7 @@ def reference_run(build_cfg, otr_cfg, *, steps: int, batch_size: int, lr: float 
 
     Needs `init_parallel(1, 1)`. Returns per-step loss, metrics and global gradients by key.
     """
-    from otr_megatron.mcore.hook import enable_otr, get_otr_hook, set_iteration
+    from otr_megatron.mcore.hook import enable_otr, pop_otr_stats, set_iteration
     from otr_megatron.mcore.model import GPTBuildConfig, build_model_chunks, layout_invariant_init_
     from otr_megatron.mcore.training import loss_func, prepare_batch
 
@@ -224,7 +217,6 @@ def reference_run(build_cfg, otr_cfg, *, steps: int, batch_size: int, lr: float 
         layout_invariant_init_(chunks, seed)
         enable_otr(chunks, otr_cfg, loss_fn=loss_fn)
     (m,) = chunks
-    hook = get_otr_hook(m)
     out = {"loss": [], "metrics": [], "grads": []}
     for step in range(start_step, start_step + steps):
         batch = synthetic_batch(step, batch_size, cfg.seq_length, cfg.vocab_size, seed)
@@ -232,12 +224,12 @@ def reference_run(build_cfg, otr_cfg, *, steps: int, batch_size: int, lr: float 
         set_iteration(chunks, step)
         b = prepare_batch(batch, m)
         logits_loss = m(b["tokens"], b["position_ids"], None, labels=b["labels"], loss_mask=b["loss_mask"])
-        loss_sum, n, report = loss_func(b["loss_mask"], logits_loss, hook.pop_stats(),
+        loss_sum, n, report = loss_func(b["loss_mask"], logits_loss, pop_otr_stats(m),
                                         getattr(otr_cfg, "num_samples", None),
                                         loss_weights=b.get("otr_loss_weights"),
                                         sequence_starts=b.get("otr_sequence_starts"))
         (loss_sum / n).backward()
-        out["loss"].append(float(report["lm loss"][0] / report["lm loss"][1]))
+        out["loss"].append(float(report["otr loss"][0] / report["otr loss"][1]))
         out["metrics"].append({k: float(v[0] / v[1]) for k, v in report.items()})
         out["grads"].append(assemble_global(sharded_grads(chunks, "grad")))
         _sgd_(m.parameters(), lr, "grad")
@@ -255,9 +247,10 @@ def cp_simulated_forward_step(data_iterator, model):
 
     from megatron.core import parallel_state as ps
 
-    from otr_megatron.mcore.hook import (OTRBatchContext, cp_zigzag_positions, get_otr_hook,
-                                         slice_batch_for_cp, unwrap_model)
-    from otr_megatron.mcore.training import loss_func, prepare_batch
+    from otr_megatron.mcore.hook import (OTRBatchContext, get_otr_hook, pop_otr_stats, set_otr_context,
+                                         unwrap_model)
+    from otr_megatron.mcore.keys import cp_zigzag_positions
+    from otr_megatron.mcore.training import loss_func, prepare_batch, slice_batch_for_cp
 
     batch = next(data_iterator)
     cp, cpr = ps.get_context_parallel_world_size(), ps.get_context_parallel_rank()
@@ -267,9 +260,9 @@ def cp_simulated_forward_step(data_iterator, model):
     idx = cp_zigzag_positions(logits.size(1), cp, cpr)
     logits_loc = logits.index_select(1, idx).transpose(0, 1).contiguous()
     hook = get_otr_hook(model)
-    ctx = OTRBatchContext(step=hook.context.step, token_keys=loc["token_keys"], loss_mask=loc["loss_mask"])
-    loss = hook.loss_from_logits(unwrap_model(model), loc["labels"], logits_loc, ctx)
-    return loss, partial(loss_func, loc["loss_mask"], stats=hook.pop_stats(),
+    set_otr_context(model, OTRBatchContext(step=batch["step"], token_keys=loc["token_keys"], loss_mask=loc["loss_mask"]))
+    loss = hook.loss_from_logits(unwrap_model(model), loc["labels"], logits_loc)
+    return loss, partial(loss_func, loc["loss_mask"], stats=pop_otr_stats(model),
                          num_samples=getattr(hook.cfg, "num_samples", None),
                          loss_weights=loc.get("otr_loss_weights"), sequence_starts=loc.get("otr_sequence_starts"))
 
@@ -327,7 +320,7 @@ def run_layout(build_cfg, otr_cfg, *, tp: int = 1, pp: int = 1, vp: Optional[int
             seq_length=cfg.seq_length, micro_batch_size=micro_batch_size, forward_only=False)
         if last:
             red = reduce_report(losses)
-            out["loss"].append(red["lm loss"])
+            out["loss"].append(red["otr loss"])
             out["metrics"].append(red)
         out["grads"].append(sharded_grads(model, "main_grad"))
         _sgd_([p for m in model for p in m.parameters()], lr, "main_grad")

@@ -7,11 +7,12 @@ packed sequences, FLOPs accounting, NaN checks) and only adds what OTR needs:
 1. on the first call, `otr_megatron.mcore.enable_otr` on the model chunk, so the stock GPTModel's
    `compute_language_model_loss` returns the per-token OTR loss instead of cross entropy;
 2. before each micro-batch's forward, the OTR context (iteration, global token keys, loss mask) for
-   exactly the tokens this rank holds; it is taken from the batch as it leaves the data iterator
-   and sliced for context parallelism the way Megatron slices it (zigzag);
-3. a loss function that returns Bridge's contract `(loss_sum, num_tokens, {"lm loss": [sum, n]})`
-   from Bridge's own loss function, plus OTR metrics as `[sum, count]` pairs, which Bridge's
-   `train_step` sums over micro-batches, all-reduces over DP x CP and logs as per-token means.
+   exactly the tokens this rank holds, set by `prepare_batch` from the batch as it leaves the data
+   iterator and sliced for context parallelism the way Megatron slices it (zigzag);
+3. a loss function that returns Bridge's contract `(loss_sum, num_tokens, report)` from Bridge's
+   own loss function, with the OTR reports (`otr_megatron.mcore.metrics.OTR_REPORTS`: "lm loss" the
+   label cross entropy, "otr loss" Bridge's loss sum, hit rate, mean reward) as `[sum, count]`
+   pairs, which Bridge's `train_step` sums over micro-batches, all-reduces over DP x CP and logs.
 
 The signature `(state, data_iterator, model, return_schedule_plan=False)` is one of those Bridge
 accepts; the first parameter is named `state` so Bridge injects its GlobalState.
@@ -21,6 +22,8 @@ from __future__ import annotations
 
 from functools import partial
 from typing import Any, Callable, Iterator, Optional
+
+import torch
 
 
 class _PeekIterator:
@@ -76,7 +79,6 @@ class OTRForwardStep:
         self._base = base_forward_step
         self._enable_kwargs = enable_kwargs
         self._enabled: set[int] = set()
-        self._last_iteration: dict[int, int] = {}
 
     def _ensure_enabled(self, state, model) -> None:
         from otr_megatron.mcore import enable_otr, get_otr_hook, unwrap_model
@@ -96,8 +98,7 @@ class OTRForwardStep:
         self._enabled.add(id(inner))
 
     def __call__(self, state, data_iterator, model, return_schedule_plan: bool = False):
-        from otr_megatron.mcore import get_otr_hook, set_iteration
-        from otr_megatron.mcore.training import loss_func as otr_loss_func
+        from otr_megatron.mcore import get_otr_hook, pop_otr_stats
         from otr_megatron.mcore.training import prepare_batch
 
         if return_schedule_plan:
@@ -107,12 +108,8 @@ class OTRForwardStep:
                 "model.overlap_moe_expert_parallel_comm=false"
             )
         self._ensure_enabled(state, model)
-        hook = get_otr_hook(model)
         it = _iteration(state)
-        key = id(hook)
-        if self._last_iteration.get(key) != it:
-            set_iteration(model, it)
-            self._last_iteration[key] = it
+        prepared: list = []
 
         def on_batch(batch):
             if not isinstance(batch, dict):
@@ -122,7 +119,7 @@ class OTRForwardStep:
                     "OTRForwardStep: packed sequences (THD) with context parallelism slice tokens differently from "
                     "the zigzag split; use context_parallel_size=1 or unpacked data"
                 )
-            prepare_batch(batch, model, step=it)
+            prepared.append(prepare_batch(batch, model, step=it))
 
         base = self._base or _bridge_gpt_forward_step()
         wrapped = _PeekIterator(data_iterator, on_batch) if data_iterator is not None else None
@@ -131,12 +128,11 @@ class OTRForwardStep:
 
             check_sequence_normalization(model)
         output, bridge_loss_fn = base(state, wrapped, model, return_schedule_plan)
-        stats = hook.pop_stats() if hook is not None else None
-        ctx = hook.context if hook is not None else None
-        mask = ctx.loss_mask if ctx is not None else None
-        weights = (ctx.loss_weights, ctx.sequence_starts) if ctx is not None else (None, None)
-        return output, partial(_otr_loss, bridge_loss_fn, otr_loss_func, mask, stats,
-                               int(getattr(self.otr_config, "num_samples", 0)) or None, weights)
+        stats = pop_otr_stats(model)
+        b = prepared[-1] if prepared else {}
+        num_samples = int(getattr(get_otr_hook(model).cfg, "num_samples", 0)) or None
+        return output, partial(_otr_loss, bridge_loss_fn, b.get("loss_mask"), stats, num_samples,
+                               (b.get("otr_loss_weights"), b.get("otr_sequence_starts")))
 
 
 def _cp_size() -> int:
@@ -145,12 +141,16 @@ def _cp_size() -> int:
     return ps.get_context_parallel_world_size()
 
 
-def _otr_loss(bridge_loss_fn, otr_loss_func, loss_mask, stats, num_samples, sequence, output_tensor):
-    """Bridge's loss contract plus OTR metrics as [sum, count] report entries.
+def _otr_loss(bridge_loss_fn, loss_mask, stats, num_samples, sequence, output_tensor):
+    """Bridge's loss contract with the OTR reports (`mcore.metrics.OTR_REPORTS`) as [sum, count] entries.
 
-    sequence: (loss_weights, sequence_starts) for normalization="sequence", else (None, None); then
-    the loss sum and count (and "lm loss") are per sequence instead of Bridge's per token.
+    Bridge's loss sum and count are kept and reported as "otr loss"; "lm loss" becomes the label
+    cross entropy. sequence: (loss_weights, sequence_starts) for normalization="sequence", else
+    (None, None); then the loss sum and count are per sequence instead of Bridge's per token.
     """
+    from otr_megatron.mcore.metrics import otr_report
+    from otr_megatron.mcore.training import loss_func
+
     result = bridge_loss_fn(output_tensor)
     if not (isinstance(result, tuple) and len(result) == 3):
         raise TypeError(
@@ -159,19 +159,18 @@ def _otr_loss(bridge_loss_fn, otr_loss_func, loss_mask, stats, num_samples, sequ
         )
     loss_sum, num_tokens, report = result
     weights, starts = sequence
-    if weights is not None:
-        if loss_mask is None or tuple(loss_mask.shape) != tuple(output_tensor.shape):
+    if loss_mask is None or tuple(loss_mask.shape) != tuple(output_tensor.shape):
+        if weights is not None:
             raise ValueError(
                 f"OTRForwardStep: normalization='sequence' needs the micro-batch loss mask shaped like the output "
                 f"{tuple(output_tensor.shape)}, got {None if loss_mask is None else tuple(loss_mask.shape)}")
-        loss_sum, num_tokens, ours = otr_loss_func(loss_mask, output_tensor, stats=stats, num_samples=num_samples,
-                                                   check_finite=False, loss_weights=weights, sequence_starts=starts)
-        device = report["lm loss"].device if "lm loss" in report else ours["lm loss"].device
-        return loss_sum, num_tokens.to(device), {**report, **{k: v.to(device) for k, v in ours.items()}}
-    if stats and loss_mask is not None and tuple(loss_mask.shape) == tuple(output_tensor.shape):
-        _, _, ours = otr_loss_func(loss_mask, output_tensor, stats=stats, num_samples=num_samples, check_finite=False)
-        report = dict(report)
-        for k, v in ours.items():
-            if k != "lm loss":
-                report[k] = v.to(report["lm loss"].device) if "lm loss" in report else v
-    return loss_sum, num_tokens, report
+        return loss_sum, num_tokens, report
+    if weights is not None:
+        loss_sum, num_tokens, ours = loss_func(loss_mask, output_tensor, stats=stats, num_samples=num_samples,
+                                               check_finite=False, loss_weights=weights, sequence_starts=starts)
+    else:
+        ours = otr_report(loss_mask, loss_sum, num_tokens, stats, num_samples)
+    device = report["lm loss"].device if "lm loss" in report else output_tensor.device
+    if torch.is_tensor(num_tokens):
+        num_tokens = num_tokens.to(device)
+    return loss_sum, num_tokens, {**report, **{k: v.to(device) for k, v in ours.items()}}

@@ -21,10 +21,11 @@ MTP still uses `compute_language_model_loss`, and hybrid (Mamba) models do not s
 `make_output_processor` provides it for callers on 0.18+ who want that route; it delegates to the
 same per-token OTR computation, so both routes give identical numbers.
 
-The method only receives `(labels, logits)`, so the per-micro-batch context (iteration, loss mask,
-global token keys) is stored on the hook by `set_otr_context` before the forward. It is not
-consumed by the call: activation recompute re-runs transformer layers, not the loss, and repeated
-forwards with the same context give the same samples.
+The method only receives `(labels, logits)`, so the per-micro-batch context (an `OTRBatchContext`:
+iteration, global token keys, loss mask) goes in through one call, `set_otr_context(model, ctx)`,
+before the forward, and the per-token stats come out through one call, `pop_otr_stats(model)`,
+after it. The context is not consumed by the forward: activation recompute re-runs transformer
+layers, not the loss, and repeated forwards with the same context give the same samples.
 
 MTP heads default to cross entropy: MTP is an auxiliary densification/speculative-decoding head
 whose labels are shifted copies of the main labels; applying OTR there multiplies the sampling cost
@@ -69,17 +70,36 @@ def unwrap_model(model, max_depth: int = 16):
     raise RuntimeError(f"unwrap_model: {start} wraps more than {max_depth} levels without a LanguageModule")
 
 
-@dataclass
+@dataclass(frozen=True)
 class OTRBatchContext:
-    """What the loss needs besides (labels, logits) for one micro-batch, shapes [b, s] like labels."""
+    """What the loss needs besides (labels, logits) for one micro-batch; tensors [b, s] like labels.
+
+    Built per micro-batch (`training.prepare_batch` does it) and handed to the hook by
+    `set_otr_context`, the only way in.
+    """
 
     step: int
-    token_keys: torch.Tensor
+    token_keys: torch.Tensor  # int64 global keys (`keys.token_keys`)
     loss_mask: Optional[torch.Tensor] = None
     # normalization="sequence" only (see training.sequence_weights): 1/length of each token's
     # sequence, and 1 at each sequence's first supervised token (counts it exactly once)
     loss_weights: Optional[torch.Tensor] = None
     sequence_starts: Optional[torch.Tensor] = None
+
+    def __post_init__(self):
+        keys = self.token_keys
+        if not torch.is_tensor(keys) or keys.dtype != torch.int64 or keys.dim() != 2:
+            raise ValueError(f"token_keys: expected an int64 tensor [b, s], got "
+                             f"{getattr(keys, 'dtype', type(keys).__name__)} {tuple(getattr(keys, 'shape', ()))}")
+        if int(self.step) < 0:
+            raise ValueError(f"step={self.step}: expected a non-negative iteration number")
+        object.__setattr__(self, "step", int(self.step))
+        if (self.loss_weights is None) != (self.sequence_starts is None):
+            raise ValueError("loss_weights and sequence_starts go together (both from training.sequence_weights)")
+        for name in ("loss_mask", "loss_weights", "sequence_starts"):
+            t = getattr(self, name)
+            if t is not None and tuple(t.shape) != tuple(keys.shape):
+                raise ValueError(f"{name} {tuple(t.shape)} must have the token_keys shape {tuple(keys.shape)}")
 
 
 def _default_loss_fn():
@@ -125,21 +145,37 @@ class OTRLossHook:
             raise ValueError(f"vocab_size={vocab_size}: expected 1 <= vocab_size <= padded model vocab "
                              f"{self.padded_vocab_size}")
         self.vocab_size = int(vocab_size)
-        self.context: Optional[OTRBatchContext] = None
-        self.iteration = 0
-        self.microbatch = 0
-        self.last_stats: Optional[dict] = None
+        self.iteration = 0  # default `step` for batches that carry none (`set_iteration`)
+        self.context: Optional[OTRBatchContext] = None  # set only by `set_context`
+        self._context_step: Optional[int] = None
+        self._contexts_at_step = 0  # micro-batches seen at `_context_step` (fallback sample ids)
+        self._stats: Optional[dict] = None  # main head's per-token stats of the current context
         self._calls = 0
         self._original = type(model).compute_language_model_loss.__get__(model)
         self._handle = None
 
-    # -- per-micro-batch state -------------------------------------------------------------
-    def _reset_calls(self, module, args, kwargs=None):
-        self._calls = 0
+    # -- per-micro-batch state: in through set_context, out through pop_stats -----------------
+    def set_context(self, ctx: OTRBatchContext) -> None:
+        """Use `ctx` for the following forwards (it is not consumed: recompute re-runs layers, not
+        the loss, and repeated forwards with one context draw the same samples)."""
+        if not isinstance(ctx, OTRBatchContext):
+            raise TypeError(f"ctx: expected an OTRBatchContext, got {type(ctx).__name__}")
+        self._contexts_at_step = self.microbatch_index(ctx.step) + 1
+        self._context_step = ctx.step
+        self.context = ctx
+        self._stats = None
+
+    def microbatch_index(self, step: int) -> int:
+        """How many micro-batch contexts iteration `step` has had so far (the next one's index)."""
+        return self._contexts_at_step if step == self._context_step else 0
 
     def pop_stats(self) -> Optional[dict]:
-        stats, self.last_stats = self.last_stats, None
+        """The main head's per-token stats [b, s] of the last forward under the current context."""
+        stats, self._stats = self._stats, None
         return stats
+
+    def _reset_calls(self, module, args, kwargs=None):
+        self._calls = 0
 
     def _cfg_for_mtp(self, depth: int):
         cfg = self.cfg
@@ -158,17 +194,17 @@ class OTRLossHook:
         is_main = call % (n_mtp + 1) == n_mtp  # MTP depths are computed first, then the main head
         if not is_main and self.mtp_loss == "ce":
             return self._original(labels, logits)
+        return self.loss_from_logits(model, labels, logits, mtp_depth=None if is_main else call % (n_mtp + 1))
+
+    def loss_from_logits(self, model, labels, logits, mtp_depth=None):
+        """Per-token OTR loss [b, s] from `labels` [b, s] and this TP rank's logits [s, b, V/tp]."""
         ctx = self.context
         if ctx is None:
             raise RuntimeError(
                 "OTR is enabled on this model but no batch context was set: call "
-                "otr_megatron.mcore.set_otr_context(model, step=..., token_keys=...) before the forward "
-                "(otr_megatron.mcore.forward_step does it for you)"
+                "otr_megatron.mcore.set_otr_context(model, OTRBatchContext(step=..., token_keys=...)) before "
+                "the forward (otr_megatron.mcore.forward_step / prepare_batch do it for you)"
             )
-        return self.loss_from_logits(model, labels, logits, ctx, mtp_depth=None if is_main else call % (n_mtp + 1))
-
-    def loss_from_logits(self, model, labels, logits, ctx: OTRBatchContext, mtp_depth=None):
-        """Per-token OTR loss [b, s] from `labels` [b, s] and this TP rank's logits [s, b, V/tp]."""
         if logits.dim() != 3 or labels.dim() != 2 or tuple(labels.shape) != (logits.size(1), logits.size(0)):
             raise ValueError(f"labels {tuple(labels.shape)} / logits {tuple(logits.shape)}: expected "
                              "labels [b, s] and logits [s, b, V/tp]")
@@ -196,7 +232,7 @@ class OTRLossHook:
             return_stats=True,
         )
         if mtp_depth is None:
-            self.last_stats = {k: v.t().detach() for k, v in stats.items()
+            self._stats = {k: v.t().detach() for k, v in stats.items()
                                if torch.is_tensor(v) and v.shape == eff.t().shape}
         return loss.t().contiguous()
 
@@ -243,97 +279,27 @@ def get_otr_hook(model) -> Optional[OTRLossHook]:
     return unwrap_model(model).__dict__.get(_HOOK_ATTR)
 
 
-def set_otr_context(model, *, step: int, token_keys: torch.Tensor,
-                    loss_mask: Optional[torch.Tensor] = None, loss_weights: Optional[torch.Tensor] = None,
-                    sequence_starts: Optional[torch.Tensor] = None) -> None:
-    """Store the micro-batch context the next forward's loss uses (all shapes [b, s] like labels)."""
+def set_otr_context(model, ctx: OTRBatchContext) -> None:
+    """Hand the next forward's loss its micro-batch context (the hook's only way in)."""
     hook = get_otr_hook(model)
     if hook is None:
         raise RuntimeError("set_otr_context: OTR is not enabled on this model; call enable_otr first")
-    if not torch.is_tensor(token_keys) or token_keys.dtype != torch.int64 or token_keys.dim() != 2:
-        raise ValueError(f"token_keys: expected an int64 tensor [b, s], got "
-                         f"{getattr(token_keys, 'dtype', type(token_keys))} "
-                         f"{tuple(getattr(token_keys, 'shape', ()))}")
-    if int(step) < 0:
-        raise ValueError(f"step={step}: expected a non-negative iteration number")
-    for name, t in (("loss_weights", loss_weights), ("sequence_starts", sequence_starts)):
-        if t is not None and tuple(t.shape) != tuple(token_keys.shape):
-            raise ValueError(f"{name} {tuple(t.shape)} must have the token_keys shape {tuple(token_keys.shape)}")
-    hook.context = OTRBatchContext(step=int(step), token_keys=token_keys, loss_mask=loss_mask,
-                                   loss_weights=loss_weights, sequence_starts=sequence_starts)
+    hook.set_context(ctx)
+
+
+def pop_otr_stats(model) -> Optional[dict]:
+    """The per-token stats [b, s] of the last forward (main head), once; None without OTR."""
+    hook = get_otr_hook(model)
+    return hook.pop_stats() if hook is not None else None
 
 
 def set_iteration(model, iteration: int) -> None:
-    """Tell every chunk's hook the training iteration (the `step` of the random stream)."""
+    """Tell every chunk's hook the training iteration: the `step` of batches that carry none."""
     chunks = model if isinstance(model, (list, tuple)) else [model]
     for m in chunks:
         hook = get_otr_hook(m)
         if hook is not None:
             hook.iteration = int(iteration)
-            hook.microbatch = 0
-
-
-# ----------------------------------------------------------------------------------------------
-# Global token keys
-# ----------------------------------------------------------------------------------------------
-
-def token_keys_from_sample_ids(sample_ids: torch.Tensor, seq_len: int) -> torch.Tensor:
-    """`key[i, t] = sample_ids[i] * seq_len + t` for the FULL (pre-CP-split) row of length seq_len.
-
-    Keys then depend only on which sample and which row offset a token is, never on DP/CP/TP/PP
-    layout or micro-batching. Packed rows: `t` is the flat offset in the packed row (position ids
-    restart per packed sequence and would collide), which is what this uses.
-    """
-    if not torch.is_tensor(sample_ids) or sample_ids.dim() != 1:
-        raise ValueError(f"sample_ids: expected a 1-D int64 tensor [b], got {getattr(sample_ids, 'shape', sample_ids)}")
-    if int(seq_len) <= 0:
-        raise ValueError(f"seq_len={seq_len}: expected a positive sequence length")
-    sid = sample_ids.to(torch.int64)
-    if sid.numel() and int(sid.min()) < 0:
-        raise ValueError(f"sample_ids: expected non-negative ids, got min {int(sid.min())}")
-    if sid.numel() and int(sid.max()) >= (2**62) // int(seq_len):
-        raise ValueError(f"sample_ids: max id {int(sid.max())} x seq_len {seq_len} overflows int64 keys")
-    return sid[:, None] * int(seq_len) + torch.arange(int(seq_len), dtype=torch.int64, device=sid.device)[None, :]
-
-
-def fallback_sample_ids(batch_size: int, *, dp_rank: int, dp_size: int, microbatch: int) -> torch.Tensor:
-    """Per-step-unique sample ids when the data carries none: (micro-batch, DP rank, row).
-
-    Unique within an iteration (the iteration itself is the loss's `step`), distinct across DP
-    replicas; NOT layout-invariant (they change with DP size / micro-batch size).
-    """
-    base = (int(microbatch) * int(dp_size) + int(dp_rank)) * int(batch_size)
-    return base + torch.arange(int(batch_size), dtype=torch.int64)
-
-
-def cp_zigzag_positions(seq_len: int, cp_size: int, cp_rank: int) -> torch.Tensor:
-    """Global positions held by CP rank `cp_rank` under Megatron's zigzag split (chunks r, 2cp-1-r)."""
-    if cp_size < 1 or not (0 <= cp_rank < cp_size):
-        raise ValueError(f"cp_rank={cp_rank}, cp_size={cp_size}: expected 0 <= cp_rank < cp_size")
-    if seq_len % (2 * cp_size):
-        raise ValueError(f"seq_len={seq_len}: must be divisible by 2 * cp_size = {2 * cp_size}")
-    if cp_size == 1:
-        return torch.arange(seq_len, dtype=torch.int64)
-    c = seq_len // (2 * cp_size)
-    a = torch.arange(cp_rank * c, (cp_rank + 1) * c)
-    j = 2 * cp_size - 1 - cp_rank
-    b = torch.arange(j * c, (j + 1) * c)
-    return torch.cat([a, b]).to(torch.int64)
-
-
-def slice_batch_for_cp(batch: dict, cp_size: int, cp_rank: int, seq_len: Optional[int] = None) -> dict:
-    """Zigzag-slice every [b, s] tensor (and a [b, 1, s, s] attention mask on dim 2) for one CP rank."""
-    if cp_size == 1:
-        return dict(batch)
-    out = {}
-    for k, v in batch.items():
-        if torch.is_tensor(v) and v.dim() >= 2 and (seq_len is None or v.size(1 if v.dim() == 2 else 2) == seq_len):
-            dim = 2 if (k == "attention_mask" and v.dim() == 4) else 1
-            idx = cp_zigzag_positions(v.size(dim), cp_size, cp_rank).to(v.device)
-            out[k] = v.index_select(dim, idx)
-        else:
-            out[k] = v
-    return out
 
 
 def output_processor_supported() -> bool:
@@ -369,8 +335,6 @@ def make_output_processor(model):
             logits = scale_logits(logits)
         if labels is None:
             return logits.transpose(0, 1).contiguous()
-        if hook.context is None:
-            raise RuntimeError("output_processor: no batch context; call set_otr_context first")
-        return hook.loss_from_logits(inner, labels, logits, hook.context)
+        return hook.loss_from_logits(inner, labels, logits)
 
     return processor

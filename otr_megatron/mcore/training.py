@@ -6,7 +6,8 @@ sum, accumulates `num_tokens`, and `finalize_model_grads` all-reduces it over DP
 gradients by 1/N: the exact global per-token mean in any layout. Without it, the schedule divides by
 the micro-batch's own token count (exact only when counts agree across micro-batches and ranks).
 Every report entry is a `[sum, count]` pair so Megatron's logging sums micro-batches, all-reduces
-over DP x CP and divides: the logged value is a true per-token mean.
+over DP x CP and divides: the logged value is a true mean. The reports are the table in
+`metrics.py`: "lm loss" is the label cross entropy, "otr loss" what is backpropagated.
 """
 
 from __future__ import annotations
@@ -16,21 +17,9 @@ from typing import Optional
 
 import torch
 
-from otr_megatron.mcore.hook import (
-    fallback_sample_ids,
-    get_otr_hook,
-    set_otr_context,
-    slice_batch_for_cp,
-    token_keys_from_sample_ids,
-)
-
-# stats key of the core loss -> (report name, divide by K?)
-_STAT_REPORTS = {
-    "hits": ("otr hit rate", True),
-    "reward_mean": ("otr mean reward", False),
-    "reward_sum": ("otr mean reward", False),
-    "label_logprob": ("otr label logprob", False),
-}
+from otr_megatron.mcore.hook import OTRBatchContext, get_otr_hook, pop_otr_stats, set_otr_context
+from otr_megatron.mcore.keys import batch_token_keys, cp_zigzag_positions, fallback_sample_ids
+from otr_megatron.mcore.metrics import otr_report
 
 
 def sequence_weights(loss_mask: torch.Tensor, segment_ids: Optional[torch.Tensor] = None):
@@ -104,12 +93,14 @@ def check_sequence_normalization(model) -> None:
 def loss_func(loss_mask: torch.Tensor, output_tensor: torch.Tensor, stats: Optional[dict] = None,
               num_samples: Optional[int] = None, check_finite: bool = True,
               loss_weights: Optional[torch.Tensor] = None, sequence_starts: Optional[torch.Tensor] = None):
-    """Masked sum of the per-token loss, the token count, and `[sum, count]` metrics.
+    """Masked sum of the per-token loss, the token count, and the `[sum, count]` reports.
 
     output_tensor: per-token loss [b, s] (what the OTR-enabled GPTModel returns with labels).
-    stats: per-token stats of the same micro-batch from the hook; num_samples: K for the hit rate.
-    loss_weights / sequence_starts (normalization="sequence", from `sequence_weights`): the sum is
-    weighted 1/length per sequence and the count is the number of sequences. Metrics stay per token.
+    stats: per-token stats of the same micro-batch (`pop_otr_stats`); num_samples: K for the hit
+    rate. Reports: the table in `metrics.py` ("lm loss" is the label cross entropy, "otr loss" the
+    returned loss). loss_weights / sequence_starts (normalization="sequence", from
+    `sequence_weights`): the sum is weighted 1/length per sequence and the count is the number of
+    sequences; the other reports stay per token.
     Raises FloatingPointError on a NaN/Inf loss (names rank-local counts so it can be traced).
     """
     if output_tensor.shape != loss_mask.shape:
@@ -140,62 +131,75 @@ def loss_func(loss_mask: torch.Tensor, output_tensor: torch.Tensor, stats: Optio
             f"{int(keep.sum())} supervised tokens non-finite (check the learning rate, the logits "
             "dtype and the labels/vocab_size)"
         )
-    report = {"lm loss": torch.stack([loss_sum.detach().clone(), num_tokens.detach().float()])}
-    n = n_tok.detach()
-    for key, (name, per_sample) in _STAT_REPORTS.items():
-        if not stats or key not in stats:
-            continue
-        if per_sample and not num_samples:
-            continue
-        v = stats[key].reshape(-1).float()
-        if per_sample:
-            v = v / float(num_samples)
-        s = torch.sum(torch.where(keep, v * mask, torch.zeros_like(v)))
-        report[name] = torch.stack([s.detach(), n])
+    report = otr_report(loss_mask, loss_sum, num_tokens, stats, num_samples)
     return loss_sum, num_tokens, report
 
 
-def _parallel_ranks():
+def _dp_ranks():
     from megatron.core import parallel_state as ps
 
-    return (ps.get_data_parallel_rank(), ps.get_data_parallel_world_size(),
-            ps.get_context_parallel_rank(), ps.get_context_parallel_world_size())
+    return ps.get_data_parallel_rank(), ps.get_data_parallel_world_size()
+
+
+def _cp_ranks():
+    """(rank, size) of this process in its context-parallel group."""
+    from megatron.core import parallel_state as ps
+
+    return ps.get_context_parallel_rank(), ps.get_context_parallel_world_size()
+
+
+def slice_batch_for_cp(batch: dict, cp_size: int, cp_rank: int, seq_len: Optional[int] = None) -> dict:
+    """Zigzag-slice every [b, s] tensor (and a [b, 1, s, s] attention mask on dim 2) for one CP rank."""
+    if cp_size == 1:
+        return dict(batch)
+    out = {}
+    for k, v in batch.items():
+        if torch.is_tensor(v) and v.dim() >= 2 and (seq_len is None or v.size(1 if v.dim() == 2 else 2) == seq_len):
+            dim = 2 if (k == "attention_mask" and v.dim() == 4) else 1
+            idx = cp_zigzag_positions(v.size(dim), cp_size, cp_rank).to(v.device)
+            out[k] = v.index_select(dim, idx)
+        else:
+            out[k] = v
+    return out
 
 
 def prepare_batch(batch: dict, model, *, step: Optional[int] = None, cp_slice: bool = True) -> dict:
-    """Add global token keys, slice for this CP rank, and set the OTR context on `model`.
+    """Add global token keys, slice for this CP rank, and set the micro-batch's OTR context on `model`.
 
-    batch keys: tokens, labels, loss_mask [b, s]; optional position_ids, attention_mask,
-    sample_ids [b] (global per-sample ids: make keys layout-invariant), step.
+    batch keys: tokens, labels, loss_mask [b, s]; optional position_ids, attention_mask, step and
+    sample_ids, [b] (one sample per row) or [b, s] (per token, packed rows; -1 = padding): the
+    global ids that make the keys layout-invariant (`keys.token_keys`). Without them, ids unique
+    within the iteration are used (not layout-invariant). step: default the batch's "step", else
+    the value of `set_iteration`.
     """
     for k in ("tokens", "labels", "loss_mask"):
         if k not in batch:
             raise KeyError(f"batch: missing {k!r}; expected tokens, labels, loss_mask [b, s] "
                            f"(optional position_ids, attention_mask, sample_ids), got {sorted(batch)}")
     hook = get_otr_hook(model)
-    dp_rank, dp_size, cp_rank, cp_size = _parallel_ranks()
     b, s = batch["labels"].shape
     out = dict(batch)
-    if "position_ids" not in out or out["position_ids"] is None:
-        out["position_ids"] = torch.arange(s, dtype=torch.int64)[None, :].expand(b, s).contiguous()
-    if "token_keys" not in out:
-        sid = out.get("sample_ids")
-        if sid is None:
-            mb = hook.microbatch if hook is not None else 0
-            sid = fallback_sample_ids(b, dp_rank=dp_rank, dp_size=dp_size, microbatch=mb)
-        out["token_keys"] = token_keys_from_sample_ids(torch.as_tensor(sid), s)
-    if hook is not None:
-        hook.microbatch += 1
-    if hook is not None and getattr(hook.cfg, "normalization", "token") == "sequence":
+    if out.get("position_ids") is None:
+        out["position_ids"] = torch.arange(s, dtype=torch.int64, device=batch["labels"].device)[None, :].expand(b, s).contiguous()
+    cp_rank, cp_size = _cp_ranks()
+    if hook is None:
+        return slice_batch_for_cp(out, cp_size, cp_rank) if cp_slice else out
+    if step is None:
+        step = out.get("step", hook.iteration)
+    step = int(step)
+    fallback = None
+    if out.get("sample_ids") is None:
+        dp_rank, dp_size = _dp_ranks()
+        fallback = fallback_sample_ids(b, dp_rank=dp_rank, dp_size=dp_size, microbatch=hook.microbatch_index(step))
+    out["token_keys"] = batch_token_keys(out, seq_length=s, fallback_ids=fallback)
+    if getattr(hook.cfg, "normalization", "token") == "sequence":
         # from the full micro-batch, before CP slicing: a sequence's length spans every CP rank
         out["otr_loss_weights"], out["otr_sequence_starts"] = _batch_sequence_weights(out)
-    if cp_slice and cp_size > 1:
+    if cp_slice:
         out = slice_batch_for_cp(out, cp_size, cp_rank)
-    if hook is not None:
-        if step is None:
-            step = out.get("step", hook.iteration)
-        set_otr_context(model, step=int(step), token_keys=out["token_keys"], loss_mask=out["loss_mask"],
-                        loss_weights=out.get("otr_loss_weights"), sequence_starts=out.get("otr_sequence_starts"))
+    set_otr_context(model, OTRBatchContext(step=step, token_keys=out["token_keys"], loss_mask=out["loss_mask"],
+                                           loss_weights=out.get("otr_loss_weights"),
+                                           sequence_starts=out.get("otr_sequence_starts")))
     return out
 
 
@@ -216,7 +220,6 @@ def forward_step(data_iterator, model):
     out = model(b["tokens"], b["position_ids"], b.get("attention_mask"), labels=b["labels"],
                 loss_mask=b["loss_mask"])
     hook = get_otr_hook(model)
-    stats = hook.pop_stats() if hook is not None else None
     k = getattr(hook.cfg, "num_samples", None) if hook is not None else None
-    return out, partial(loss_func, b["loss_mask"], stats=stats, num_samples=k,
+    return out, partial(loss_func, b["loss_mask"], stats=pop_otr_stats(model), num_samples=k,
                         loss_weights=b.get("otr_loss_weights"), sequence_starts=b.get("otr_sequence_starts"))

@@ -1,7 +1,8 @@
 """NeMo 2.0 forward step and loss-reduction helpers that do not import NeMo (testable on CPU).
 
 NeMo's `gpt_data_step` has already sliced the batch for context parallelism (zigzag) when the
-forward step runs, so the global token keys are rebuilt from the zigzag positions of this CP rank.
+forward step runs, so the global token keys (`mcore.keys.token_keys`) are built from the zigzag
+positions of this CP rank.
 """
 
 from __future__ import annotations
@@ -13,17 +14,14 @@ import torch
 STATS_KEY = "otr_stats"  # per-micro-batch OTR stats travel to the loss reduction inside the batch dict
 
 
-def nemo_token_keys(batch: dict, *, cp_size: int, cp_rank: int, dp_rank: int, dp_size: int, microbatch: int) -> torch.Tensor:
-    """Global token keys [b, s_local] for an already CP-sliced NeMo batch."""
-    from otr_megatron.mcore.hook import cp_zigzag_positions, fallback_sample_ids
+def nemo_token_keys(batch: dict, *, cp_size: int, cp_rank: int, fallback_ids: torch.Tensor) -> torch.Tensor:
+    """Global token keys [b, s_local] of an already CP-sliced NeMo batch (`mcore.keys.token_keys`:
+    the row positions are this CP rank's zigzag positions)."""
+    from otr_megatron.mcore.keys import batch_token_keys, cp_zigzag_positions
 
-    b, s_local = batch["labels"].shape
-    seq = s_local * cp_size
-    sid = batch.get("sample_ids")
-    if sid is None:
-        sid = fallback_sample_ids(b, dp_rank=dp_rank, dp_size=dp_size, microbatch=microbatch)
+    seq = batch["labels"].size(1) * cp_size
     pos = cp_zigzag_positions(seq, cp_size, cp_rank).to(batch["labels"].device)
-    return torch.as_tensor(sid, dtype=torch.int64, device=pos.device)[:, None] * seq + pos[None, :]
+    return batch_token_keys(batch, seq_length=seq, row_positions=pos, fallback_ids=fallback_ids)
 
 
 def _ranks():
@@ -46,7 +44,8 @@ def otr_forward_step(model, batch: dict, *, otr_config=None, vocab_size: Optiona
     base_step: the wrapped step, default `model.config.forward_step_fn` (NeMo's `gpt_forward_step`,
     which passes labels, so the hooked model returns the per-token OTR loss).
     """
-    from otr_megatron.mcore import enable_otr, get_otr_hook, set_iteration, set_otr_context
+    from otr_megatron.mcore import OTRBatchContext, enable_otr, get_otr_hook, pop_otr_stats, set_otr_context
+    from otr_megatron.mcore.keys import fallback_sample_ids
 
     inner = model.module
     hook = get_otr_hook(inner)
@@ -62,24 +61,22 @@ def otr_forward_step(model, batch: dict, *, otr_config=None, vocab_size: Optiona
     step = _global_step(model)
     if step is None:
         step = hook.iteration
-    if step != hook.iteration or not getattr(hook, "_nemo_started", False):
-        set_iteration(inner, step)
-        hook._nemo_started = True
     dp_rank, dp_size, cp_rank, cp_size = ranks or _ranks()
-    keys = nemo_token_keys(batch, cp_size=cp_size, cp_rank=cp_rank, dp_rank=dp_rank, dp_size=dp_size,
-                           microbatch=hook.microbatch)
-    hook.microbatch += 1
-    set_otr_context(inner, step=step, token_keys=keys, loss_mask=batch.get("loss_mask"))
+    fallback = fallback_sample_ids(batch["labels"].size(0), dp_rank=dp_rank, dp_size=dp_size,
+                                   microbatch=hook.microbatch_index(step))
+    keys = nemo_token_keys(batch, cp_size=cp_size, cp_rank=cp_rank, fallback_ids=fallback)
+    set_otr_context(inner, OTRBatchContext(step=step, token_keys=keys, loss_mask=batch.get("loss_mask")))
     base = base_step or model.config.forward_step_fn
     out = base(model, batch)
-    stats = hook.pop_stats()
+    stats = pop_otr_stats(inner)
     if stats is not None:
         batch[STATS_KEY] = {"stats": stats, "num_samples": int(getattr(hook.cfg, "num_samples", 0))}
     return out
 
 
 def otr_report(batch: dict, forward_out: torch.Tensor) -> dict:
-    """OTR metrics of one micro-batch as `[sum, count]` tensors (NeMo/Megatron reduction format)."""
+    """The OTR reports of one micro-batch as `[sum, count]` tensors (`mcore.metrics.OTR_REPORTS`:
+    "lm loss" is the label cross entropy, "otr loss" the loss NeMo reduces and backpropagates)."""
     entry = batch.get(STATS_KEY)
     if not entry or "loss_mask" not in batch or not torch.is_tensor(forward_out):
         return {}
@@ -87,7 +84,7 @@ def otr_report(batch: dict, forward_out: torch.Tensor) -> dict:
 
     _, _, report = loss_func(batch["loss_mask"], forward_out, stats=entry["stats"],
                              num_samples=entry["num_samples"] or None, check_finite=False)
-    return {k: v for k, v in report.items() if k != "lm loss"}
+    return report
 
 
 def sequence_normalized_batch(batch: dict, *, cp_group=None) -> dict:
@@ -119,14 +116,7 @@ def sequence_normalized_batch(batch: dict, *, cp_group=None) -> dict:
 
 
 def reduce_otr_metrics(per_microbatch: list, group=None) -> dict:
-    """Per-token means of the OTR metrics over micro-batches (and over `group` when given)."""
-    keys = sorted({k for d in per_microbatch for k in d if k.startswith("otr")})
-    out = {}
-    for k in keys:
-        pairs = [d[k].reshape(-1) for d in per_microbatch if k in d]
-        total = torch.stack(pairs).sum(dim=0)
-        if group is not None:
-            torch.distributed.all_reduce(total, group=group)
-        if float(total[1]) > 0:
-            out[k] = float(total[0] / total[1])
-    return out
+    """Means of the OTR reports over micro-batches (and over `group` when given)."""
+    from otr_megatron.mcore.metrics import reduce_reports, report_means
+
+    return report_means(reduce_reports(per_microbatch, group=group))

@@ -23,7 +23,12 @@ def plot_metrics(metrics_path: str, png_path: str, pretrain_iters: int = 0) -> s
 
     fig, axes = plt.subplots(1, 3, figsize=(15, 4.2))
     ax = axes[0]
-    ax.plot([r["iteration"] for r in train], [r.get("lm_loss") for r in train], lw=0.8, label="train loss")
+    # "lm loss" is the label cross entropy in every stage; "otr loss" is what was backpropagated
+    # (equal to the CE in the CE stage; the OTR surrogate, near zero, during OTR)
+    for key, label in (("lm_loss", "label CE (lm loss)"), ("otr_loss", "backpropagated loss (otr loss)")):
+        pts = [(r["iteration"], r[key]) for r in train if key in r]
+        if pts:
+            ax.plot(*zip(*pts), lw=0.8, label=label)
     hits = [(r["iteration"], r["otr_hit_rate"]) for r in train if "otr_hit_rate" in r]
     ax.set_xlabel("iteration")
     ax.set_ylabel("training loss (per token)")

@@ -10,8 +10,9 @@ the A/B runs share every other line of code, and the padded ids (which depend on
 enter a softmax, so the job gives the same numbers in any layout.
 
 Randomness: model init is layout-invariant (`layout_invariant_init_`); the OTR stream is keyed on
-(seed, iteration, global token key), token key = (sample_id + 1) * seq_length + position: the same
-samples in any TP/PP/DP layout and after a resume. Data position = iteration (each stage's
+(seed, iteration, global token key), the keys `prepare_batch` builds from the batch's per-token
+`sample_ids` and `position_ids` (`mcore.keys.token_keys`): the same samples in any TP/PP/DP layout,
+packed or not, and after a resume. Data position = iteration (each stage's
 consumed_samples = steps_in_stage x global_batch_size), saved in the checkpoint and checked.
 """
 
@@ -34,16 +35,11 @@ from otr_megatron.data import (
     num_microbatches,
     split_global_batch,
 )
+from otr_megatron.mcore.metrics import REPORT_NAMES, reduce_reports, report_means
 from otr_megatron.train.config import TrainConfig, dump_yaml, resolve_path
 from otr_megatron.train.errors import DivergenceError, RunDirError
 
-LOSS_TO_ESTIMATOR = {"otr": "sample", "otr-expected": "expected", "sft": "sft", "dft": "dft"}
-
-
-def token_keys(sample_ids: torch.Tensor, position_ids: torch.Tensor, seq_length: int) -> torch.Tensor:
-    """Global int64 key per token, ``(sample_id + 1) * seq_length + position``: unique, independent of
-    packing/batching/parallel layout (padding, sample_id -1, maps to [0, seq_length))."""
-    return (sample_ids.to(torch.int64) + 1) * int(seq_length) + position_ids.to(torch.int64)
+EVAL_REPORTS = ("ce", "token_acc", "exact_match")  # `_eval_loss`'s [sum, count] reports
 
 
 def _rank0() -> bool:
@@ -199,27 +195,16 @@ class Trainer:
         """
         if mode == self.loss_mode:
             return
-        from otr_megatron.core.config import OTRConfig as CoreOTRConfig
         from otr_megatron.mcore.hook import enable_otr
 
-        o = self.cfg.otr
-        core_cfg = CoreOTRConfig(
-            num_samples=o.num_samples,
-            temperature=o.temperature,
-            neg_reward=o.neg_reward,
-            estimator="sft" if mode == "pretrain" else LOSS_TO_ESTIMATOR[mode],
-            seed=self.cfg.seed,
-            # the fine-tuning loss (any of the A/B arms) follows otr.normalization; the CE warm start
-            # stays Megatron's token mean
-            normalization="token" if mode == "pretrain" else o.normalization,
-        )
+        # the fine-tuning loss (any of the A/B arms) follows otr.normalization; the CE warm start
+        # stays Megatron's token mean
+        core_cfg = self.cfg.core_otr_config(mode)
         enable_otr(self.model, core_cfg, vocab_size=self.tokenizer.vocab_size)
         self.loss_mode = mode
 
     # -- batches -------------------------------------------------------------------------------
-    def _with_keys(self, batch: dict) -> dict:
-        batch = dict(batch)
-        batch["token_keys"] = token_keys(batch["sample_ids"], batch["position_ids"], self.cfg.data.seq_length)
+    def _to_device(self, batch: dict) -> dict:
         if torch.cuda.is_available():
             batch = {k: (v.cuda(non_blocking=True) if torch.is_tensor(v) else v) for k, v in batch.items()}
         return batch
@@ -235,7 +220,7 @@ class Trainer:
         ds = self.pretrain_data if stage == "pretrain" else self.train_data
         rows = self.samplers[stage].global_batch(k * self.cfg.global_batch_size)
         micro = split_global_batch(rows, self.cfg.micro_batch_size, self.dp_size, self.dp_rank)
-        return ds, [self._with_keys(ds.collate(mb)) for mb in micro]
+        return ds, [self._to_device(ds.collate(mb)) for mb in micro]
 
     # -- learning rate ---------------------------------------------------------------------------
     def lr_at(self, it: int) -> float:
@@ -282,35 +267,23 @@ class Trainer:
         ok, grad_norm, _ = self.optimizer.step()
         if not ok:
             raise FloatingPointError(f"iteration {it}: optimizer step skipped (non-finite gradients)")
-        sums = self._reduce_reports(reports)
+        means = report_means(self._reduce_reports(reports, REPORT_NAMES))
         tokens = sum(int((mb["sample_ids"] >= 0).sum()) for mb in micro)
         t = torch.tensor([float(tokens)])
         if torch.distributed.is_initialized():
             t = t.to(_device())
             torch.distributed.all_reduce(t, group=_dp_group())
         out = {"iteration": it + 1, "stage": stage, "loss_name": "sft" if stage == "pretrain" else self.cfg.loss, "lr": lr}
-        for name, (s, n) in sums.items():
-            out[name.replace(" ", "_")] = s / max(n, 1.0)
+        out.update({name.replace(" ", "_"): v for name, v in means.items()})
         out["grad_norm"] = float(grad_norm) if grad_norm is not None else None
         out["tokens"] = float(t.item())
         return out
 
-    def _reduce_reports(self, reports) -> dict[str, tuple[float, float]]:
-        """Sum `[sum, count]` reports over micro-batches, then over the world (only the last pipeline
-        stage's TP rank 0 contributes, so every rank gets the same DP-reduced totals)."""
-        names = ["lm loss", "otr hit rate", "otr mean reward", "otr label logprob"]
-        vec = torch.zeros(2 * len(names), dtype=torch.float64)
-        contribute = self.is_last_stage and self.tp_rank == 0
-        if contribute:
-            for r in reports or []:
-                for i, n in enumerate(names):
-                    if n in r:
-                        vec[2 * i : 2 * i + 2] += r[n].detach().double().cpu().reshape(-1)[:2]
-        if torch.distributed.is_initialized():
-            v = vec.to(_device())
-            torch.distributed.all_reduce(v)
-            vec = v.cpu()
-        return {n: (float(vec[2 * i]), float(vec[2 * i + 1])) for i, n in enumerate(names) if vec[2 * i + 1] > 0}
+    def _reduce_reports(self, reports, names) -> dict[str, tuple[float, float]]:
+        """`{name: (sum, count)}` over micro-batches and the world: only the last pipeline stage's TP
+        rank 0 contributes, so every rank gets the same DP-reduced totals."""
+        group = torch.distributed.group.WORLD if torch.distributed.is_initialized() else None
+        return reduce_reports(reports, names, group=group, contribute=self.is_last_stage and self.tp_rank == 0)
 
     # -- evaluation ----------------------------------------------------------------------------
     @torch.no_grad()
@@ -326,7 +299,7 @@ class Trainer:
         try:
             for name, ds in self.eval_data.items():
                 micro = eval_microbatches(len(ds), self.cfg.micro_batch_size, self.dp_size, self.dp_rank)
-                batches = [self._with_keys(ds.collate(mb)) for mb in micro]
+                batches = [self._to_device(ds.collate(mb)) for mb in micro]
                 reports = get_forward_backward_func()(
                     forward_step_func=partial(_eval_forward_step, self.tokenizer.vocab_size),
                     data_iterator=iter(batches),
@@ -336,19 +309,10 @@ class Trainer:
                     micro_batch_size=self.cfg.micro_batch_size,
                     forward_only=True,
                 )
-                names = ["ce", "token_acc", "exact_match"]
-                vec = torch.zeros(6, dtype=torch.float64)
-                if self.is_last_stage and self.tp_rank == 0:
-                    for r in reports or []:
-                        for i, n in enumerate(names):
-                            vec[2 * i : 2 * i + 2] += r[n].double().cpu()
-                if torch.distributed.is_initialized():
-                    v = vec.to(_device())
-                    torch.distributed.all_reduce(v)
-                    vec = v.cpu()
-                for i, n in enumerate(names):
-                    out[f"{name}/{n}"] = float(vec[2 * i] / max(vec[2 * i + 1], 1.0))
-                out[f"{name}/samples"] = int(vec[5])
+                totals = self._reduce_reports(reports, EVAL_REPORTS)
+                for n, (total, count) in totals.items():
+                    out[f"{name}/{n}"] = total / max(count, 1.0)
+                out[f"{name}/samples"] = int(totals["exact_match"][1])
         finally:
             for m in self.model:
                 m.train()
@@ -421,9 +385,11 @@ class Trainer:
     def check_step(self, rec: dict) -> None:
         """After every optimizer step, before anything is evaluated or saved: the step's loss and
         gradient norm and the updated parameters must be finite (and |w| within the bound)."""
-        loss, gnorm = rec.get("lm_loss"), rec.get("grad_norm")
-        if loss is not None and not math.isfinite(loss):
-            problem = f"the {rec['loss_name']} loss is {loss}"
+        gnorm = rec.get("grad_norm")
+        bad = [(k, rec[k]) for k in ("otr_loss", "lm_loss") if rec.get(k) is not None and not math.isfinite(rec[k])]
+        if bad:
+            what = "the {} loss".format(rec["loss_name"]) if bad[0][0] == "otr_loss" else "the label cross entropy"
+            problem = f"{what} is {bad[0][1]}"
         elif gnorm is not None and not math.isfinite(gnorm):
             problem = f"the gradient norm is {gnorm}"
         else:
@@ -491,7 +457,9 @@ class Trainer:
                     writer.write(rec)
                 self.check_step(rec)  # before any eval or save of these weights
                 if bar is not None:
-                    post = {"stage": rec["loss_name"], "loss": f"{rec.get('lm_loss', float('nan')):.3f}"}
+                    post = {"stage": rec["loss_name"], "ce": f"{rec.get('lm_loss', float('nan')):.3f}"}
+                    if rec["loss_name"] != "sft" and "otr_loss" in rec:  # sft: the loss is the CE
+                        post["loss"] = f"{rec['otr_loss']:.3f}"
                     if "otr_hit_rate" in rec:
                         post["hit"] = f"{rec['otr_hit_rate']:.3f}"
                     post["tok/s"] = f"{rec['tokens_per_s']:.0f}"

@@ -75,7 +75,7 @@ def test_quick_grid_end_to_end(tmp_path):
     b = _steps(_records(direct / "metrics.jsonl"))
     assert sorted(a) == sorted(b) and len(a) > p
     for it in a:
-        for k in ("lm_loss", "otr_hit_rate", "grad_norm"):
+        for k in ("lm_loss", "otr_loss", "otr_hit_rate", "grad_norm"):
             if k in a[it] or k in b[it]:
                 assert a[it][k] == pytest.approx(b[it][k], rel=1e-6, abs=1e-9), (it, k)
     fa = json.load(open(seed1 / "otr__train=ab_parity_uniform" / "summary.json"))["final_eval"]

@@ -101,30 +101,40 @@ def api_worker(rank, world):
     b = prepare_batch(batch, m)
     loss = fwd(b)
     out["masked_tokens_zero"] = bool((loss[b["loss_mask"] == 0] == 0).all())
-    stats = hook.pop_stats()
+    stats = H.pop_otr_stats(m)
+    out["stats_popped_once"] = H.pop_otr_stats(m) is None
     out["stats_keys"] = sorted(stats)
     ls, n, rep = loss_func(b["loss_mask"], loss, stats, 8)
     out["report_keys"] = sorted(rep)
     out["num_tokens"] = int(n) == int(b["loss_mask"].sum())
+    # "lm loss" is the label cross entropy over the real vocabulary: float64 from the gathered logits
+    shard = m(b["tokens"], b["position_ids"], None).double()  # [b, s, V/tp]
+    parts = [torch.empty_like(shard) for _ in range(world)]
+    torch.distributed.all_gather(parts, shard.contiguous())
+    logp = torch.cat(parts, dim=-1)[..., :60].log_softmax(-1)
+    ce = -logp.gather(-1, b["labels"][..., None]).squeeze(-1)
+    out["lm_loss_is_label_ce"] = (float(rep["lm loss"][0]), float((ce * b["loss_mask"]).sum()))
+    out["otr_loss_is_backpropagated"] = bool(torch.equal(rep["otr loss"], torch.stack([ls, n.float()])))
     # same context, second forward: same loss (context is not consumed; what recompute relies on)
     out["repeatable"] = bool(torch.equal(fwd(b), loss))
     # a different step gives different samples
-    H.set_otr_context(m, step=1, token_keys=b["token_keys"], loss_mask=b["loss_mask"])
+    H.set_otr_context(m, H.OTRBatchContext(step=1, token_keys=b["token_keys"], loss_mask=b["loss_mask"]))
     out["step_changes_samples"] = not torch.equal(fwd(b), loss)
-    H.set_otr_context(m, step=0, token_keys=b["token_keys"][:1], loss_mask=b["loss_mask"][:1])
+    H.set_otr_context(m, H.OTRBatchContext(step=0, token_keys=b["token_keys"][:1], loss_mask=b["loss_mask"][:1]))
     out["stale_context_error"] = expect(ValueError, lambda: fwd(b), "token_keys", "another micro-batch")
-    H.set_otr_context(m, step=0, token_keys=b["token_keys"], loss_mask=b["loss_mask"])
+    H.set_otr_context(m, H.OTRBatchContext(step=0, token_keys=b["token_keys"], loss_mask=b["loss_mask"]))
     logits = m(b["tokens"], b["position_ids"], None)  # [b, s, V/tp]
     gathered = torch.cat([logits, logits], dim=-1).transpose(0, 1).contiguous()
     out["gathered_logits_error"] = expect(
-        ValueError, lambda: hook.loss_from_logits(m, b["labels"], gathered, hook.context), "padded vocab")
+        ValueError, lambda: hook.loss_from_logits(m, b["labels"], gathered), "padded vocab")
     out["vocab_too_big_error"] = expect(ValueError, lambda: H.enable_otr(m, ocfg, vocab_size=65), "vocab_size=65")
-    out["bad_keys_error"] = expect(ValueError, lambda: H.set_otr_context(m, step=0, token_keys=b["token_keys"].float()),
+    out["bad_keys_error"] = expect(ValueError, lambda: H.OTRBatchContext(step=0, token_keys=b["token_keys"].float()),
                                    "token_keys", "int64")
+    out["not_a_context_error"] = expect(TypeError, lambda: H.set_otr_context(m, {"step": 0}), "OTRBatchContext")
     # the output_processor route (0.18+) gives the same per-token loss
     if H.output_processor_supported():
         hook2 = H.enable_otr(m, ocfg)
-        H.set_otr_context(m, step=0, token_keys=b["token_keys"], loss_mask=b["loss_mask"])
+        H.set_otr_context(m, H.OTRBatchContext(step=0, token_keys=b["token_keys"], loss_mask=b["loss_mask"]))
         via_proc = m(b["tokens"], b["position_ids"], None, labels=b["labels"], loss_mask=b["loss_mask"],
                      output_processor=H.make_output_processor(m))
         out["output_processor_equal"] = bool(torch.allclose(via_proc, loss, rtol=0, atol=1e-6))
@@ -134,10 +144,8 @@ def api_worker(rank, world):
     # disable_otr restores Megatron's cross entropy
     H.disable_otr(m)
     ce = fwd(b)
-    from megatron.core import tensor_parallel
-
-    ref_ce = tensor_parallel.vocab_parallel_cross_entropy(
-        m(b["tokens"], b["position_ids"], None).transpose(0, 1).contiguous().float(), b["labels"].t().contiguous()).t()
+    ref_ce = T.megatron_ce_loss_fn(m(b["tokens"], b["position_ids"], None).transpose(0, 1).contiguous(),
+                                   b["labels"].t().contiguous()).t()
     out["disable_restores_ce"] = bool(torch.allclose(ce, ref_ce, atol=1e-5))
 
     # MTP: default CE on the MTP head (one OTR call per forward), opt-in OTR (two calls)

@@ -63,12 +63,15 @@ def test_hook_contract_tp2(api_report):
         assert r["no_context_error"], "forward without context must name set_otr_context"
         assert r["masked_tokens_zero"], "loss_mask==0 tokens must have exactly zero loss"
         assert {"hits", "label_logprob"} <= set(r["stats_keys"]), r["stats_keys"]
-        assert {"lm loss", "otr hit rate", "otr label logprob"} <= set(r["report_keys"]), r["report_keys"]
+        assert r["stats_popped_once"]
+        assert r["report_keys"] == ["lm loss", "otr hit rate", "otr loss", "otr mean reward"], r["report_keys"]
+        assert r["lm_loss_is_label_ce"][0] == pytest.approx(r["lm_loss_is_label_ce"][1], rel=1e-5)
+        assert r["otr_loss_is_backpropagated"]
         assert r["num_tokens"]
         assert r["repeatable"], "same context must give the same samples (activation recompute relies on it)"
         assert r["step_changes_samples"]
         assert r["stale_context_error"] and r["gathered_logits_error"]
-        assert r["vocab_too_big_error"] and r["bad_keys_error"]
+        assert r["vocab_too_big_error"] and r["bad_keys_error"] and r["not_a_context_error"]
         from otr_megatron.mcore.hook import output_processor_supported
 
         want = True if output_processor_supported() else "unsupported"  # 0.18+ has the hook

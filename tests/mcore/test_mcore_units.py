@@ -6,9 +6,8 @@ import sys
 import pytest
 import torch
 
-from otr_megatron.mcore.hook import (cp_zigzag_positions, fallback_sample_ids, slice_batch_for_cp,
-                                     token_keys_from_sample_ids)
-from otr_megatron.mcore.training import loss_func
+from otr_megatron.mcore.keys import batch_token_keys, cp_zigzag_positions, fallback_sample_ids, token_keys
+from otr_megatron.mcore.training import loss_func, slice_batch_for_cp
 
 
 def test_import_does_not_pull_megatron():
@@ -38,26 +37,53 @@ def test_token_keys_are_layout_invariant():
     """Keys of a token do not depend on DP split or CP slicing; no two tokens share a key."""
     b, s = 4, 16
     sid = torch.arange(b) + 100
-    full = token_keys_from_sample_ids(sid, s)
+    full = token_keys(sid, s)
+    assert full[1, 3] == (101 + 1) * s + 3  # the formula
     assert full.unique().numel() == b * s
     for dp in (1, 2, 4):
         for r in range(dp):
             rows = slice(r * b // dp, (r + 1) * b // dp)
-            mine = token_keys_from_sample_ids(sid[rows], s)
+            mine = token_keys(sid[rows], s)
             assert torch.equal(mine, full[rows])
             for cp in (1, 2):
                 got = [slice_batch_for_cp({"token_keys": mine}, cp, c)["token_keys"] for c in range(cp)]
                 want = [mine[:, cp_zigzag_positions(s, cp, c)] for c in range(cp)]
                 assert all(torch.equal(g, w) for g, w in zip(got, want))
+                # built after the split from the global positions: the same keys
+                assert all(torch.equal(token_keys(sid[rows], s, cp_zigzag_positions(s, cp, c)), w)
+                           for c, w in enumerate(want))
+
+
+def test_token_keys_per_token_ids_are_packing_invariant():
+    """[b, s] ids (packed rows, -1 = padding) with restarting position_ids: a sample's tokens get the
+    keys they have unpacked (one sample per row), and padding stays below every real key."""
+    s = 8
+    unpacked = token_keys(torch.tensor([5, 6]), s)  # two samples, one per row
+    sid = torch.tensor([[5, 5, 5, 6, 6, -1, -1, -1]])
+    pos = torch.tensor([[0, 1, 2, 0, 1, 0, 1, 2]])
+    packed = token_keys(sid, s, pos)
+    assert packed[0, :3].tolist() == unpacked[0, :3].tolist() and packed[0, 3:5].tolist() == unpacked[1, :2].tolist()
+    assert packed[0, 5:].tolist() == [0, 1, 2]
+    batch = {"labels": torch.zeros(1, s, dtype=torch.long), "sample_ids": sid, "position_ids": pos}
+    assert torch.equal(batch_token_keys(batch, seq_length=s), packed)
+    cp_pos = cp_zigzag_positions(s, 2, 1)  # a CP rank's slice of the same row: positions travel with it
+    local = {"labels": batch["labels"][:, cp_pos], "sample_ids": sid[:, cp_pos], "position_ids": pos[:, cp_pos]}
+    assert torch.equal(batch_token_keys(local, seq_length=s, row_positions=cp_pos), packed[:, cp_pos])
 
 
 def test_token_key_errors_name_the_argument():
     with pytest.raises(ValueError, match="sample_ids"):
-        token_keys_from_sample_ids(torch.tensor([-1]), 8)
-    with pytest.raises(ValueError, match="overflows"):
-        token_keys_from_sample_ids(torch.tensor([2**61]), 8)
-    with pytest.raises(ValueError, match="seq_len=0"):
-        token_keys_from_sample_ids(torch.tensor([0]), 0)
+        token_keys(torch.tensor([-2]), 8)
+    with pytest.raises(ValueError, match="overflow"):
+        token_keys(torch.tensor([2**61]), 8)
+    with pytest.raises(ValueError, match="seq_length=0"):
+        token_keys(torch.tensor([0]), 0)
+    with pytest.raises(ValueError, match="positions"):
+        token_keys(torch.tensor([0]), 8, torch.tensor([8]))
+    with pytest.raises(ValueError, match="sample_ids"):
+        token_keys(torch.tensor([0.5]), 8)
+    with pytest.raises(ValueError, match="labels shape"):
+        batch_token_keys({"labels": torch.zeros(1, 4), "sample_ids": torch.zeros(1, 3, dtype=torch.long)}, seq_length=4)
 
 
 def test_fallback_ids_distinct_across_dp_and_microbatches():
@@ -76,16 +102,37 @@ def test_slice_batch_slices_attention_mask_on_dim2():
 def test_loss_func_contract():
     loss = torch.tensor([[1.0, 2.0, 3.0], [4.0, float("nan"), 6.0]])
     mask = torch.tensor([[0.0, 1.0, 1.0], [1.0, 0.0, 1.0]])  # the NaN is masked out: must not leak
-    stats = {"hits": torch.tensor([[9, 2, 0], [4, 9, 2]]), "label_logprob": -loss.clone()}
+    stats = {"hits": torch.tensor([[9, 2, 0], [4, 9, 2]]), "label_logprob": -loss / 2,
+             "reward_mean": torch.tensor([[5.0, -0.1, 0.2], [0.3, 5.0, -0.4]])}
     s, n, rep = loss_func(mask, loss, stats, num_samples=4)
     assert float(s) == 15.0 and int(n) == 4 and n.dtype == torch.int
-    assert rep["lm loss"].tolist() == [15.0, 4.0]
+    assert rep["otr loss"].tolist() == [15.0, 4.0]  # what is backpropagated
+    assert rep["lm loss"].tolist() == [7.5, 4.0]  # the label cross entropy, -sum log p(label)
     assert rep["otr hit rate"].tolist() == [2.0, 4.0]  # (2 + 0 + 4 + 2) / 4 samples
-    assert rep["otr label logprob"].tolist() == [-15.0, 4.0]
+    assert rep["otr mean reward"].tolist() == pytest.approx([0.0, 4.0])
+    assert set(rep) == {"lm loss", "otr loss", "otr hit rate", "otr mean reward"}
+    assert set(loss_func(mask, loss, stats)[2]) == {"lm loss", "otr loss", "otr mean reward"}  # no K: no hit rate
+    # OTR off (plain cross entropy from the model): Megatron's own report
+    _, _, plain = loss_func(mask, loss)
+    assert {k: v.tolist() for k, v in plain.items()} == {"lm loss": [15.0, 4.0]}
     x = torch.ones(2, 3, requires_grad=True)
     s2, _, _ = loss_func(mask, x * 2)
     s2.backward()
     assert torch.equal(x.grad, 2 * mask)
+
+
+def test_report_table_and_reduction():
+    from otr_megatron.mcore.metrics import NEGATIVE_REPORTS, OTR_REPORTS, reduce_reports, report_means
+
+    assert [r.name for r in OTR_REPORTS] == ["lm loss", "otr loss", "otr hit rate", "otr mean reward"]
+    assert NEGATIVE_REPORTS == {"otr loss", "otr mean reward"}
+    mbs = [{"lm loss": torch.tensor([3.0, 2.0]), "otr hit rate": torch.tensor([1.0, 2.0]), "other": torch.ones(2)},
+           {"lm loss": torch.tensor([1.0, 2.0])}]
+    totals = reduce_reports(mbs)
+    assert totals["lm loss"] == (4.0, 4.0) and totals["otr loss"] == (0.0, 0.0) and "other" not in totals
+    assert report_means(totals) == {"lm loss": 1.0, "otr hit rate": 0.5}
+    assert reduce_reports(mbs, contribute=False)["lm loss"] == (0.0, 0.0)
+    assert reduce_reports(mbs, names=["other"]) == {"other": (1.0, 1.0)}
 
 
 def test_loss_func_rejects_non_finite():

@@ -49,16 +49,27 @@ def test_load_adapter_without_nemo_is_clear(monkeypatch):
 
 @pytest.mark.parametrize("cp", [1, 2, 4])
 def test_token_keys_follow_megatron_zigzag(cp):
-    from otr_megatron.mcore.hook import slice_batch_for_cp, token_keys_from_sample_ids
+    """Keys built after NeMo's CP split equal the full batch's keys (`mcore.keys.token_keys`), sliced,
+    for per-row ids, per-token ids with their position_ids, and the fallback ids."""
+    from otr_megatron.mcore.keys import token_keys
+    from otr_megatron.mcore.training import slice_batch_for_cp
 
     b, s = 2, 16
     sid = torch.tensor([7, 9])
-    full = {"labels": torch.zeros(b, s, dtype=torch.long), "keys": token_keys_from_sample_ids(sid, s)}
+    per_token = torch.tensor([[3] * 10 + [4] * 6, [5] * 16])
+    pos = torch.cat([torch.arange(10), torch.arange(6)])[None].expand(b, s).contiguous()
+    pos[1] = torch.arange(s)
+    full = {"labels": torch.zeros(b, s, dtype=torch.long), "rows": token_keys(sid, s),
+            "packed": token_keys(per_token, s, pos), "sample_ids": per_token, "position_ids": pos}
     for r in range(cp):
         local = slice_batch_for_cp(full, cp, r)
-        got = nemo_token_keys({"labels": local["labels"], "sample_ids": sid}, cp_size=cp, cp_rank=r,
-                              dp_rank=0, dp_size=1, microbatch=0)
-        assert torch.equal(got, local["keys"])
+        got = nemo_token_keys({"labels": local["labels"], "sample_ids": sid}, cp_size=cp, cp_rank=r, fallback_ids=None)
+        assert torch.equal(got, local["rows"])
+        got = nemo_token_keys({"labels": local["labels"], "sample_ids": local["sample_ids"],
+                               "position_ids": local["position_ids"]}, cp_size=cp, cp_rank=r, fallback_ids=None)
+        assert torch.equal(got, local["packed"])
+        got = nemo_token_keys({"labels": local["labels"]}, cp_size=cp, cp_rank=r, fallback_ids=sid)
+        assert torch.equal(got, local["rows"])
 
 
 def test_reduce_metrics_is_per_token_mean():

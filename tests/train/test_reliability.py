@@ -258,7 +258,9 @@ def test_check_step_and_save_refuse_non_finite(tmp_path):
     tr = _trainer_with(net, output_dir=str(tmp_path))
     with pytest.raises(DivergenceError, match=r"^training diverged at iteration 3 \(finetune stage, otr loss, lr "
                        r"[^)]+\): the otr loss is nan; no checkpoint was saved"):
-        tr.check_step({"iteration": 3, "loss_name": "otr", "lm_loss": math.nan, "grad_norm": 1.0})
+        tr.check_step({"iteration": 3, "loss_name": "otr", "otr_loss": math.nan, "lm_loss": 2.0, "grad_norm": 1.0})
+    with pytest.raises(DivergenceError, match=r"iteration 3 .*: the label cross entropy is inf"):
+        tr.check_step({"iteration": 3, "loss_name": "otr", "otr_loss": 0.1, "lm_loss": math.inf, "grad_norm": 1.0})
     with pytest.raises(DivergenceError, match=r"iteration 1 \(pretrain stage, sft loss.*gradient norm is inf"):
         tr.check_step({"iteration": 1, "loss_name": "sft", "lm_loss": 1.0, "grad_norm": math.inf})
     tr.last_checkpoint = (str(tmp_path / "checkpoints" / "iter_0000001"), 1)

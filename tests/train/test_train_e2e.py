@@ -42,7 +42,9 @@ def _error_line(r, code):
 
 
 def _train(recs):
-    return {r["iteration"]: (r["lm_loss"], r.get("otr_hit_rate"), r["grad_norm"]) for r in recs if r["kind"] == "train"}
+    """{iteration: (backpropagated loss, hit rate, grad norm, label CE)} of the training records."""
+    return {r["iteration"]: (r["otr_loss"], r.get("otr_hit_rate"), r["grad_norm"], r["lm_loss"])
+            for r in recs if r["kind"] == "train"}
 
 
 @pytest.mark.slow
@@ -52,6 +54,8 @@ def test_short_run_and_exact_resume(tmp_path):
     assert sorted(_train(full)) == [1, 2, 3, 4, 5, 6]
     assert any(r["kind"] == "eval" and "in_domain/exact_match" in r for r in full)
     assert all(r.get("otr_hit_rate") is not None for r in full if r["kind"] == "train" and r["iteration"] > 3)
+    for it, (loss, _, _, ce) in _train(full).items():  # the CE warm start backpropagates the label CE itself
+        assert ce > 0 and (loss == pytest.approx(ce, rel=1e-6) if it <= 3 else loss != pytest.approx(ce, rel=1e-3))
 
     _run(tmp_path / "cut", "stop_at_iteration=4")
     resumed = _run(tmp_path / "cut", "--resume")
@@ -72,6 +76,7 @@ def test_tensor_parallel_job_matches_single_process(tmp_path):
     assert sorted(a) == sorted(b)
     for it in a:
         assert a[it][0] == pytest.approx(b[it][0], rel=1e-4, abs=1e-6), (it, a[it], b[it])  # loss
+        assert a[it][3] == pytest.approx(b[it][3], rel=1e-4, abs=1e-6), (it, a[it], b[it])  # label CE
         if a[it][1] is not None or b[it][1] is not None:  # OTR hit rate (fine-tuning steps only)
             assert a[it][1] == pytest.approx(b[it][1], rel=1e-4, abs=1e-6), (it, a[it], b[it])
     evals = lambda recs: [r["in_domain/ce"] for r in recs if r["kind"] == "eval"]  # noqa: E731
