@@ -88,14 +88,14 @@ def test_packing_boundaries_positions_and_mask(tmp_path):
 
 
 def test_token_keys_are_packing_invariant(tmp_path):
-    from otr_megatron.train.trainer import token_keys
+    from otr_megatron.mcore.keys import token_keys
 
     p = _jsonl(tmp_path / "d.jsonl", PAIRS)
     keyed = {}
     for pack in (False, True):
         ds = build_sft_dataset([p], TOK, 32, pack=pack)
         b = ds.collate(range(len(ds)))
-        k = token_keys(b["sample_ids"], b["position_ids"], 32)
+        k = token_keys(b["sample_ids"], 32, b["position_ids"])
         sup = b["loss_mask"] > 0
         keyed[pack] = dict(zip(k[sup].tolist(), b["labels"][sup].tolist()))
     assert keyed[False] == keyed[True]
