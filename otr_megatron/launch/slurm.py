@@ -1,4 +1,9 @@
-"""`otr-megatron slurm [options] -- <command ...>`: write a ready sbatch script for a training command.
+"""`otr-megatron slurm [options] [--config X.yaml [KEY=VALUE ...]] [-- <command ...>]`: write a ready sbatch script.
+
+With `--config configs/X.yaml` the node count, GPUs per node and job name come from the file, and
+without a command after `--` the command is the `otr-megatron bridge` line derived from the file
+(`otr_megatron.launch.bridge_job`): the layout `otr-megatron plan` checked is the one that runs.
+`KEY=VALUE` words before `--` override the file, in the grammar of every `otr-megatron` command.
 
 One launch model per script, never mixed (mixing torchrun with one task per GPU and
 `$SLURM_PROCID` as node rank is a known public bug):
@@ -361,11 +366,13 @@ def build_parser() -> argparse.ArgumentParser:
     ap = argparse.ArgumentParser(
         prog="otr-megatron slurm",
         description="Write an sbatch script that launches COMMAND on a SLURM cluster.",
-        epilog="example: otr-megatron slurm --nodes 4 --partition batch --account acct "
-        "--container-image nvcr.io/nvidia/nemo:26.02 -o job.sbatch -- otr-megatron bridge --recipe "
-        "megatron.bridge.recipes.llama:llama3_70b_sft_config otr.num_samples=256",
+        epilog="examples: otr-megatron slurm --config configs/llama3_70b_4node.yaml --partition batch --account acct "
+        "--container-image nvcr.io/nvidia/nemo:26.08 -o job.sbatch train.global_batch_size=256   "
+        "(the Bridge command derived from the file);   otr-megatron slurm --nodes 4 -o job.sbatch -- "
+        "otr-megatron bridge --recipe megatron.bridge.recipes.llama:llama3_70b_sft_config otr.num_samples=256",
     )
-    ap.add_argument("--config", help="configs/*.yaml: default nodes, GPUs per node and job name from it")
+    ap.add_argument("--config", help="configs/*.yaml: nodes, GPUs per node, job name and (without a command "
+                    "after --) the Bridge command from it; KEY=VALUE words before -- override it")
     ap.add_argument("--nodes", type=int)
     ap.add_argument("--gpus-per-node", type=int)
     ap.add_argument("--launcher", choices=LAUNCHERS, default="srun")
@@ -391,31 +398,38 @@ def build_parser() -> argparse.ArgumentParser:
     ap.add_argument("--max-requeues", type=int, default=3)
     ap.add_argument("-o", "--output", help="write the script here (default: stdout)")
     ap.add_argument("--submit", action="store_true", help="run sbatch on the written script")
-    ap.add_argument("command", nargs=argparse.REMAINDER, help="-- COMMAND ...")
+    ap.add_argument("command", nargs=argparse.REMAINDER, help="[KEY=VALUE ...] -- COMMAND ...")
     return ap
 
 
 def spec_from_args(ns: argparse.Namespace) -> SlurmSpec:
-    """Turn parsed options (plus an optional config file) into a spec."""
-    nodes, gpus, name = ns.nodes, ns.gpus_per_node, ns.job_name
-    if ns.config:
-        import yaml
+    """Turn parsed options (plus an optional config file and its overrides) into a spec."""
+    from otr_megatron.cli import OverrideError, load_config_dict
+    from otr_megatron.launch.bridge_job import BridgeJobError, bridge_command
 
-        p = Path(ns.config)
-        if not p.is_file():
-            raise SlurmSpecError(f"--config {ns.config!r}: no such file")
-        cfg = yaml.safe_load(p.read_text()) or {}
-        if not isinstance(cfg, dict):
-            raise SlurmSpecError(f"--config {ns.config!r}: expected a YAML mapping, got {type(cfg).__name__}")
+    # [KEY=VALUE ...] [-- COMMAND ...]: with --config the words before `--` (all of them if there is no
+    # `--`) override the file; without it they are the command, as `--` is optional there.
+    words = list(ns.command)
+    if "--" in words:
+        overrides, command = words[: words.index("--")], words[words.index("--") + 1:]
+    else:
+        overrides, command = (words, []) if ns.config else ([], words)
+    nodes, gpus, name = ns.nodes, ns.gpus_per_node, ns.job_name
+    if overrides and not ns.config:
+        raise SlurmSpecError(f"{overrides[0]!r} before `--`: KEY=VALUE overrides need --config")
+    if ns.config:
+        try:
+            cfg = load_config_dict(ns.config, overrides)
+            if not command:
+                command = bridge_command(cfg)
+        except (OverrideError, BridgeJobError) as e:
+            raise SlurmSpecError(f"--config {ns.config}: {e}") from None
         cluster = cfg.get("cluster") or {}
         nodes = nodes if nodes is not None else _config_int(ns.config, "cluster.nodes", cluster.get("nodes"))
         gpus = gpus if gpus is not None else _config_int(ns.config, "cluster.gpus_per_node", cluster.get("gpus_per_node"))
         name = name or cfg.get("name")
         if name is not None and not isinstance(name, str):
             raise SlurmSpecError(f"--config {ns.config}: name={name!r}; expected a job name string")
-    command = list(ns.command)
-    if command and command[0] == "--":
-        command = command[1:]
     env = dict(DEFAULT_ENV)
     if ns.hf_home:
         env["HF_HOME"] = check_text("--hf-home", ns.hf_home, "a directory path")

@@ -1,25 +1,18 @@
-"""`otr-megatron plan --config configs/X.yaml [...]`: print the per-GPU budget table of a layout."""
+"""`otr-megatron plan --config configs/X.yaml [KEY=VALUE ...]`: print the per-GPU budget table of a layout.
+
+Overrides use the grammar of every `otr-megatron` command (`otr_megatron.cli`) and may change only
+keys the file has, e.g. `parallel.tensor_model_parallel_size=4 train.micro_batch_size=2`; the same
+file and overrides given to `otr-megatron slurm --config` run that layout.
+"""
 
 from __future__ import annotations
 
 import argparse
 import json
 import sys
-from pathlib import Path
 
+from otr_megatron.cli import load_config_dict
 from otr_megatron.planning.budget import GIB, Budget, from_config, plan
-
-
-def load_yaml(path: str) -> dict:
-    import yaml
-
-    p = Path(path)
-    if not p.is_file():
-        raise FileNotFoundError(f"--config {path!r}: no such file")
-    data = yaml.safe_load(p.read_text())
-    if not isinstance(data, dict):
-        raise ValueError(f"--config {path!r}: expected a YAML mapping at the top level, got {type(data).__name__}")
-    return data
 
 
 def _gib(x: float) -> str:
@@ -63,16 +56,20 @@ def format_table(b: Budget) -> str:
 
 
 def main(argv: list[str] | None = None) -> int:
-    ap = argparse.ArgumentParser(prog="otr-megatron plan", description=__doc__)
+    ap = argparse.ArgumentParser(prog="otr-megatron plan", description=__doc__.splitlines()[0],
+                                 formatter_class=argparse.RawDescriptionHelpFormatter,
+                                 epilog="example: otr-megatron plan --config configs/llama3_8b.yaml "
+                                        "parallel.tensor_model_parallel_size=4 train.micro_batch_size=2")
     ap.add_argument("--config", required=True, action="append", help="configs/*.yaml (repeatable)")
     ap.add_argument("--json", action="store_true", help="print machine-readable JSON instead of a table")
+    ap.add_argument("overrides", nargs="*", metavar="KEY=VALUE", help="applied to every --config file")
     args = ap.parse_args(argv)
     out = []
     try:
         for path in args.config:
-            dims, layout, loss, name = from_config(load_yaml(path))
+            dims, layout, loss, name = from_config(load_config_dict(path, args.overrides))
             out.append(plan(dims, layout, loss, name=name))
-    except (ValueError, FileNotFoundError, TypeError) as exc:
+    except (ValueError, TypeError) as exc:  # OverrideError is a ValueError
         print(f"otr-megatron plan: {exc}", file=sys.stderr)
         return 2
     if args.json:

@@ -244,7 +244,7 @@ def test_cli_writes_file_and_submits(tmp_path, capsys, monkeypatch):
         (["--master-port", "80", "--", "x"], "--master-port '80'"),
         (["--submit", "--", "x"], "--submit needs -o"),
         (["--env", "NOEQUALS", "--", "x"], "--env 'NOEQUALS'"),
-        (["--config", "/nonexistent.yaml", "--", "x"], "no such file"),
+        (["--config", "/nonexistent.yaml", "--", "x"], "config file '/nonexistent.yaml' not found"),
     ],
 )
 def test_cli_errors_are_clear(argv, needle, capsys):

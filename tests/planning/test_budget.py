@@ -1,5 +1,6 @@
 """Planning calculator against numbers worked out by hand."""
 
+import json
 import pytest
 import yaml
 from pathlib import Path
@@ -107,3 +108,17 @@ def test_cli_table(capsys):
     out = capsys.readouterr().out
     assert "70.55e9 params" in out and "Megatron CE fp32 softmax" in out and "total with OTR" in out
     assert main(["--config", "/nonexistent.yaml"]) == 2
+
+
+def test_cli_overrides_use_the_shared_grammar(capsys):
+    cfg = str(CONFIGS / "llama3_8b.yaml")
+    assert main(["--config", cfg, "--json", "parallel.tensor_model_parallel_size=4", "train.micro_batch_size=2"]) == 0
+    ours = json.loads(capsys.readouterr().out)[0]
+    raw = yaml.safe_load((CONFIGS / "llama3_8b.yaml").read_text())
+    raw["parallel"]["tensor_model_parallel_size"], raw["train"]["micro_batch_size"] = 4, 2
+    ref = plan(*from_config(raw)[:3])
+    assert ours["memory"] == pytest.approx(ref.memory) and ours["comm"] == pytest.approx(ref.comm)
+    for bad, msg in (("parallel.tensor_parallel=4", "unknown config key 'parallel.tensor_parallel'; valid keys here: "),
+                     ("parallel", "expected KEY=VALUE")):
+        assert main(["--config", cfg, bad]) == 2
+        assert msg in capsys.readouterr().err
