@@ -383,7 +383,7 @@ def build_parser() -> argparse.ArgumentParser:
     ap.add_argument("--time", default="04:00:00")
     ap.add_argument("--cpus-per-task", type=int)
     ap.add_argument("--no-exclusive", action="store_true", help="share nodes (no --exclusive / --mem=0)")
-    ap.add_argument("--container-image", help="Pyxis image, e.g. nvcr.io/nvidia/nemo:26.02 or a .sqsh file")
+    ap.add_argument("--container-image", help="Pyxis image, e.g. nvcr.io/nvidia/nemo:26.08 (Bridge) or nemo:26.02 (NeMo 2.0), or a .sqsh file")
     ap.add_argument("--container-mounts", action="append", default=[], help="SRC:DST[:FLAGS], comma list or repeated")
     ap.add_argument("--container-workdir")
     ap.add_argument("--log-dir", default="logs", help="directory for %%x-%%j.out job logs (must exist at submit time)")

@@ -51,7 +51,7 @@ def test_setup_name_matches():
     assert 'name="otr-megatron"' in (REPO / "setup.py").read_text()
 
 
-@pytest.mark.parametrize("name", ["Dockerfile", "Dockerfile.cpu"])
+@pytest.mark.parametrize("name", ["Dockerfile", "Dockerfile.nemo2", "Dockerfile.cpu"])
 def test_common_structure(name):
     ins = instructions(REPO / "docker" / name)
     assert ins[0][0] == "FROM", "FROM must be the first instruction"
@@ -64,9 +64,31 @@ def test_common_structure(name):
     assert not any(re.search(r"/(work|home|root)/", rest) for _, rest in ins), "machine-specific path"
 
 
-def test_ngc_image_installs_without_deps():
-    ins = instructions(REPO / "docker" / "Dockerfile")
-    assert ins[0][1].startswith("nvcr.io/nvidia/nemo:")
+def _pin(requirements: str, package: str) -> str:
+    """The `package==X` version of a CI line's requirements file (scripts/requirements/*.txt)."""
+    for line in (REPO / "scripts" / "requirements" / requirements).read_text().splitlines():
+        if line.split("==")[0].strip().lower() == package:
+            return line.split("==")[1].strip()
+    raise AssertionError(f"{package} is not pinned in {requirements}")
+
+
+# image -> (NGC tag, the package whose version the build checks, the CI requirements file it must match)
+NGC = {
+    "Dockerfile": ("nvcr.io/nvidia/nemo:26.08", "megatron-bridge", "bridge-0.6.2.txt"),  # Bridge path
+    "Dockerfile.nemo2": ("nvcr.io/nvidia/nemo:26.02", "nemo-toolkit", "nemo-2.7.3.txt"),  # NeMo 2.0 path
+}
+
+
+@pytest.mark.parametrize("name", sorted(NGC))
+def test_ngc_images_match_what_ci_tests_and_install_without_deps(name):
+    tag, package, requirements = NGC[name]
+    ins = instructions(REPO / "docker" / name)
+    assert ins[0][1] == tag
+    # the build refuses an image whose framework is not the major.minor line CI runs
+    major_minor = ".".join(_pin(requirements, package).split(".")[:2]) + "."
+    runs = " ".join(rest for op, rest in ins if op == "RUN")
+    assert f"m.version('{package}')" in runs and f"v.startswith('{major_minor}')" in runs
+    assert runs.index(f"m.version('{package}')") < runs.index("pip install")
     pips = pip_installs(ins)
     assert pips, "the package must be pip-installed"
     for cmd in pips:

@@ -60,7 +60,7 @@ def test_render_shapes(tmp_path, launcher, nodes, gpus):
         job_name="otr70b",
         partition="batch",
         account="acct",
-        container_image="nvcr.io/nvidia/nemo:26.02",
+        container_image="nvcr.io/nvidia/nemo:26.08",
         container_mounts=["/lustre/data:/data", "/lustre/ckpt:/ckpt:rw"],
         container_workdir="/workspace",
     )
@@ -85,7 +85,7 @@ def test_render_shapes(tmp_path, launcher, nodes, gpus):
     for key, value in DEFAULT_ENV.items():
         assert f"export {key}={value}" in text
     assert 'scontrol show hostnames "$SLURM_JOB_NODELIST" | head -n1' in text
-    assert "--container-image=nvcr.io/nvidia/nemo:26.02" in text
+    assert "--container-image=nvcr.io/nvidia/nemo:26.08" in text
     assert "--container-mounts=/lustre/data:/data,/lustre/ckpt:/ckpt:rw" in text
     body = task_script(spec)
     if launcher == "torchrun":
