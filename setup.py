@@ -2,6 +2,11 @@
 
 from setuptools import find_packages, setup
 
+MCORE = ["megatron-core>=0.16", "numpy", "psutil"]  # psutil: megatron-core's distributed checkpoint writer
+# OmegaConf: typed configs and dotlist overrides; NeMo 2.7 requires <= 2.3, Bridge 0.6 >= 2.3.
+LAUNCH = ["PyYAML>=6", "omegaconf>=2.3,<2.4"]
+TRAIN = MCORE + LAUNCH + ["tqdm", "datasets>=2.18", "matplotlib"]  # datasets: SFT data; matplotlib: plots
+
 setup(
     name="otr-megatron",
     version="0.1.0",
@@ -12,21 +17,16 @@ setup(
     python_requires=">=3.10",
     packages=find_packages(include=["otr_megatron", "otr_megatron.*"]),
     package_data={"otr_megatron": ["data/assets/*.jsonl"]},
-    install_requires=[
-        "torch>=2.4",
-        "megatron-core>=0.16",
-        "numpy",
-        "PyYAML>=6",
-        "tqdm",
-        "psutil",  # megatron-core's distributed checkpoint writer needs it
-    ],
+    # The loss (`import otr_megatron`, `OTRConfig`, `vocab_parallel_otr_loss`) needs only torch.
+    install_requires=["torch>=2.4"],
     extras_require={
-        # Training job extras: SFT data through Hugging Face `datasets`, plots.
-        "train": ["datasets>=2.18", "matplotlib"],
-        # SLURM through NeMo-Run (optional; plain sbatch rendering needs nothing). nemo-run 0.11
-        # does not import with newer leptonai releases, hence the pin.
-        "nemo-run": ["nemo-run", "leptonai==0.27.3"],
-        "test": ["pytest>=7", "datasets>=2.18", "matplotlib", "scipy"],
+        "mcore": MCORE,  # otr_megatron.mcore: enable_otr / forward_step on a Megatron-Core GPTModel
+        "launch": LAUNCH,  # otr-megatron plan / slurm: config files and KEY=VALUE overrides
+        "train": TRAIN,  # otr-megatron train / compare: the job
+        # SLURM through NeMo-Run (optional; plain sbatch rendering needs only `launch`). nemo-run
+        # 0.11 does not import with newer leptonai releases, hence the pin.
+        "nemo-run": LAUNCH + ["nemo-run", "leptonai==0.27.3"],
+        "test": TRAIN + ["pytest>=7", "scipy"],
     },
     entry_points={"console_scripts": ["otr-megatron=otr_megatron.cli:main"]},
     classifiers=[

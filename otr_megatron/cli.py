@@ -28,6 +28,8 @@ SUBCOMMANDS = {
     "plan": ("otr_megatron.planning.cli", "memory and communication budget per GPU for a configuration"),
     "compare": ("otr_megatron.compare.cli", "A/B harness: the train job over losses, knobs and seeds; mean +- std"),
 }
+# The setup.py extra that holds what a subcommand needs (`bridge` runs in a NeMo Framework container).
+EXTRAS = {"train": "train", "compare": "train", "demo": "mcore", "plan": "launch", "slurm": "launch"}
 
 
 class OverrideError(ValueError):
@@ -161,8 +163,14 @@ def main(argv: list[str] | None = None) -> int:
         print(f"otr-megatron: unknown command {name!r}; expected one of {sorted(SUBCOMMANDS)}\n", file=sys.stderr)
         print(_usage(), file=sys.stderr)
         return 2
-    module = importlib.import_module(SUBCOMMANDS[name][0])
-    return int(module.main(rest) or 0)
+    try:
+        return int(importlib.import_module(SUBCOMMANDS[name][0]).main(rest) or 0)
+    except ModuleNotFoundError as e:  # `pip install otr-megatron` alone installs only the loss (torch)
+        if not e.name or e.name.split(".")[0] == "otr_megatron":
+            raise
+        hint = f"pip install 'otr-megatron[{EXTRAS[name]}]'" if name in EXTRAS else "see the README's containers"
+        print(f"otr-megatron {name}: needs the module {e.name!r}, which is not installed; {hint}", file=sys.stderr)
+        return 2
 
 
 if __name__ == "__main__":
