@@ -73,12 +73,17 @@ def load_yaml(path: str) -> dict:
 def load_config_dict(path: str, overrides: typing.Sequence[str] = ()) -> dict:
     """A config file without a schema (`plan`, `slurm --config`) plus overrides of the keys it has."""
     from omegaconf import OmegaConf
+    from omegaconf.errors import OmegaConfBaseException
 
-    conf = OmegaConf.create(load_yaml(path))
-    OmegaConf.set_struct(conf, True)  # an override may change a key, never add one (a typo fails)
-    for text in overrides:
-        set_key(conf, *parse_override(text))
-    return OmegaConf.to_container(conf, resolve=True)
+    data = load_yaml(path)
+    try:
+        conf = OmegaConf.create(data)
+        OmegaConf.set_struct(conf, True)  # an override may change a key, never add one (a typo fails)
+        for text in overrides:
+            set_key(conf, *parse_override(text))
+        return OmegaConf.to_container(conf, resolve=True)
+    except OmegaConfBaseException as e:  # e.g. an interpolation ${...} that does not resolve
+        raise OverrideError(f"{path}: {str(e).splitlines()[0]}") from None
 
 
 def set_key(conf, key: str, value) -> None:

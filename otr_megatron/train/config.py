@@ -333,7 +333,7 @@ class _Builder:
 
 
 def from_dict(cls, data: dict):
-    """Build `cls` (TrainConfig or one of its sections) from a nested dict; unknown keys raise."""
+    """Build a TrainConfig (`cls`) from a nested dict such as `to_dict` gives; unknown keys raise."""
     if not isinstance(data, dict):
         raise ConfigError(f"expected a mapping of {cls.__name__} keys, got {data!r}")
     b = _Builder(cls)

@@ -122,3 +122,10 @@ def test_cli_overrides_use_the_shared_grammar(capsys):
                      ("parallel", "expected KEY=VALUE")):
         assert main(["--config", cfg, bad]) == 2
         assert msg in capsys.readouterr().err
+
+
+def test_cli_refuses_unresolvable_interpolation(tmp_path, capsys):
+    p = tmp_path / "c.yaml"
+    p.write_text((CONFIGS / "llama3_8b.yaml").read_text().replace("seq_length: 4096", "seq_length: ${nope}"))
+    assert main(["--config", str(p)]) == 2
+    assert "nope" in capsys.readouterr().err
