@@ -60,8 +60,8 @@ if [ ! -f "$stamp" ] || [ setup.py -nt "$stamp" ] || [ scripts/setup_env.sh -nt 
         $pip 'numpy>=2,<2.4' 'packaging>=24.2'
         $pip --no-deps --ignore-requires-python "megatron-core==$MCORE"
         $pip 'triton==3.6.0'  # megatron-core 0.19 imports triton unconditionally; our kernels need it too
-        # setup.py's install_requires + [test,train] extras, minus torch/megatron-core (installed above)
-        $pip PyYAML tqdm psutil 'pytest>=7' 'datasets>=2.18' matplotlib scipy 'numpy>=2,<2.4'
+        # setup.py's [test,train] extras, minus torch/megatron-core (installed above)
+        $pip PyYAML 'omegaconf>=2.3,<2.4' tqdm psutil 'pytest>=7' 'datasets>=2.18' matplotlib scipy 'numpy>=2,<2.4'
         $pip --no-deps -e . ;;
     esac
   fi
