@@ -17,6 +17,9 @@ gloo. Each patch below was found by a real failure; see `shared/reference/megatr
 7. Sequence parallelism with the local spec: the torch-norm wrapper refuses SP -> `SPTorchNorm`
    (used by `otr_megatron.mcore.model`), a plain torch norm whose parameters carry the
    `sequence_parallel` tag that `finalize_model_grads` uses to all-reduce their gradients.
+8. The RNG tracker's warning "CPU RNG state changed within GPU RNG context", logged by every
+   random op (dropout, init) inside `fork()`: with 5. the two generators are one, so it is always
+   true and says nothing                                           -> filtered from that logger.
 
 The patches are process-global and idempotent. They are applied only when CUDA is unavailable
 or when explicitly forced (`force=True`), so the same code runs unchanged on a GPU machine.
@@ -25,6 +28,7 @@ or when explicitly forced (`force=True`), so the same code runs unchanged on a G
 from __future__ import annotations
 
 import contextlib
+import logging
 import os
 import threading
 
@@ -155,6 +159,16 @@ def _patch_megatron_rng() -> None:
 
     mrandom._get_cuda_rng_state = _get
     mrandom._set_cuda_rng_state = _set
+    tracker_log = logging.getLogger(mrandom.__name__)
+    if not any(isinstance(f, _SameGeneratorFilter) for f in tracker_log.filters):
+        tracker_log.addFilter(_SameGeneratorFilter())
+
+
+class _SameGeneratorFilter(logging.Filter):
+    """Drops the tracker's CPU-vs-GPU RNG warning (patch 8)."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        return record.getMessage() != "CPU RNG state changed within GPU RNG context"
 
 
 def _patch_megatron_grad_clip() -> None:

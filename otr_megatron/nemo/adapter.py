@@ -5,8 +5,9 @@ Importing this module imports NeMo (nemo-toolkit <= 2.7 with `nemo.collections.l
 
 `OTRGPTModel` keeps the model's `GPTConfig` (Llama3Config70B, Qwen25Config72B, ...) and
 optimizer, builds the same Megatron-Core GPTModel, and only (1) runs `otr_forward_step` around the
-config's forward step and (2) uses `OTRMaskedTokenLossReduction`, which reduces the per-token OTR
-loss exactly as `MaskedTokenLossReduction` reduces cross entropy and keeps OTR metrics.
+config's forward step, (2) uses `OTRMaskedTokenLossReduction`, which reduces the per-token OTR
+loss exactly as `MaskedTokenLossReduction` reduces cross entropy and keeps the OTR reports, and (3)
+logs those reports each step (`self.log`: "lm loss", "otr loss", "otr hit rate", ...).
 """
 
 from __future__ import annotations
@@ -83,6 +84,17 @@ class OTRGPTModel(GPTModel):
         return self._training_loss_reduction
 
     def otr_metrics(self) -> dict:
-        """Per-token means of the OTR metrics of the last optimizer step (last pipeline stage only)."""
+        """The OTR reports of the last optimizer step, reduced over micro-batches and DP x CP (last
+        pipeline stage only; {} elsewhere)."""
         red = self._training_loss_reduction
         return dict(getattr(red, "last_metrics", {}) or {})
+
+    def on_train_batch_end(self, outputs, batch, batch_idx) -> None:
+        """Log every OTR report of the step to NeMo's loggers under its own name.
+
+        NeMo itself logs `reduced_train_loss`: the loss it backpropagates, i.e. the OTR surrogate
+        (equal to "otr loss"), not the label cross entropy that SFT runs show there; "lm loss" is that
+        cross entropy.
+        """
+        for name, value in self.otr_metrics().items():
+            self.log(name, value, batch_size=1, prog_bar=name in ("lm loss", "otr hit rate"))

@@ -11,7 +11,8 @@ def otr_recipe(recipe, otr=None, *, model_cls=None, vocab_size: Optional[int] = 
 
     recipe: a NeMo-Run `run.Partial` whose `.model` is a `run.Config(<GPTModel subclass>, config=...)`.
     otr: an `OTRConfig` (default OTRConfig()); `otr_overrides` replace single fields
-    (`num_samples=256, temperature=1.3, neg_reward=-0.1`). Returns the same (mutated) recipe.
+    (`num_samples=256, temperature=1.3, neg_reward=-0.1`); an unknown one raises
+    `UnknownOTRKeyError` (a ValueError). Returns the same (mutated) recipe.
     model_cls: the replacement class (default `otr_megatron.nemo.adapter.OTRGPTModel`; tests pass a
     stand-in). After training, export to Hugging Face with the original model class (e.g.
     `llm.LlamaModel`): OTR changes the loss, not the weights' layout.
@@ -22,11 +23,7 @@ def otr_recipe(recipe, otr=None, *, model_cls=None, vocab_size: Optional[int] = 
     from otr_megatron import OTRConfig
 
     base = otr if otr is not None else OTRConfig()
-    try:
-        cfg = dataclasses.replace(base, **otr_overrides)
-    except TypeError as exc:
-        known = [f.name for f in dataclasses.fields(OTRConfig)]
-        raise ValueError(f"otr_recipe: {exc}; known OTR fields: {known}") from exc
+    cfg = OTRConfig.from_dict({**dataclasses.asdict(base), **otr_overrides})  # names an unknown otr.KEY
     model = getattr(recipe, "model", None)
     if not isinstance(model, fdl.Buildable):
         raise TypeError(f"otr_recipe: expected a NeMo 2.0 recipe whose .model is a run.Config(GPTModel, ...), got "
