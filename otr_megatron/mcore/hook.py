@@ -70,7 +70,7 @@ def unwrap_model(model, max_depth: int = 16):
     raise RuntimeError(f"unwrap_model: {start} wraps more than {max_depth} levels without a LanguageModule")
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, eq=False)  # eq would compare tensors
 class OTRBatchContext:
     """What the loss needs besides (labels, logits) for one micro-batch; tensors [b, s] like labels.
 

@@ -44,9 +44,11 @@ def token_keys(sample_ids: torch.Tensor, seq_length: int, positions: Optional[to
     if (sid.dim() == 2 and sid.size(1) != 1 and sid.size(1) != pos.size(1)) or pos.size(0) not in (1, sid.size(0)):
         raise ValueError(f"sample_ids {tuple(sample_ids.shape)} and positions {tuple(positions.shape)}: "
                          "expected [b] or [b, s] ids with [s] or [b, s] positions")
-    # one host sync for all range checks
+    # range checks on CPU tensors only (what data loaders yield): on a GPU they would cost a host
+    # sync per micro-batch
     limit = (2**62) // seq - 1
-    bad = torch.stack([(sid < -1).any(), (sid >= limit).any(), (pos < 0).any(), (pos >= seq).any()]) if sid.numel() else None
+    check = sid.device.type == "cpu" and sid.numel() and pos.numel()
+    bad = torch.stack([(sid < -1).any(), (sid >= limit).any(), (pos < 0).any(), (pos >= seq).any()]) if check else None
     if bad is not None and bool(bad.any()):
         if bad[0] or bad[1]:
             raise ValueError(f"sample_ids: expected ids in [-1, {limit}) (-1 = padding; larger ids x seq_length={seq} "
