@@ -2,6 +2,7 @@
 
     python examples/nemo_tiny_cpu.py [--max-steps 4] [--num-samples 8]
     torchrun --nproc-per-node 2 examples/nemo_tiny_cpu.py --tp 2      # tensor parallel over gloo
+    python examples/nemo_tiny_cpu.py --tp 2                            # the same, Lightning starts rank 1
 
 Needs nemo-toolkit 2.7 with megatron-core 0.15 (`NEMO=2.7.3 bash scripts/setup_env.sh`). It takes
 `otr_megatron.nemo.recipes.tiny_gpt_cpu_recipe` (NeMo's `llm.pretrain` with a 2-layer `llm.GPTModel`

@@ -75,22 +75,25 @@ def enable_nemo_cpu(force: bool = False) -> list:
         return list(_APPLIED)
     if torch.cuda.is_available() and not force:
         return []
-    enable_cpu_backend(force=True)
+    enable_cpu_backend(force=True)  # 1: megatron-core's CUDA-only calls
     names = ["otr_megatron.mcore.enable_cpu_backend"]
 
     from nemo.lightning import megatron_init
 
+    # 2: else the model-parallel RNG tracker is never seeded and weight init fails
     megatron_init._set_random_seed = _seed_with_one_device(megatron_init._set_random_seed)
     names.append("nemo.lightning.megatron_init._set_random_seed(device_count=1)")
 
     from nemo.collections.llm.gpt.data.mock import MockDataModule
 
+    # 3: NeMo 2.7.3 passes create_attention_mask into `seed`; the local attention needs the mask
     MockDataModule.setup = _mock_setup_by_keyword
     names.append("MockDataModule.setup(create_attention_mask=keyword)")
 
     from nemo.lightning.pytorch.plugins import data_sampler
     from nemo.lightning.pytorch.strategies import megatron_strategy
 
+    # 4: only these two modules' logged scalars ask for pinned memory, which CPU-only torch lacks
     proxy = _TorchWithoutPinnedTensors()
     for module in (megatron_strategy, data_sampler):
         module.torch = proxy
