@@ -2,8 +2,9 @@
 
     python examples/slurm_70b.py --account ACCT --partition batch -o otr-70b.sbatch [--submit]
 
-Everything comes from configs/llama3_70b_4node.yaml: node count, the Bridge recipe and its
-overrides, and the OTR settings. The job runs `otr-megatron bridge` under torchrun (one task per
+Everything comes from configs/llama3_70b_4node.yaml: node count, the Bridge recipe, the layout and
+the OTR settings (`otr_megatron.launch.bridge_job` derives the Bridge command from them, the same
+command the planner's layout describes). The job runs `otr-megatron bridge` under torchrun (one task per
 node) in the NeMo container, requeues itself before the time limit, and resumes from checkpoints.
 """
 
@@ -13,19 +14,15 @@ import argparse
 import sys
 from pathlib import Path
 
-import yaml
-
 REPO = Path(__file__).resolve().parents[1]
 
 
 def bridge_command(config_path: Path) -> list[str]:
-    cfg = yaml.safe_load(config_path.read_text())
-    otr = cfg["otr"]
-    cmd = ["otr-megatron", "bridge", "--recipe", cfg["bridge"]["recipe"], "--mode", "sft"]
-    cmd += [f"otr.{k}={otr[k]}" for k in ("num_samples", "temperature", "neg_reward", "estimator", "seed")]
-    cmd += list(cfg["bridge"]["overrides"])
-    cmd += ["checkpoint.save=/ckpt/llama3_70b_otr", "checkpoint.load=/ckpt/llama3_70b_otr"]
-    return cmd
+    from otr_megatron.cli import load_config_dict
+    from otr_megatron.launch.bridge_job import bridge_command as derived
+
+    return derived(load_config_dict(str(config_path))) + [
+        "checkpoint.save=/ckpt/llama3_70b_otr", "checkpoint.load=/ckpt/llama3_70b_otr"]
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -33,7 +30,7 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--config", default=str(REPO / "configs" / "llama3_70b_4node.yaml"))
     ap.add_argument("--account", required=True)
     ap.add_argument("--partition", default="batch")
-    ap.add_argument("--image", default="nvcr.io/nvidia/nemo:26.02")
+    ap.add_argument("--image", default="nvcr.io/nvidia/nemo:26.08")
     ap.add_argument("--data", default="/lustre/data", help="host directory mounted at /data (datasets, HF cache)")
     ap.add_argument("--ckpt", default="/lustre/checkpoints", help="host directory mounted at /ckpt")
     ap.add_argument("-o", "--output", default="otr-llama3-70b.sbatch")

@@ -55,13 +55,13 @@ if [ ! -f "$stamp" ] || [ setup.py -nt "$stamp" ] || [ scripts/setup_env.sh -nt 
     $pip --no-deps -e .
   else
     case "$MCORE" in
-      0.16.*) $pip "megatron-core==$MCORE" -e '.[test,train,nemo-run]' 'triton==3.6.0' 'numpy>=2,<2.4' ;;
+      0.16.*) $pip "megatron-core==$MCORE" -e '.[test,train,nemo-run]' 'omegaconf==2.3.0' 'triton==3.6.0' 'numpy>=2,<2.4' ;;
       *)
         $pip 'numpy>=2,<2.4' 'packaging>=24.2'
         $pip --no-deps --ignore-requires-python "megatron-core==$MCORE"
         $pip 'triton==3.6.0'  # megatron-core 0.19 imports triton unconditionally; our kernels need it too
         # setup.py's [test,train] extras, minus torch/megatron-core (installed above)
-        $pip PyYAML 'omegaconf>=2.3,<2.4' tqdm psutil 'pytest>=7' 'datasets>=2.18' matplotlib scipy 'numpy>=2,<2.4'
+        $pip PyYAML 'omegaconf==2.3.0' tqdm psutil 'pytest>=7' 'datasets>=2.18' matplotlib scipy 'numpy>=2,<2.4'
         $pip --no-deps -e . ;;
     esac
   fi
