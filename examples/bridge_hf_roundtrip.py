@@ -25,6 +25,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import resource
 import subprocess
 import sys
 import tempfile
@@ -56,6 +57,7 @@ def bridge_probe(hf_in: str, save_dir: str, tokens_path: str, out_path: str, exp
     positions = torch.arange(tokens.shape[1])[None].expand_as(tokens)
     bridge = AutoBridge.from_hf_pretrained(hf_in)
     with temporary_distributed_context("gloo"):
+        # Bridge seeds Megatron's RNG tracker here only with CUDA; the attention forward forks it (dropout 0).
         tensor_parallel.model_parallel_cuda_manual_seed(1234)
         tuned = bridge.load_megatron_model(save_dir, wrap_with_ddp=False)[0].eval()
         provider = bridge.to_megatron_provider(load_weights=True)  # Bridge's HF -> Megatron weight mapping
@@ -97,6 +99,12 @@ def compare(work: Path, hf_in: str, hf_out: Path, hf_out2: Path, tokens) -> dict
     }
 
 
+def _child_cpu_s() -> float:
+    """CPU seconds of finished child processes (wall times mean little on a shared machine)."""
+    usage = resource.getrusage(resource.RUSAGE_CHILDREN)
+    return usage.ru_utime + usage.ru_stime
+
+
 def run(work: Path, train_iters: int = 3, timeout: int = 900) -> dict:
     import torch
 
@@ -118,12 +126,14 @@ def run(work: Path, train_iters: int = 3, timeout: int = 900) -> dict:
     print("$", " ".join(cmd), flush=True)
     subprocess.run(cmd, env=env, check=True, timeout=timeout)
     times["finetune_s"] = time.time() - t
+    times["finetune_cpu_s"] = _child_cpu_s()
 
     t = time.time()
     subprocess.run([sys.executable, __file__, "--probe", hf_in, str(save_dir), str(work / "tokens.pt"),
                     str(work / "megatron_logits.pt"), str(work / "hf_export_ckpt")],
                    env=env, check=True, timeout=timeout)
     times["probe_s"] = time.time() - t
+    times["probe_cpu_s"] = _child_cpu_s() - times["finetune_cpu_s"]
 
     t = time.time()
     result = compare(work, hf_in, latest_hf_export(save_dir), work / "hf_export_ckpt", tokens)
