@@ -28,6 +28,7 @@ or when explicitly forced (`force=True`), so the same code runs unchanged on a G
 from __future__ import annotations
 
 import contextlib
+import functools
 import logging
 import os
 import threading
@@ -250,6 +251,25 @@ def enable_cpu_backend(force: bool = False) -> bool:
         _STATE["enabled"] = True
         _patch_megatron()
         return True
+
+
+def with_one_cuda_device(fn):
+    """`fn` run with `torch.cuda.device_count()` reporting 1 (patch 2 reports 0).
+
+    For the `_set_random_seed` copies in Megatron-Bridge and NeMo: they seed the model-parallel RNG
+    tracker only when they count a GPU; unseeded, weight init fails ("model-parallel-rng is not added").
+    """
+
+    @functools.wraps(fn)
+    def wrapper(*args, **kwargs):
+        saved = torch.cuda.device_count
+        torch.cuda.device_count = lambda: 1
+        try:
+            return fn(*args, **kwargs)
+        finally:
+            torch.cuda.device_count = saved
+
+    return wrapper
 
 
 class SPTorchNorm:

@@ -18,25 +18,11 @@ replaces only the named function in the named NeMo module:
 
 from __future__ import annotations
 
-import functools
 import types
 
 import torch
 
 _APPLIED: list = []
-
-
-def _seed_with_one_device(original):
-    @functools.wraps(original)
-    def _set_random_seed(seed_):
-        count = torch.cuda.device_count
-        torch.cuda.device_count = lambda: 1
-        try:
-            return original(seed_)
-        finally:
-            torch.cuda.device_count = count
-
-    return _set_random_seed
 
 
 def _mock_setup_by_keyword(self, stage: str = "") -> None:
@@ -68,7 +54,7 @@ def enable_nemo_cpu(force: bool = False) -> list:
 
     Returns [] on a GPU machine (unless `force`). Idempotent: later calls return the same list.
     """
-    from otr_megatron.mcore.cpu_backend import enable_cpu_backend
+    from otr_megatron.mcore.cpu_backend import enable_cpu_backend, with_one_cuda_device
 
     if _APPLIED:
         enable_cpu_backend()  # re-applies megatron-side patches if megatron was imported since
@@ -81,7 +67,7 @@ def enable_nemo_cpu(force: bool = False) -> list:
     from nemo.lightning import megatron_init
 
     # 2: else the model-parallel RNG tracker is never seeded and weight init fails
-    megatron_init._set_random_seed = _seed_with_one_device(megatron_init._set_random_seed)
+    megatron_init._set_random_seed = with_one_cuda_device(megatron_init._set_random_seed)
     names.append("nemo.lightning.megatron_init._set_random_seed(device_count=1)")
 
     from nemo.collections.llm.gpt.data.mock import MockDataModule

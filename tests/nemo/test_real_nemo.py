@@ -37,6 +37,16 @@ def test_cpu_mode_is_a_no_op_with_a_gpu(monkeypatch):
     assert cpu.enable_nemo_cpu() == []
 
 
+def test_with_one_cuda_device_is_scoped():
+    import torch
+
+    from otr_megatron.mcore.cpu_backend import with_one_cuda_device
+
+    before = torch.cuda.device_count()
+    assert with_one_cuda_device(lambda: torch.cuda.device_count())() == 1
+    assert torch.cuda.device_count() == before
+
+
 @pytest.fixture(scope="module")
 def tp2_run(tmp_path_factory):
     from tests import harness as T
