@@ -1,8 +1,14 @@
 """Turn OTR on in a Megatron-Bridge recipe, in Python (the `otr-megatron bridge` command does the same).
 
-Run inside a NeMo Framework container (26.02+), one process per GPU:
+Run inside a NeMo Framework container whose Bridge matches CI (0.6), one process per GPU:
 
     torchrun --nproc-per-node 8 examples/bridge_recipe_otr.py
+
+The Llama recipe reads its model config from the Hugging Face Hub when built, and `finetune`
+starts from `checkpoint.pretrained_checkpoint` (a Megatron checkpoint, e.g. from
+`AutoBridge.import_ckpt`): add `checkpoint.pretrained_checkpoint=DIR` to OVERRIDES. Without a GPU,
+`otr-megatron bridge --recipe otr_megatron.bridge.recipes:tiny_gpt_cpu_config` runs the same loop on
+the CPU.
 
 The recipe is Bridge's own; OTR changes only the forward step's loss. Overrides use Bridge's
 Hydra-style keys; the OTR settings are the paper's (K=256, kappa=1.3, beta=-0.1).
@@ -28,16 +34,17 @@ def make_job(recipe: str = RECIPE, overrides=OVERRIDES, otr: dict = OTR, api=Non
     from otr_megatron.bridge.cli import BridgeAPI, BridgeArgs, build_config
     from otr_megatron.bridge.step import OTRForwardStep
 
-    api = api or BridgeAPI.default()  # checks the Bridge version, imports finetune/pretrain lazily
+    api = api or BridgeAPI.default()  # checks the Bridge version; CPU mode when there is no CUDA device
     cfg, otr_cfg = build_config(BridgeArgs(recipe=recipe, otr=dict(otr), overrides=list(overrides)), api)
     return cfg, OTRForwardStep(otr_cfg)
 
 
 def main() -> int:
-    from megatron.bridge.training.finetune import finetune
+    from otr_megatron.bridge.cli import BridgeAPI, train
 
-    cfg, step = make_job()
-    finetune(cfg, step)
+    api = BridgeAPI.default()
+    cfg, step = make_job(api=api)
+    train(api, "sft", cfg, step)  # Bridge's finetune, with the console callback for the OTR metrics
     return 0
 
 

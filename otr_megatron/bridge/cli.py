@@ -309,8 +309,8 @@ def build_config(args: BridgeArgs, api: BridgeAPI):
             "tokenizer files, e.g. written by transformers' save_pretrained) with --hf-path DIR: the recipe's "
             "AutoBridge.from_hf_pretrained(...) and its tokenizer then read DIR. Or set HF_HUB_OFFLINE=1 with the "
             "model already in the Hugging Face cache (HF_HOME). The weights to fine-tune come from "
-            "checkpoint.pretrained_checkpoint=MEGATRON_CHECKPOINT_DIR (convert a Hugging Face model with "
-            "megatron.bridge.AutoBridge.import_ckpt)"
+            "checkpoint.pretrained_checkpoint=DIR (the same Hugging Face directory, or a Megatron checkpoint); "
+            "otr_megatron.bridge.hf:llama_sft_cpu_config shows the whole offline route"
         ) from exc
     for attr in ("model", "train"):
         if not hasattr(cfg, attr):

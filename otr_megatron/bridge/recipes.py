@@ -16,34 +16,24 @@ TINY_SEQ = 64
 def tiny_gpt_cpu_config():
     """Bridge's `vanilla_gpt_pretrain_config` at 2 layers, hidden 64, 4 heads, vocab 256, sequence 64.
 
-    Changed from the recipe, each because the CPU (gloo, no Transformer Engine, fp32) needs it:
-    the local (non-TE) layer spec, which a `key=value` override cannot set because it is a callable;
-    every fused kernel off; fp32 params and no mixed precision; no distributed optimizer; gloo;
-    Bridge's mock dataset in the main process. Small batches, no warm-up, logging every iteration,
-    no TensorBoard and no checkpoint saving unless `checkpoint.save=DIR` is given.
+    Changed from the recipe, each because the CPU (gloo, no Transformer Engine, fp32) needs it
+    (`hf.make_cpu_ready`): the local (non-TE) layer spec, which a `key=value` override cannot set
+    because it is a callable; every fused kernel off; fp32 params and no mixed precision; no
+    distributed optimizer; gloo. Also Bridge's mock dataset in the main process, small batches, no
+    warm-up, logging every iteration, no TensorBoard and no checkpoint saving unless
+    `checkpoint.save=DIR` is given.
     """
-    import torch
-    from megatron.bridge.models.gpt_provider import local_layer_spec
     from megatron.bridge.recipes.gpt import vanilla_gpt_pretrain_config
     from megatron.bridge.training.config import MockGPTDatasetConfig
 
-    cfg = vanilla_gpt_pretrain_config()
+    from otr_megatron.bridge.hf import make_cpu_ready
 
+    cfg = vanilla_gpt_pretrain_config()
+    make_cpu_ready(cfg)
     m = cfg.model
     m.num_layers, m.hidden_size, m.ffn_hidden_size, m.num_attention_heads = 2, 64, 256, 4
     m.seq_length = TINY_SEQ
     m.vocab_size = TINY_VOCAB
-    m.transformer_layer_spec = local_layer_spec
-    for fusion in ("gradient_accumulation_fusion", "masked_softmax_fusion", "bias_activation_fusion",
-                   "bias_dropout_fusion", "cross_entropy_loss_fusion", "persist_layer_norm", "apply_rope_fusion"):
-        setattr(m, fusion, False)
-    m.bf16 = m.fp16 = False
-    m.params_dtype = torch.float32
-    cfg.mixed_precision = None
-    cfg.optimizer.bf16 = cfg.optimizer.fp16 = False
-    cfg.optimizer.use_distributed_optimizer = False
-    cfg.ddp.use_distributed_optimizer = False
-    cfg.dist.distributed_backend = "gloo"
 
     cfg.tokenizer.vocab_size = TINY_VOCAB
     cfg.dataset = MockGPTDatasetConfig(seq_length=TINY_SEQ, random_seed=1234, reset_position_ids=False,
