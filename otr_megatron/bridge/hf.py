@@ -134,8 +134,8 @@ def export_hf(hf_source: Union[str, os.PathLike], megatron_checkpoint: Union[str
               out_dir: Union[str, os.PathLike]) -> str:
     """Convert a native Megatron checkpoint (a run directory or one `iter_N`) to a Hugging Face directory.
 
-    hf_source: the Hugging Face model the run started from (architecture, tokenizer). Collective-free:
-    Bridge opens a temporary one-process gloo group, so call it outside a training job.
+    hf_source: the Hugging Face model the run started from (architecture, tokenizer). Bridge opens its
+    own one-process gloo group for this, so call it outside a training job (no process group yet).
     """
     from megatron.bridge import AutoBridge
 
