@@ -161,7 +161,8 @@ def describe(shims: Optional[list[str]] = None) -> str:
 
 
 def enable(force: bool = False) -> Optional[str]:
-    """Apply CPU mode if there is no CUDA device (or `force`); returns the log line, or None on a GPU.
+    """Apply CPU mode if there is no CUDA device (or `force`, or OTR_FORCE_CPU=1); returns the log
+    line, or None on a GPU machine.
 
     Imports Bridge's training API under the import shims (that import loads every module that
     needs one), then removes the wrapper and applies the runtime patches. Idempotent.
@@ -170,6 +171,7 @@ def enable(force: bool = False) -> Optional[str]:
 
     if _STATE["enabled"]:
         return _STATE["line"]
+    force = force or os.environ.get("OTR_FORCE_CPU", "") == "1"  # as enable_cpu_backend
     if torch.cuda.is_available() and not force:
         return None
     from otr_megatron.mcore import enable_cpu_backend

@@ -239,3 +239,35 @@ def test_console_metrics_averages_like_training_log(capsys):
     cb.on_train_step_end(_Ctx(4, {"otr loss": t(-1.0)}, interval=2, skip_log=True))
     cb.on_train_step_start(_Ctx(6, skip_log=True))
     assert capsys.readouterr().out == ""
+
+
+def test_cpu_import_shims_are_scoped_to_the_importing_module():
+    """The stubs reach only the named importer, only inside the block, never sys.modules."""
+    import builtins
+    import importlib.util
+    import sys
+
+    from otr_megatron.bridge import cpu
+
+    if importlib.util.find_spec("transformer_engine") is not None:
+        pytest.skip("Transformer Engine is installed: the shim is (rightly) not applied")
+    real_import = builtins.__import__
+    lora = {"__name__": "megatron.bridge.peft.lora_layers"}
+    other = {"__name__": "megatron.core.extensions.transformer_engine"}
+    with cpu.import_shims() as used:
+        exec("import transformer_engine.pytorch as te", lora)
+        with pytest.raises(ImportError):  # anyone else still sees TE absent (megatron-core's probes)
+            exec("import transformer_engine.pytorch as te", other)
+        if sys.version_info < (3, 12):
+            gpt = {"__name__": "megatron.training.models.gpt"}
+            exec("from typing import override", gpt)
+            assert gpt["override"] is __import__("typing_extensions").override
+    assert builtins.__import__ is real_import
+    assert used == ["lora_layers<-transformer_engine.pytorch.ops.Sequential"] + (
+        ["training.models.gpt<-typing.override"] if sys.version_info < (3, 12) else [])
+    assert not [m for m in sys.modules if m.startswith("transformer_engine")]
+    with pytest.raises(ImportError, match="Transformer Engine is not installed"):
+        lora["te"].ops.Sequential()  # an annotation target only
+    with pytest.raises(ImportError):
+        exec("import transformer_engine.pytorch as te", dict(lora))  # outside the block: the real import
+    assert "override" in cpu.describe(used) and "allow_no_cuda=True" in cpu.describe(used)
