@@ -126,7 +126,7 @@ def test_otr_recipe_swaps_model_keeps_config():
     built = fdl.build(recipe)()
     assert isinstance(built, FakeOTRModel) and built.config.num_layers == 80 and built.vocab_size == 128256
     assert built.otr == OTRConfig(num_samples=64, temperature=1.2)
-    with pytest.raises(ValueError, match="known OTR fields"):
+    with pytest.raises(ValueError, match="unknown OTR setting otr.bogus=1; known: otr.num_samples"):
         otr_recipe(run.Partial(fake_finetune, model=run.Config(FakeLlamaModel)), bogus=1, model_cls=FakeOTRModel)
     with pytest.raises(TypeError, match="run.Config\\(GPTModel"):
         otr_recipe(run.Partial(fake_finetune), model_cls=FakeOTRModel)
