@@ -24,6 +24,7 @@ SUBCOMMANDS = {
     "train": ("otr_megatron.train.main", "OTR fine-tuning with Megatron-Core (embedded default runs on this machine)"),
     "demo": ("otr_megatron.demo", "run the vocab-parallel OTR loss under tensor parallelism and explain it"),
     "bridge": ("otr_megatron.bridge.cli", "run a Megatron-Bridge recipe with OTR turned on"),
+    "nemo": ("otr_megatron.nemo.cli", "run a NeMo 2.x (nemo-toolkit 2.7) recipe with OTR turned on"),
     "slurm": ("otr_megatron.launch.slurm", "write an sbatch script for a train or bridge command"),
     "plan": ("otr_megatron.planning.cli", "memory and communication budget per GPU for a configuration"),
     "compare": ("otr_megatron.compare.cli", "A/B harness: the train job over losses, knobs and seeds; mean +- std"),

@@ -244,6 +244,15 @@ def enable_cpu_backend(force: bool = False) -> bool:
 
         # Module-level wrappers rather than a TorchFunctionMode: a mode is not active inside the
         # autograd engine, where activation recompute re-runs forward code (found by a failure).
+        # torch caches its list of factory functions for `with torch.device(...)` on first use; build
+        # it from the originals first, or `with torch.device("meta")` (transformers' from_pretrained)
+        # no longer recognises the wrapped factories and fills buffers such as RoPE's inv_freq wrongly.
+        try:
+            from torch.utils._device import _device_constructors
+        except ImportError:  # private API: without it nothing is cached and nothing goes wrong
+            _device_constructors = None
+        if _device_constructors is not None:
+            _device_constructors()
         for name in _FACTORIES:
             if hasattr(torch, name):
                 setattr(torch, name, _cpu_device_kwarg(getattr(torch, name)))
