@@ -89,8 +89,10 @@ def test_console_shows_every_otr_metric(runs):
 def test_bridge_loop_equals_mcore_path(runs, layout):
     """Loss, hit rate, mean reward and every gradient of one Bridge iteration equal the project's
     megatron-core path on the same weights and micro-batches."""
-    for r in runs:
+    for rank, r in enumerate(runs):
         o = r[layout]
+        print(f"{layout} rank {rank}: max|grad diff| {o['grad_max_abs_diff']:.3e} of max|grad| {o['grad_max_abs']:.3e}; "
+              + ", ".join(f"{k} {o['bridge'][k]:.9g} vs {o['mcore'][k]:.9g}" for k in sorted(o["mcore"])))
         assert o["weights_unchanged"] and o["microbatches"] == (2 if layout == "oracle_tp2" else 1)
         for name in ("lm loss", "otr loss", "otr hit rate", "otr mean reward"):
             assert o["mcore"][name] == pytest.approx(o["bridge"][name], rel=1e-6, abs=1e-7), name
