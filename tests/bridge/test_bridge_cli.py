@@ -271,3 +271,18 @@ def test_cpu_import_shims_are_scoped_to_the_importing_module():
     with pytest.raises(ImportError):
         exec("import transformer_engine.pytorch as te", dict(lora))  # outside the block: the real import
     assert "override" in cpu.describe(used) and "allow_no_cuda=True" in cpu.describe(used)
+
+
+def test_broken_bridge_install_lists_what_bridge_needs(monkeypatch):
+    import importlib.util
+
+    if importlib.util.find_spec("megatron.bridge") is not None:
+        pytest.skip("Megatron-Bridge is installed here")
+    import torch
+
+    monkeypatch.setattr(cli, "installed_bridge_version", lambda: "0.6.2")  # metadata says installed, import fails
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)  # a GPU machine: CPU mode stays off
+    with pytest.raises(BridgeCLIError) as exc:
+        BridgeAPI.default()
+    msg = str(exc.value)
+    assert "megatron-core >= 0.19" in msg and "nvidia-modelopt" in msg and "Transformer Engine and a GPU are optional" in msg
