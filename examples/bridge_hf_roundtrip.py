@@ -51,7 +51,8 @@ def bridge_probe(hf_in: str, save_dir: str, tokens_path: str, out_path: str, exp
     from megatron.bridge.training.model_load_save import temporary_distributed_context
     from megatron.core import tensor_parallel
 
-    from otr_megatron.bridge.hf import export_hf, make_model_cpu_ready
+    from otr_megatron.bridge.hf import export_hf
+    from otr_megatron.bridge.recipes import make_model_cpu_ready
 
     tokens = torch.load(tokens_path)
     positions = torch.arange(tokens.shape[1])[None].expand_as(tokens)

@@ -153,7 +153,7 @@ def check_bridge_version(version: Optional[str]) -> tuple[int, ...]:
     if version is None:
         raise BridgeCLIError(
             "Megatron-Bridge is not installed (pip package megatron-bridge, import megatron.bridge); use a NeMo "
-            "Framework container 26.02 or later, or `pip install megatron-bridge`"
+            "Framework container 26.08 (Bridge 0.6; 26.04 or later has Bridge), or `MCORE=0.19.2 BRIDGE=0.6.2 bash scripts/setup_env.sh`"
         )
     v = _version_tuple(version)
     if not v or v < MIN_BRIDGE:
@@ -249,7 +249,7 @@ def _is_hub_error(exc: BaseException) -> bool:
 
 
 @contextlib.contextmanager
-def _local_hf_models(hf_path: Optional[str]):
+def local_hf_models(hf_path: Optional[str]):
     """While the recipe is built, `AutoBridge.from_hf_pretrained(ID)` reads `hf_path` instead of the
     Hub model ID; yields the IDs asked for (so `_replace_strings` can point the tokenizer there too)."""
     requested: list[str] = []
@@ -296,7 +296,7 @@ def build_config(args: BridgeArgs, api: BridgeAPI):
 
     recipe = load_recipe(args.recipe)
     try:
-        with _local_hf_models(args.hf_path) as requested:
+        with local_hf_models(args.hf_path) as requested:
             cfg = recipe()
     except TypeError as exc:
         raise BridgeCLIError(f"--recipe {args.recipe!r}: calling it with no arguments failed ({exc})") from exc

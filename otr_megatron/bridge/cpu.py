@@ -126,31 +126,18 @@ def import_shims():
         builtins.__import__ = real_import
 
 
-def _seed_with_one_device(set_random_seed):
-    import torch
-
-    @functools.wraps(set_random_seed)
-    def wrapper(*args, **kwargs):
-        saved = torch.cuda.device_count
-        torch.cuda.device_count = lambda: 1
-        try:
-            return set_random_seed(*args, **kwargs)
-        finally:
-            torch.cuda.device_count = saved
-
-    return wrapper
-
-
 def _apply_runtime_patches() -> None:
     import megatron.bridge.training.initialize as binit
     import megatron.bridge.training.setup as bsetup
+
+    from otr_megatron.mcore.cpu_backend import with_one_cuda_device
 
     # allow_no_cuda: Bridge's initialize_megatron asserts torch.cuda.is_available() otherwise.
     bsetup.initialize_megatron = functools.partial(bsetup.initialize_megatron, allow_no_cuda=True)
     # The wheel has the prebuilt helpers_cpp but no Makefile: `make` fails -> sys.exit(1).
     binit.compile_helpers = lambda *args, **kwargs: None
     # With device_count() == 0 the model-parallel RNG tracker is never seeded ("model-parallel-rng is not added").
-    binit._set_random_seed = _seed_with_one_device(binit._set_random_seed)
+    binit._set_random_seed = with_one_cuda_device(binit._set_random_seed)
 
 
 def describe(shims: Optional[list[str]] = None) -> str:

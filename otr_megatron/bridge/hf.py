@@ -24,10 +24,6 @@ from pathlib import Path
 from typing import Optional, Union
 
 BASE_RECIPE = "llama32_1b_sft_config"  # in megatron.bridge.recipes.llama; its settings, DIR's architecture
-CPU_FUSIONS_OFF = ("gradient_accumulation_fusion", "masked_softmax_fusion", "bias_activation_fusion",
-                   "bias_dropout_fusion", "cross_entropy_loss_fusion", "persist_layer_norm", "apply_rope_fusion")
-
-
 def make_tiny_llama(path: Union[str, os.PathLike], *, seed: int = 0, vocab_size: int = 256, hidden_size: int = 64,
                     num_layers: int = 2, num_heads: int = 4, num_kv_heads: int = 2, ffn_hidden_size: int = 128,
                     max_positions: int = 128) -> str:
@@ -61,31 +57,6 @@ def make_tiny_llama(path: Union[str, os.PathLike], *, seed: int = 0, vocab_size:
     return str(path)
 
 
-def make_cpu_ready(cfg) -> None:
-    """What a Bridge recipe needs to run on a CPU (gloo, no Transformer Engine, fp32), in place."""
-    make_model_cpu_ready(cfg.model)
-    cfg.mixed_precision = None
-    cfg.optimizer.bf16 = cfg.optimizer.fp16 = False
-    cfg.optimizer.use_distributed_optimizer = False
-    cfg.ddp.use_distributed_optimizer = False
-    cfg.dist.distributed_backend = "gloo"
-
-
-def make_model_cpu_ready(provider) -> None:
-    """The model provider's part: local layer spec (a callable, so a `key=value` override cannot set
-    it), every fused kernel off, fp32."""
-    import torch
-    from megatron.bridge.models.gpt_provider import local_layer_spec
-
-    provider.transformer_impl = "local"
-    provider.transformer_layer_spec = local_layer_spec
-    for fusion in CPU_FUSIONS_OFF:
-        setattr(provider, fusion, False)
-    provider.bf16 = provider.fp16 = False
-    provider.params_dtype = torch.float32
-    provider.pipeline_dtype = None
-
-
 def llama_sft_cpu_config(hf_path: Optional[str] = None, *, seq_length: int = 64, train_iters: int = 4):
     """Bridge's Llama 3.2 SFT recipe on the local Hugging Face model `hf_path`, made CPU-ready.
 
@@ -102,14 +73,16 @@ def llama_sft_cpu_config(hf_path: Optional[str] = None, *, seq_length: int = 64,
     if hf_path is None:
         cfg = getattr(llama, BASE_RECIPE)()
     else:
-        from otr_megatron.bridge.cli import _local_hf_models
+        from otr_megatron.bridge.cli import local_hf_models
 
-        with _local_hf_models(str(hf_path)):
+        with local_hf_models(str(hf_path)):
             cfg = getattr(llama, BASE_RECIPE)()
     source = getattr(cfg.model, "hf_model_id", None)
     if not source or not os.path.isdir(source):
         raise ValueError(f"llama_sft_cpu_config: the recipe's model came from {source!r}, not a local directory; "
                          "pass hf_path=DIR (or `otr-megatron bridge --hf-path DIR`)")
+    from otr_megatron.bridge.recipes import make_cpu_ready
+
     make_cpu_ready(cfg)
     cfg.model.seq_length = seq_length
     cfg.tokenizer.tokenizer_model = source

@@ -11,13 +11,40 @@ from __future__ import annotations
 
 TINY_VOCAB = 256
 TINY_SEQ = 64
+CPU_FUSIONS_OFF = ("gradient_accumulation_fusion", "masked_softmax_fusion", "bias_activation_fusion",
+                   "bias_dropout_fusion", "cross_entropy_loss_fusion", "persist_layer_norm", "apply_rope_fusion")
+
+
+def make_cpu_ready(cfg) -> None:
+    """What a Bridge recipe needs to run on a CPU (gloo, no Transformer Engine, fp32), in place."""
+    make_model_cpu_ready(cfg.model)
+    cfg.mixed_precision = None
+    cfg.optimizer.bf16 = cfg.optimizer.fp16 = False
+    cfg.optimizer.use_distributed_optimizer = False
+    cfg.ddp.use_distributed_optimizer = False
+    cfg.dist.distributed_backend = "gloo"
+
+
+def make_model_cpu_ready(provider) -> None:
+    """The model provider's part: local layer spec (a callable, so a `key=value` override cannot set
+    it), every fused kernel off, fp32."""
+    import torch
+    from megatron.bridge.models.gpt_provider import local_layer_spec
+
+    provider.transformer_impl = "local"
+    provider.transformer_layer_spec = local_layer_spec
+    for fusion in CPU_FUSIONS_OFF:
+        setattr(provider, fusion, False)
+    provider.bf16 = provider.fp16 = False
+    provider.params_dtype = torch.float32
+    provider.pipeline_dtype = None
 
 
 def tiny_gpt_cpu_config():
     """Bridge's `vanilla_gpt_pretrain_config` at 2 layers, hidden 64, 4 heads, vocab 256, sequence 64.
 
     Changed from the recipe, each because the CPU (gloo, no Transformer Engine, fp32) needs it
-    (`hf.make_cpu_ready`): the local (non-TE) layer spec, which a `key=value` override cannot set
+    (`make_cpu_ready`): the local (non-TE) layer spec, which a `key=value` override cannot set
     because it is a callable; every fused kernel off; fp32 params and no mixed precision; no
     distributed optimizer; gloo. Also Bridge's mock dataset in the main process, small batches, no
     warm-up, logging every iteration, no TensorBoard and no checkpoint saving unless
@@ -25,8 +52,6 @@ def tiny_gpt_cpu_config():
     """
     from megatron.bridge.recipes.gpt import vanilla_gpt_pretrain_config
     from megatron.bridge.training.config import MockGPTDatasetConfig
-
-    from otr_megatron.bridge.hf import make_cpu_ready
 
     cfg = vanilla_gpt_pretrain_config()
     make_cpu_ready(cfg)

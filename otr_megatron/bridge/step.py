@@ -48,8 +48,9 @@ def _bridge_gpt_forward_step():
     except ImportError as exc:
         raise ImportError(
             "the OTR Bridge step wraps megatron.bridge.training.gpt_step.forward_step, which could not be "
-            f"imported ({exc}); run inside a NeMo Framework container (26.02 or later) or install "
-            "megatron-bridge with Transformer Engine"
+            f"imported ({exc}); run inside a NeMo Framework container with Bridge 0.6 (26.08) or, on any "
+            "machine, `MCORE=0.19.2 BRIDGE=0.6.2 bash scripts/setup_env.sh` (then `otr-megatron bridge` applies "
+            "its CPU mode without a GPU)"
         ) from exc
     return forward_step
 

@@ -1,9 +1,9 @@
 """OTRForwardStep against Bridge's forward-step contract, on CPU.
 
-Megatron-Bridge itself cannot be imported here (it needs Transformer Engine): the wrapped step is a
-stand-in with the behaviour of `gpt_step.forward_step` (next(batch) -> model(..., labels) ->
-masked-sum loss function). The model, the OTR hook and the loss are real (megatron-core on gloo,
-TP=2). What this does not cover: Bridge's real get_batch/CP slicing and its train loop.
+A fast check on every megatron-core line: the wrapped step is a stand-in with the behaviour of
+`gpt_step.forward_step` (next(batch) -> model(..., labels) -> masked-sum loss function); the model,
+the OTR hook and the loss are real (megatron-core on gloo, TP=2). The real Bridge loop, its
+get_batch and the equality oracle against the megatron-core path are in test_real_bridge.py.
 """
 
 import inspect
