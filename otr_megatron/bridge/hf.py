@@ -68,7 +68,6 @@ def llama_sft_cpu_config(hf_path: Optional[str] = None, *, seq_length: int = 64,
     evaluation, no TensorBoard. Everything else (optimizer, Adam betas, seed) is the recipe's.
     """
     from megatron.bridge.recipes import llama
-    from megatron.bridge.training.config import MockGPTDatasetConfig
 
     if hf_path is None:
         cfg = getattr(llama, BASE_RECIPE)()
@@ -81,25 +80,14 @@ def llama_sft_cpu_config(hf_path: Optional[str] = None, *, seq_length: int = 64,
     if not source or not os.path.isdir(source):
         raise ValueError(f"llama_sft_cpu_config: the recipe's model came from {source!r}, not a local directory; "
                          "pass hf_path=DIR (or `otr-megatron bridge --hf-path DIR`)")
-    from otr_megatron.bridge.recipes import make_cpu_ready
+    from otr_megatron.bridge.recipes import make_cpu_ready, short_mock_run
 
     make_cpu_ready(cfg)
-    cfg.model.seq_length = seq_length
+    short_mock_run(cfg, seq_length=seq_length, train_iters=train_iters, global_batch_size=2, micro_batch_size=1)
     cfg.tokenizer.tokenizer_model = source
-    cfg.dataset = MockGPTDatasetConfig(seq_length=seq_length, random_seed=1234, reset_position_ids=False,
-                                       reset_attention_mask=False, eod_mask_loss=False, num_workers=0,
-                                       dataloader_type="single")
     cfg.checkpoint.pretrained_checkpoint = source
     cfg.checkpoint.also_save_hf_checkpoint = True
     cfg.checkpoint.save_interval = train_iters
-    cfg.train.train_iters = train_iters
-    cfg.train.global_batch_size = 2
-    cfg.train.micro_batch_size = 1
-    cfg.scheduler.lr_warmup_iters = 0
-    cfg.scheduler.lr_decay_iters = None
-    cfg.validation.eval_interval = None
-    cfg.validation.eval_iters = 0
-    cfg.logger.tensorboard_dir = None
     return cfg
 
 

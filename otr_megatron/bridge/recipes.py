@@ -40,6 +40,25 @@ def make_model_cpu_ready(provider) -> None:
     provider.pipeline_dtype = None
 
 
+def short_mock_run(cfg, *, seq_length: int, train_iters: int, global_batch_size: int, micro_batch_size: int) -> None:
+    """A short run on Bridge's mock dataset, in place: data in the main process, no warm-up or decay
+    horizon beyond the run, no evaluation, no TensorBoard (the CPU recipes' common part)."""
+    from megatron.bridge.training.config import MockGPTDatasetConfig
+
+    cfg.model.seq_length = seq_length
+    cfg.dataset = MockGPTDatasetConfig(seq_length=seq_length, random_seed=1234, reset_position_ids=False,
+                                       reset_attention_mask=False, eod_mask_loss=False, num_workers=0,
+                                       dataloader_type="single")
+    cfg.train.train_iters = train_iters
+    cfg.train.global_batch_size = global_batch_size
+    cfg.train.micro_batch_size = micro_batch_size
+    cfg.scheduler.lr_warmup_iters = 0
+    cfg.scheduler.lr_decay_iters = None
+    cfg.validation.eval_interval = None
+    cfg.validation.eval_iters = 0
+    cfg.logger.tensorboard_dir = None
+
+
 def tiny_gpt_cpu_config():
     """Bridge's `vanilla_gpt_pretrain_config` at 2 layers, hidden 64, 4 heads, vocab 256, sequence 64.
 
@@ -51,29 +70,15 @@ def tiny_gpt_cpu_config():
     `checkpoint.save=DIR` is given.
     """
     from megatron.bridge.recipes.gpt import vanilla_gpt_pretrain_config
-    from megatron.bridge.training.config import MockGPTDatasetConfig
 
     cfg = vanilla_gpt_pretrain_config()
     make_cpu_ready(cfg)
     m = cfg.model
     m.num_layers, m.hidden_size, m.ffn_hidden_size, m.num_attention_heads = 2, 64, 256, 4
-    m.seq_length = TINY_SEQ
     m.vocab_size = TINY_VOCAB
-
     cfg.tokenizer.vocab_size = TINY_VOCAB
-    cfg.dataset = MockGPTDatasetConfig(seq_length=TINY_SEQ, random_seed=1234, reset_position_ids=False,
-                                       reset_attention_mask=False, eod_mask_loss=False, num_workers=0,
-                                       dataloader_type="single")
-
-    cfg.train.train_iters = 10
-    cfg.train.global_batch_size = 4
-    cfg.train.micro_batch_size = 2
-    cfg.scheduler.lr_warmup_iters = 0
-    cfg.scheduler.lr_decay_iters = None
-    cfg.validation.eval_interval = None
-    cfg.validation.eval_iters = 0
+    short_mock_run(cfg, seq_length=TINY_SEQ, train_iters=10, global_batch_size=4, micro_batch_size=2)
     cfg.logger.log_interval = 1
-    cfg.logger.tensorboard_dir = None
     cfg.checkpoint.save = None
     cfg.checkpoint.save_interval = None
     return cfg

@@ -6,7 +6,7 @@
 
 On a machine without a GPU, `otr_megatron.nemo.cpu.enable_nemo_cpu()` lets the real loop run over
 gloo, and `otr_megatron.nemo.recipes.tiny_gpt_cpu_recipe()` is a recipe small enough for a laptop
-(`examples/nemo_tiny_cpu.py` runs both). OTRGPTModel logs every OTR report each step ("lm loss" =
+(`otr-megatron nemo` runs both). OTRGPTModel logs every OTR report each step ("lm loss" =
 label cross entropy, "otr loss" = the backpropagated surrogate, "otr hit rate", "otr mean reward").
 
 With nemo-toolkit 3.x (speech-only) `load_adapter()` raises `NeMoVersionError` pointing to the
