@@ -2,7 +2,7 @@
 
 from setuptools import find_packages, setup
 
-MCORE = ["megatron-core>=0.16", "numpy", "psutil"]  # psutil: megatron-core's distributed checkpoint writer
+MCORE = ["megatron-core>=0.15", "numpy", "psutil"]  # psutil: megatron-core's distributed checkpoint writer
 # OmegaConf: typed configs and dotlist overrides; NeMo 2.7 requires <= 2.3, Bridge 0.6 >= 2.3.
 LAUNCH = ["PyYAML>=6", "omegaconf>=2.3,<2.4"]
 TRAIN = MCORE + LAUNCH + ["tqdm", "datasets>=2.18", "matplotlib"]  # datasets: SFT data; matplotlib: plots

@@ -65,9 +65,10 @@ def main(argv=None):
         data = iter([copy_task_batch(step, batch, seq, vocab)])
         out = forward_backward(forward_step_func=mcore.forward_step, data_iterator=data, model=[model],
                                num_microbatches=1, seq_length=seq, micro_batch_size=batch, forward_only=False)
-        # calculate_per_token_loss=True: the schedule leaves sums; divide by the token count ourselves
-        # (Megatron's finalize_model_grads does this across DP x CP ranks in a full training setup)
-        n = out[0]["lm loss"][1]
+        # calculate_per_token_loss=True: the schedule leaves sums; divide by the loss's own count ourselves
+        # (Megatron's finalize_model_grads does this across DP x CP ranks in a full training setup).
+        # With OTR on, "otr loss" is what was backpropagated; with cross entropy, "lm loss" is.
+        n = out[0]["otr loss" if "otr loss" in out[0] else "lm loss"][1]
         for prm in model.parameters():
             if prm.grad is not None:
                 prm.grad /= n

@@ -32,7 +32,7 @@ from dataclasses import dataclass, field
 from typing import Any, Callable, Optional
 
 MIN_BRIDGE = (0, 3, 0)  # NeMo Framework 26.02; older releases lack the recipe/override API used here
-TESTED_BRIDGE = (0, 7)  # newest minor line read when writing this adapter
+TESTED_BRIDGE = (0, 7)  # newest minor line whose API was read; CI runs 0.6.2 (scripts/requirements)
 
 OTR_PREFIX = "otr."
 
@@ -58,13 +58,14 @@ class BridgeArgs:
 # ------------------------------------------------------------------------------------------------
 
 def _parse_value(key: str, text: str) -> Any:
-    """YAML scalar semantics for `otr.key=value` (256 -> int, 1.3 -> float, null -> None)."""
-    import yaml
+    """The value of `otr.key=value`, read as every other command reads KEY=VALUE (OmegaConf's dotlist:
+    256 -> int, 1.3 and 1e-3 -> float, null -> None)."""
+    from otr_megatron.cli import OverrideError, parse_override
 
     try:
-        return yaml.safe_load(text) if text != "" else ""
-    except yaml.YAMLError as exc:
-        raise BridgeCLIError(f"{OTR_PREFIX}{key}={text!r}: not a valid value ({exc})") from exc
+        return parse_override(f"{key}={text}")[1]
+    except OverrideError as exc:
+        raise BridgeCLIError(f"{OTR_PREFIX}{exc}") from None
 
 
 def split_overrides(tokens: list[str]) -> tuple[dict, list[str]]:
@@ -120,12 +121,19 @@ def parse_args(argv: list[str]) -> BridgeArgs:
 
 
 def split_yaml(path: str) -> tuple[dict, Optional[dict]]:
-    """Read the YAML file; return (its `otr:` section, the remaining Bridge part or None)."""
-    import yaml
+    """Read the YAML file; return (its `otr:` section, the remaining Bridge part or None).
+
+    Read with OmegaConf's YAML loader, as Bridge reads the rest (so `1e-3` is a number, not a string)."""
+    from omegaconf import OmegaConf
+    from omegaconf.errors import OmegaConfBaseException
+    from yaml import YAMLError
 
     if not os.path.isfile(path):
         raise BridgeCLIError(f"--config {path!r}: no such file")
-    data = yaml.safe_load(open(path, encoding="utf-8")) or {}
+    try:
+        data = OmegaConf.to_container(OmegaConf.load(path)) or {}
+    except (YAMLError, OmegaConfBaseException) as exc:
+        raise BridgeCLIError(f"--config {path!r}: not valid YAML ({str(exc).splitlines()[0]})") from None
     if not isinstance(data, dict):
         raise BridgeCLIError(f"--config {path!r}: expected a mapping at the top level")
     otr = data.pop("otr", None) or {}

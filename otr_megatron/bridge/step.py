@@ -159,7 +159,9 @@ def _otr_loss(bridge_loss_fn, loss_mask, stats, num_samples, sequence, output_te
             f"{type(result).__name__} of length {len(result) if isinstance(result, tuple) else '?'}"
         )
     loss_sum, num_tokens, report = result
-    weights, starts = sequence
+    weights, starts = (t.to(output_tensor.device) if t is not None else None for t in sequence)
+    if loss_mask is not None:  # prepared before Bridge's get_batch moved the batch to the GPU
+        loss_mask = loss_mask.to(output_tensor.device)
     if loss_mask is None or tuple(loss_mask.shape) != tuple(output_tensor.shape):
         if weights is not None:
             raise ValueError(

@@ -1,4 +1,4 @@
-"""Run megatron-core (0.16 ... 0.19+) on a CPU-only machine with the gloo backend.
+"""Run megatron-core (0.15 ... 0.19+) on a CPU-only machine with the gloo backend.
 
 Megatron-Core assumes CUDA in a handful of places that have nothing to do with the math (device
 placement of scratch buffers, stream bookkeeping, RNG state trackers). `enable_cpu_backend()`

@@ -5,7 +5,7 @@ Decision: per-instance binding of `compute_language_model_loss` (the primary hoo
 `enable_otr(model, cfg)` binds an OTR `compute_language_model_loss` on the model *instance*
 (after unwrapping DDP / Float16Module / torch DDP). Why this and not the alternatives:
 
-* It exists with the same signature on every megatron-core line we support (0.16 ... 0.19+), and
+* It exists with the same signature on every megatron-core line we support (0.15 ... 0.19+), and
   `GPTModel._postprocess` (and 0.19's `process_mtp_loss`) look it up on the instance, so the model
   class, its forward signature, checkpoints and `state_dict` keys are untouched: any stock
   `forward_step` (Megatron-LM, Megatron-Bridge, ours) keeps working and keeps the standard
@@ -100,6 +100,14 @@ class OTRBatchContext:
             t = getattr(self, name)
             if t is not None and tuple(t.shape) != tuple(keys.shape):
                 raise ValueError(f"{name} {tuple(t.shape)} must have the token_keys shape {tuple(keys.shape)}")
+
+    def to(self, device) -> "OTRBatchContext":
+        """The same context on `device` (a Bridge batch is prepared before `get_batch` moves it to the GPU)."""
+        def move(t):
+            return t.to(device, non_blocking=True) if t is not None else None
+
+        return OTRBatchContext(self.step, move(self.token_keys), move(self.loss_mask), move(self.loss_weights),
+                               move(self.sequence_starts))
 
 
 def _default_loss_fn():
@@ -218,6 +226,8 @@ class OTRLossHook:
         if tuple(ctx.token_keys.shape) != tuple(labels.shape):
             raise ValueError(f"token_keys {tuple(ctx.token_keys.shape)} does not match labels "
                              f"{tuple(labels.shape)}: the batch context belongs to another micro-batch")
+        if ctx.token_keys.device != labels.device:
+            ctx = ctx.to(labels.device)
         eff = labels
         if self.mask_labels and ctx.loss_mask is not None and mtp_depth is None:
             if tuple(ctx.loss_mask.shape) != tuple(labels.shape):

@@ -24,7 +24,6 @@ class Report:
     stat: Optional[str]  # the core loss's per-token stat it averages; None: the loss that is backpropagated
     sign: float = 1.0  # applied to the stat
     per_sample: bool = False  # the stat counts over the K samples: divided by K
-    per_loss_count: bool = False  # count = the loss's own count (sequences under normalization="sequence")
     can_be_negative: bool = False
     meaning: str = ""
 
@@ -32,7 +31,7 @@ class Report:
 OTR_REPORTS: tuple[Report, ...] = (
     Report("lm loss", "label_logprob", sign=-1.0,
            meaning="label cross entropy -log p(label), mean over supervised tokens (as in SFT)"),
-    Report("otr loss", None, per_loss_count=True, can_be_negative=True,
+    Report("otr loss", None, can_be_negative=True,
            meaning="the loss that is backpropagated (the OTR surrogate; per sequence under "
                    "normalization='sequence'); not a log-likelihood, slightly negative with beta < 0"),
     Report("otr hit rate", "hits", per_sample=True,

@@ -176,6 +176,9 @@ def prepare_batch(batch: dict, model, *, step: Optional[int] = None, cp_slice: b
         if k not in batch:
             raise KeyError(f"batch: missing {k!r}; expected tokens, labels, loss_mask [b, s] "
                            f"(optional position_ids, attention_mask, sample_ids), got {sorted(batch)}")
+    if "token_keys" in batch:  # one formula (keys.token_keys): keys given by the caller would be replaced
+        raise ValueError("batch: 'token_keys' is built here from 'sample_ids' (mcore.keys.token_keys); pass "
+                         "sample_ids [b] or [b, s] instead of keys")
     hook = get_otr_hook(model)
     b, s = batch["labels"].shape
     out = dict(batch)

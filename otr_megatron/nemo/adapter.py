@@ -14,6 +14,8 @@ from __future__ import annotations
 
 from typing import Optional
 
+import torch
+
 from otr_megatron.nemo.compat import check_nemo_version
 
 check_nemo_version()
@@ -39,16 +41,28 @@ class OTRMaskedTokenLossReduction(MaskedTokenLossReduction):
         self.normalization = normalization
 
     def forward(self, batch, forward_out):
-        loss_batch = batch
         if self.normalization == "sequence":
-            from megatron.core import parallel_state as ps
+            return self._forward_per_sequence(batch, forward_out)
+        *head, reduced = super().forward(batch, forward_out)
+        out = forward_out[0] if isinstance(forward_out, tuple) else forward_out
+        return (*head, {**reduced, **otr_report(batch, out)})
 
-            cp = ps.get_context_parallel_world_size()
-            loss_batch = sequence_normalized_batch(batch, cp_group=ps.get_context_parallel_group() if cp > 1 else None)
-        *head, reduced = super().forward(loss_batch, forward_out)
-        reduced = dict(reduced)
-        reduced.update(otr_report(batch, forward_out if not isinstance(forward_out, tuple) else forward_out[0]))
-        return (*head, reduced)
+    def _forward_per_sequence(self, batch, forward_out):
+        """NeMo's contract `(loss_sum, count, {"loss_sum_and_ub_size": [sum, count]})` with the sum of
+        the sequences' own means and the number of sequences as the count (exact integers: NeMo casts
+        its count to int, which would truncate a sum of 1/length weights). Each CP rank holds a slice
+        of every row, so the count is contributed by CP rank 0 only."""
+        from megatron.core import parallel_state as ps
+
+        if isinstance(forward_out, tuple):
+            raise NotImplementedError("otr normalization='sequence' with (logits, loss_mask) model outputs")
+        cp = ps.get_context_parallel_world_size()
+        weighted = sequence_normalized_batch(batch, cp_group=ps.get_context_parallel_group() if cp > 1 else None)
+        loss_sum = (forward_out.float() * weighted["loss_mask"].to(forward_out.device)).sum()
+        first_cp_rank = cp == 1 or ps.get_context_parallel_rank() == 0
+        count = weighted["num_valid_tokens_in_ub"].to(loss_sum.device, torch.int) * int(first_cp_rank)
+        pair = torch.stack([loss_sum.detach(), count.to(loss_sum.dtype)])
+        return loss_sum, count, {"loss_sum_and_ub_size": pair, **otr_report(batch, forward_out), "otr loss": pair}
 
     def reduce(self, losses_reduced_per_micro_batch):
         if losses_reduced_per_micro_batch:

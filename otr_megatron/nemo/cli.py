@@ -91,7 +91,10 @@ def build_recipe(spec: str, kwargs: dict, attrs: dict, otr: dict):
     set_devices = local is not None and "devices" not in kwargs and "trainer.devices" not in attrs
     if set_devices and "devices" in params:
         kwargs["devices"] = int(local)
-    recipe = fn(**kwargs)
+    try:
+        recipe = fn(**kwargs)
+    except (TypeError, ValueError) as exc:  # the recipe's own argument checks
+        raise NeMoCLIError(f"--recipe {spec} with {kwargs}: {exc}") from None
     if not hasattr(recipe, "model"):
         raise NeMoCLIError(f"--recipe {spec!r} returned {type(recipe).__name__}, not a NeMo-Run recipe with a .model")
     for key, value in attrs.items():

@@ -88,16 +88,12 @@ def otr_report(batch: dict, forward_out: torch.Tensor) -> dict:
 
 
 def sequence_normalized_batch(batch: dict, *, cp_group=None) -> dict:
-    """The batch NeMo's MaskedTokenLossReduction should see for normalization="sequence".
+    """1/length token weights for normalization="sequence" (`OTRMaskedTokenLossReduction`).
 
-    NeMo reduces each micro-batch to sum(loss * loss_mask) / sum(loss_mask) (with CP: divided by
-    `num_valid_tokens_in_ub` and all-reduced over the CP group), then averages micro-batches. Giving
-    it the loss mask weighted 1/length per row, and the number of rows with supervised tokens as
-    `num_valid_tokens_in_ub`, turns that into the mean over the micro-batch's sequences, so NeMo's
-    mean over micro-batches is the global per-sequence mean whenever micro-batches hold equally
-    many supervised sequences (unpacked rows). The batch here is already CP-sliced, so row lengths
-    are all-reduced over `cp_group`. Packed (THD) batches raise: their sequences cannot be recovered
-    exactly after NeMo's slicing.
+    Returns the batch with `loss_mask` weighted 1/length per row (so summing loss * weights gives the
+    sum of the rows' own means) and `num_valid_tokens_in_ub`, the number of rows with supervised
+    tokens. The batch is already CP-sliced, so row lengths are all-reduced over `cp_group`. Packed
+    (THD) batches raise: their sequences cannot be recovered exactly after NeMo's slicing.
     """
     if "cu_seqlens" in batch or "cu_seqlens_q" in batch:
         raise NotImplementedError(

@@ -1,5 +1,6 @@
 """`otr-megatron nemo`: word parsing and errors everywhere; the real NeMo 2.x loop where it is installed."""
 
+import importlib.util
 import math
 import os
 import re
@@ -38,6 +39,10 @@ def test_unknown_otr_key_and_recipe_argument_are_refused_before_anything_runs():
         build_recipe("otr_megatron.nemo.recipes:tiny_gpt_cpu_recipe", {}, {}, {"num_sample": 8})
     with pytest.raises(NeMoCLIError, match=r"has no argument 'max_step'.*max_steps"):
         build_recipe("otr_megatron.nemo.recipes:tiny_gpt_cpu_recipe", {"max_step": 3}, {}, {})
+    if importlib.util.find_spec("nemo_run") is not None:  # the recipe function itself runs
+        with pytest.raises(NeMoCLIError, match="devices=3 is not a multiple"):
+            build_recipe("otr_megatron.nemo.recipes:tiny_gpt_cpu_recipe",
+                         {"devices": 3, "tensor_model_parallel_size": 2}, {}, {})
     with pytest.raises(NeMoCLIError, match="expected module:function"):
         build_recipe("otr_megatron.nemo.recipes.tiny_gpt_cpu_recipe", {}, {}, {})
 
