@@ -79,19 +79,24 @@ def reduce_reports(reports: Iterable[dict], names: Sequence[str] = REPORT_NAMES,
     over `group` (None: this process only). Every rank of `group` must call it with the same
     `names`; a rank with `contribute=False` adds zeros (e.g. a pipeline stage without the loss)."""
     names = list(names)
-    acc = torch.zeros(len(names), 2, dtype=torch.float64)
+    acc = None  # summed where the reports live; one copy to the host at the end (no sync per report)
     if contribute:
         for rep in reports or []:
             for i, name in enumerate(names):
                 if name in rep:
-                    acc[i] += torch.as_tensor(rep[name]).detach().double().cpu().reshape(-1)[:2]
+                    pair = torch.as_tensor(rep[name]).detach().reshape(-1)[:2].double()
+                    if acc is None:
+                        acc = torch.zeros(len(names), 2, dtype=torch.float64, device=pair.device)
+                    acc[i] += pair.to(acc.device)
+    if acc is None:
+        acc = torch.zeros(len(names), 2, dtype=torch.float64)
     if group is not None and torch.distributed.is_initialized():
         dev = torch.device("cpu")
         if torch.distributed.get_backend(group) == "nccl":
             dev = torch.device("cuda", torch.cuda.current_device())
-        t = acc.to(dev)
-        torch.distributed.all_reduce(t, group=group)
-        acc = t.cpu()
+        acc = acc.to(dev)
+        torch.distributed.all_reduce(acc, group=group)
+    acc = acc.cpu()
     return {name: (float(acc[i, 0]), float(acc[i, 1])) for i, name in enumerate(names)}
 
 
