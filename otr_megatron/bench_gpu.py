@@ -173,7 +173,7 @@ def kernel_timings(x, k, timer, repeats, copy_bw):
     import torch
 
     from otr_megatron.core import triton_backend as trb
-    from otr_megatron.core.backends import STAT_TMASS, Spec, block_size
+    from otr_megatron.core.contract import STAT_TMASS, Spec, block_size
 
     n, v = x.shape
     dev = x.device

@@ -2,7 +2,7 @@
 
 Each tensor-parallel rank holds logits ``[N, V/tp]`` for global ids ``[rank*V/tp, (rank+1)*V/tp)``.
 The forward is a sequence of named steps (Megatron's shape); what touches the logits is a backend's
-(`core/backends.py`: torch reference, Triton kernels), the collectives are all visible here:
+(`core/contract.py`: torch reference, Triton kernels), the collectives are all visible here:
 
 1. `local_statistics`: per rank and token, max, sum exp at temperature 1, the label's logit (owner
    only), the tempered mass at kappa (and, for the expected estimator, the tempered mean logit;
@@ -30,7 +30,7 @@ from dataclasses import dataclass
 import torch
 import torch.distributed as dist
 
-from otr_megatron.core.backends import (
+from otr_megatron.core.contract import (
     STAT_LABEL,
     STAT_MAX,
     STAT_SUMEXP,
@@ -39,8 +39,8 @@ from otr_megatron.core.backends import (
     Backend,
     Spec,
     block_size,
-    get_backend,
 )
+from otr_megatron.core.backends import get_backend
 from otr_megatron.core.config import OTRConfig
 from otr_megatron.core.random import splitmix64
 
@@ -196,7 +196,7 @@ def label_columns(labels: torch.Tensor, spec: Spec, ignore_index: int):
 
 def local_statistics(backend: Backend, spec: Spec, logits, label_col, owns_label, chunk: int):
     """Step 1: this rank's statistics, chunk by chunk. Returns (stats [N, C] float64, prefix
-    [N, n_blocks] float64 or None), see `core/backends.py`."""
+    [N, n_blocks] float64 or None), see `core/contract.py`."""
     n_tok = logits.size(0)
     stats = torch.empty(n_tok, spec.stat_columns, dtype=torch.float64, device=logits.device)
     prefix = (torch.empty(n_tok, spec.n_blocks, dtype=torch.float64, device=logits.device)

@@ -1,6 +1,6 @@
 """Reference backend of the three compute steps in plain PyTorch (CPU and CUDA).
 
-Signatures, shapes and units are those documented in `core/backends.py`; the sampling arithmetic is
+Signatures, shapes and units are those documented in `core/contract.py`; the sampling arithmetic is
 docs/sampling.md. Nothing here synchronises with the host: no `.item()`, `nonzero`, boolean
 indexing or `bool(tensor)`; every fallback is an unconditional tensor op, every shape is static.
 """
@@ -13,7 +13,7 @@ import struct
 import torch
 import torch.nn.functional as F
 
-from otr_megatron.core.backends import STAT_LABEL, STAT_MAX, STAT_SUMEXP, STAT_TMASS, STAT_TMEAN, Spec
+from otr_megatron.core.contract import STAT_LABEL, STAT_MAX, STAT_SUMEXP, STAT_TMASS, STAT_TMEAN, Spec
 from otr_megatron.core.random import token_uniforms
 
 
@@ -88,7 +88,7 @@ def _tree_sum(e: torch.Tensor, dim: int) -> torch.Tensor:
 
 
 def local_stats(x, label_col, owns_label, spec: Spec, stats_out, prefix_out, scratch):
-    """Per-rank statistics of a chunk of rows (see `core/backends.py`)."""
+    """Per-rank statistics of a chunk of rows (see `core/contract.py`)."""
     rows, n = x.size(0), spec.n_real
     stats_out[:, STAT_LABEL] = torch.where(owns_label, x.gather(1, label_col[:, None]).squeeze(1).double(), 0.0)
     if n == 0:
@@ -219,7 +219,7 @@ def sample(x, keys, label_col, owns_label, ok, total, rank_cum, rank_scale, pref
 
 
 def grad(x, out, g, coef_pi, coef_q, cols, weights, valid, spec: Spec, scratch):
-    """Gradient of a chunk of rows (see `core/backends.py`); one rounding to ``out.dtype``."""
+    """Gradient of a chunk of rows (see `core/contract.py`); one rounding to ``out.dtype``."""
     rows, n = x.size(0), spec.n_real
     if n < x.size(1):
         out[:, n:].zero_()  # padded ids: not part of the softmax

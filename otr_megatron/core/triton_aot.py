@@ -42,7 +42,7 @@ def variants():
     """(label, kernel, pointer types, constexprs, num_warps) exactly as the wrappers would launch them
     on a GPU at N x V/tp = 8192 x {131072, 16384} (their `*_params` functions, interpret=False)."""
     from otr_megatron.core import triton_backend as trb
-    from otr_megatron.core.backends import Spec, block_size
+    from otr_megatron.core.contract import Spec, block_size
 
     out = []
     for dt, est, shard, k, tp, rank in (("bf16", "sample", 131072, 256, 1, 0), ("bf16", "sample", 16384, 256, 8, 3),

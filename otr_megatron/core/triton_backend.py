@@ -1,7 +1,7 @@
 """Fused Triton kernels for the three compute steps of the OTR loss (the "triton" backend).
 
 Same entry points, shapes, units and arithmetic as the reference `core/torch_backend.py`
-(contract: `core/backends.py`; sampling: docs/sampling.md), in three kernels whose grid is one
+(contract: `core/contract.py`; sampling: docs/sampling.md), in three kernels whose grid is one
 program per row (token):
 
 - `local_stats`: one read of the row. Online max (with an explicit NaN flag: `tl.max` drops NaN,
@@ -35,7 +35,7 @@ import torch
 import triton
 import triton.language as tl
 
-from otr_megatron.core.backends import STAT_LABEL, STAT_MAX, STAT_SUMEXP, STAT_TMASS, STAT_TMEAN, Spec
+from otr_megatron.core.contract import STAT_LABEL, STAT_MAX, STAT_SUMEXP, STAT_TMASS, STAT_TMEAN, Spec
 from otr_megatron.core.random import stream_key
 
 # the statistics kernel writes these columns by position
@@ -350,7 +350,7 @@ def _grad_kernel(X, stride_x, OUT, stride_o, G, CPI, CQ, COLS, stride_c, WTS, st
 
 
 # --------------------------------------------------------------------------------------------
-# entry points (signatures of core/backends.py)
+# entry points (signatures of core/contract.py)
 # --------------------------------------------------------------------------------------------
 
 
@@ -421,7 +421,7 @@ def scratch(rows: int, cols: int, device):
 
 
 def local_stats(x, label_col, owns_label, spec: Spec, stats_out, prefix_out, scratch=None):
-    """Per-rank statistics of a chunk of rows (see `core/backends.py`)."""
+    """Per-rank statistics of a chunk of rows (see `core/contract.py`)."""
     rows = x.size(0)
     _check_device(x)
     _check_rows("logits", x)
@@ -468,7 +468,7 @@ def sample(x, keys, label_col, owns_label, ok, total, rank_cum, rank_scale, pref
 
 
 def grad(x, out, g, coef_pi, coef_q, cols, weights, valid, spec: Spec, scratch=None, local=None):
-    """Gradient of a chunk of rows (see `core/backends.py`); one rounding to ``out.dtype``.
+    """Gradient of a chunk of rows (see `core/contract.py`); one rounding to ``out.dtype``.
 
     local: optional ``[R, >= 4]`` float64 rank-local statistics of these rows (columns STAT_MAX,
     STAT_SUMEXP, STAT_TMASS of `local_stats`, i.e. the forward's own row of the all-gather). With

@@ -192,7 +192,7 @@ def loss_memory(dims: ModelDims, layout: Layout, loss: LossSettings) -> dict[str
     v_local = dims.padded_vocab_size(layout.tp) // layout.tp
     logits = 2.0 * tokens * v_local
     ce_saved = 4.0 * tokens * v_local
-    from otr_megatron.core.backends import block_size
+    from otr_megatron.core.contract import block_size
     from otr_megatron.core.loss import _default_chunk_tokens
 
     chunk = min(loss.chunk_tokens or _default_chunk_tokens(v_local, on_gpu=True), tokens)

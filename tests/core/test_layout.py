@@ -8,7 +8,7 @@ import pytest
 import torch
 
 import otr_megatron as otr
-from otr_megatron.core.backends import base_block_size, block_size
+from otr_megatron.core.contract import base_block_size, block_size
 from tests.core.simulated_tp import simulated_draw
 
 

@@ -22,7 +22,7 @@ import torch
 triton = pytest.importorskip("triton", reason="Triton is not installed; scripts/setup_env.sh installs it")
 
 from otr_megatron.core import torch_backend as tb  # noqa: E402
-from otr_megatron.core.backends import STAT_TMASS, Spec, block_size  # noqa: E402
+from otr_megatron.core.contract import STAT_TMASS, Spec, block_size  # noqa: E402
 from otr_megatron.core.random import token_uniforms  # noqa: E402
 from tests.core.reference import ref_loss as ref_loss_f64  # noqa: E402
 from tests.core.reference import ref_samples  # noqa: E402
