@@ -48,9 +48,83 @@ def parse_override(text: str) -> tuple[str, typing.Any]:
     if not sep or not all(key.split(".")):
         raise OverrideError(f"override {text!r}: expected KEY=VALUE, e.g. optim.lr=3e-4")
     try:
+        safe_yaml_load(raw, f"override {text[:80]!r}")  # the size limits, before OmegaConf copies the value
         return key, OmegaConf.to_container(OmegaConf.from_dotlist([f"v={raw}"]))["v"]
     except (YAMLError, OmegaConfBaseException) as e:
         raise OverrideError(f"override {text!r}: the value is not valid YAML ({str(e).splitlines()[0]})") from None
+
+
+# Limits of every YAML text this package reads (config files, override values, sweep values). A
+# YAML alias (`*a`) is a reference, so a 1 KB file of nested aliases stands for ~10^9 values: PyYAML
+# builds it as shared objects in milliseconds, but OmegaConf, json.dumps or a deep copy expand it
+# (minutes, gigabytes, then a MemoryError). Configs are far below both limits.
+MAX_YAML_VALUES = 100_000  # scalars, lists and mappings, counted with every alias expanded
+MAX_YAML_DEPTH = 100  # nesting levels
+
+
+def _yaml_children(node) -> list:
+    import yaml
+
+    if isinstance(node, yaml.SequenceNode):
+        return list(node.value)
+    if isinstance(node, yaml.MappingNode):
+        return [n for pair in node.value for n in pair]
+    return []
+
+
+def _check_yaml_graph(root, source: str) -> None:
+    """Count the values of a composed YAML document with every alias expanded (each shared node is
+    counted once per reference, memoized, so the count itself is linear); refuse cycles and depth."""
+    sizes: dict[int, int] = {}
+    on_path: set[int] = set()
+    stack = [(root, 0, False)]
+    while stack:
+        node, depth, finished = stack.pop()
+        if finished:
+            on_path.discard(id(node))
+            size = 1 + sum(sizes[id(k)] for k in _yaml_children(node))
+            if size > MAX_YAML_VALUES:
+                raise OverrideError(
+                    f"{source}: the YAML stands for more than {MAX_YAML_VALUES} values once its aliases (*name) "
+                    f"are expanded (nested aliases, a 'billion laughs'); expected a config of at most "
+                    f"{MAX_YAML_VALUES} values")
+            sizes[id(node)] = size
+            continue
+        if id(node) in sizes:
+            continue
+        if depth > MAX_YAML_DEPTH:
+            raise OverrideError(f"{source}: the YAML is nested deeper than {MAX_YAML_DEPTH} levels; "
+                                f"expected at most {MAX_YAML_DEPTH}")
+        on_path.add(id(node))
+        stack.append((node, depth, True))
+        for child in _yaml_children(node):
+            if id(child) in on_path:
+                raise OverrideError(f"{source}: a YAML alias refers to a list or mapping that contains it "
+                                    "(a recursive structure); expected a tree of values")
+            if id(child) not in sizes:
+                stack.append((child, depth + 1, False))
+
+
+def safe_yaml_load(text, source: str, loader=None):
+    """The one YAML reader of this package: `yaml.load(text, loader)` (default `yaml.SafeLoader`) that
+    first composes the document and refuses it, naming `source`, when it expands to more than
+    `MAX_YAML_VALUES` values, nests deeper than `MAX_YAML_DEPTH` or refers to itself. Syntax errors
+    are `yaml.YAMLError` as usual; limit errors are `OverrideError`."""
+    import yaml
+
+    ld = (loader or yaml.SafeLoader)(text)
+    try:
+        try:
+            node = ld.get_single_node()
+        except RecursionError:  # PyYAML's composer recurses once per nesting level
+            raise OverrideError(f"{source}: the YAML is nested deeper than {MAX_YAML_DEPTH} levels; "
+                                f"expected at most {MAX_YAML_DEPTH}") from None
+        if node is None:
+            return None
+        _check_yaml_graph(node, source)
+        return ld.construct_document(node)
+    finally:
+        ld.dispose()
 
 
 def load_yaml(path: str) -> dict:
@@ -59,11 +133,15 @@ def load_yaml(path: str) -> dict:
 
     if not os.path.isfile(path):
         raise OverrideError(f"config file {path!r} not found")
-    with open(path, encoding="utf-8") as f:
-        try:
-            data = yaml.safe_load(f)
-        except yaml.YAMLError as e:
-            raise OverrideError(f"{path}: not valid YAML: {e}") from None
+    try:
+        with open(path, encoding="utf-8") as f:
+            text = f.read()
+    except (OSError, UnicodeDecodeError) as e:
+        raise OverrideError(f"config file {path!r} cannot be read: {e}") from None
+    try:
+        data = safe_yaml_load(text, path)
+    except yaml.YAMLError as e:
+        raise OverrideError(f"{path}: not valid YAML: {' '.join(str(e).split())}") from None
     if data is None:
         return {}
     if not isinstance(data, dict):

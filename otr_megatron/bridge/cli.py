@@ -128,14 +128,27 @@ def split_yaml(path: str) -> tuple[dict, Optional[dict]]:
     from omegaconf.errors import OmegaConfBaseException
     from yaml import YAMLError
 
+    from otr_megatron.cli import OverrideError, safe_yaml_load
+
     if not os.path.isfile(path):
         raise BridgeCLIError(f"--config {path!r}: no such file")
     try:
-        data = OmegaConf.to_container(OmegaConf.load(path)) or {}
+        from omegaconf._utils import get_yaml_loader  # the loader OmegaConf.load uses (1e-3 is a float)
+    except ImportError:  # pragma: no cover - older OmegaConf
+        get_yaml_loader = None
+    try:
+        with open(path, encoding="utf-8") as f:
+            text = f.read()
+        data = safe_yaml_load(text, f"--config {path!r}", loader=get_yaml_loader() if get_yaml_loader else None)
+        if data is not None and not isinstance(data, dict):
+            raise BridgeCLIError(f"--config {path!r}: expected a mapping at the top level")
+        data = OmegaConf.to_container(OmegaConf.create(data)) if data else {}
+    except OverrideError as exc:  # the size limits of every YAML reader here
+        raise BridgeCLIError(str(exc)) from None
+    except (OSError, UnicodeDecodeError) as exc:
+        raise BridgeCLIError(f"--config {path!r}: cannot be read ({exc})") from None
     except (YAMLError, OmegaConfBaseException) as exc:
         raise BridgeCLIError(f"--config {path!r}: not valid YAML ({str(exc).splitlines()[0]})") from None
-    if not isinstance(data, dict):
-        raise BridgeCLIError(f"--config {path!r}: expected a mapping at the top level")
     otr = data.pop("otr", None) or {}
     if not isinstance(otr, dict):
         raise BridgeCLIError(f"--config {path!r}: `otr:` must be a mapping of OTR settings")

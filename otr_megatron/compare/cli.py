@@ -13,6 +13,7 @@ import datetime
 import json
 import os
 import platform
+import signal
 import subprocess
 import sys
 import time
@@ -140,7 +141,39 @@ def _ab_overrides() -> list[str]:
     return out
 
 
+def _interrupt(signum, frame):
+    raise KeyboardInterrupt
+
+
 def main(argv: list[str] | None = None) -> int:
+    """Ctrl-C or SIGTERM (a SLURM time limit, `kill`, `timeout`): the running tasks are interrupted
+    (each saves and exits), nothing is marked done that did not finish, and one line says how to
+    continue."""
+    previous = None
+    try:
+        previous = signal.signal(signal.SIGTERM, _interrupt)
+    except ValueError:  # not the main thread (called from a test's thread): leave SIGTERM alone
+        pass
+    try:
+        return _main(argv)
+    except KeyboardInterrupt:
+        print("otr-megatron compare: interrupted; finished runs are kept and an interrupted run continues from "
+              "its latest checkpoint: repeat the same command to continue", file=sys.stderr)
+        return 130
+    finally:
+        if previous is not None:
+            signal.signal(signal.SIGTERM, previous)
+
+
+def _write_atomic(path: str, text: str) -> None:
+    """Replace `path` whole or not at all (an interrupt mid-write leaves the previous file)."""
+    tmp = path + ".tmp"
+    with open(tmp, "w", encoding="utf-8") as f:
+        f.write(text)
+    os.replace(tmp, path)
+
+
+def _main(argv: list[str] | None = None) -> int:
     from otr_megatron.compare.grid import build_plan, parse_losses, parse_seeds, parse_sweep
     from otr_megatron.compare.report import collect, default_metrics, markdown, plot, plot_frontier, summarize
     from otr_megatron.compare.runner import CompareError, Runner
@@ -159,6 +192,10 @@ def main(argv: list[str] | None = None) -> int:
         else:
             sweep_texts = []
         sweeps = [parse_sweep(s) for s in sweep_texts]
+        for sw in sweeps:
+            for given, kept in sw.duplicates:
+                print(f"otr-megatron compare: --sweep {sw.key}: {given} is the same value as {kept}; "
+                      "running that arm once", file=sys.stderr)
         rules = dict(AB_RULES) if default_study else {}
         for r in args.answer_rule or []:
             if "=" not in r:
@@ -205,6 +242,20 @@ def main(argv: list[str] | None = None) -> int:
 
     table = collect(plan, tasks)
     summary = summarize(plan, table, reference)
+    # Every planned run is either in the tables or named here with the reason: none vanishes.
+    by_dir = {t.dir: t for t in tasks}
+    missing = []
+    for r in plan.runs:
+        if r.seed in table.get(r.arm.panel, {}).get(r.arm.loss, {}):
+            continue
+        t = by_dir[r.dir]
+        if t.status in ("done", "skipped-done"):
+            why = "no final evaluation in its summary.json"
+        elif t.status == "pending":
+            why = t.note or "not run"
+        else:
+            why = f"{t.status}: {t.note.splitlines()[0] if t.note else ''}"
+        missing.append(f"seed{r.seed}/{r.arm.name} ({why})")
     metrics = [m.strip() for m in args.metrics.split(",")] if args.metrics else (
         AB_METRICS if default_study else default_metrics(summary))
     ran = sum(t.status in ("done", "failed") for t in tasks)
@@ -213,8 +264,13 @@ def main(argv: list[str] | None = None) -> int:
     study_path = os.path.join(out, "study.json")
     prev = {}
     if os.path.isfile(study_path):
-        with open(study_path, encoding="utf-8") as f:
-            prev = json.load(f)
+        try:
+            with open(study_path, encoding="utf-8") as f:
+                prev = json.load(f)
+        except (OSError, ValueError):
+            prev = {}
+        if not isinstance(prev, dict):
+            prev = {}
     study = {
         "command": "otr-megatron compare " + " ".join(argv),
         "git_commit": _git_commit(),
@@ -226,15 +282,14 @@ def main(argv: list[str] | None = None) -> int:
             {"started": started, "wall_s": wall, "tasks_run": ran, "git_commit": _git_commit(),
              "command": "otr-megatron compare " + " ".join(argv)}]),
         "task_wall_s_total": sum(t.wall_s for t in tasks),
-        "finished_runs": sum(t.status in ("done", "skipped-done") and t.kind == "arm" for t in tasks),
+        "finished_runs": len(plan.runs) - len(missing),  # runs whose results are in the tables
         "planned_runs": len(plan.runs),
+        "missing_runs": missing,
         "failed": [f"{t.name}: {t.note.splitlines()[0] if t.note else ''}" for t in failed],
     }
     summary["study"] = study
-    with open(os.path.join(out, "results.json"), "w", encoding="utf-8") as f:
-        json.dump(summary, f, indent=1)
-    with open(study_path, "w", encoding="utf-8") as f:
-        json.dump(study, f, indent=1)
+    _write_atomic(os.path.join(out, "results.json"), json.dumps(summary, indent=1))
+    _write_atomic(study_path, json.dumps(study, indent=1))
     m = study["machine"]
     commits = sorted({str(i.get("git_commit")) for i in study["invocations"]}) or [str(study["git_commit"])]
     header = (f"# otr-megatron compare: {study['finished_runs']} of {study['planned_runs']} runs finished\n\n"
@@ -243,9 +298,11 @@ def main(argv: list[str] | None = None) -> int:
               f"wall time {sum(i['wall_s'] for i in study['invocations']) / 60:.1f} min over "
               f"{len(study['invocations'])} invocation(s) running {jobs} tasks at a time; sum of task times "
               f"{study['task_wall_s_total'] / 60:.1f} min.")
+    if missing:
+        header += (f"\n\n**Not in these tables ({len(missing)} of {len(plan.runs)} runs, so not in the paired "
+                   f"differences either):** " + "; ".join(missing) + ".")
     md = markdown(summary, metrics, header)
-    with open(os.path.join(out, "results.md"), "w", encoding="utf-8") as f:
-        f.write(md)
+    _write_atomic(os.path.join(out, "results.md"), md)
     png = None
     if summary["panels"]:
         png = plot(summary, metrics, os.path.join(out, "results.png"), losses,
@@ -256,9 +313,10 @@ def main(argv: list[str] | None = None) -> int:
     print(md)
     print(f"compare: results {os.path.join(out, 'results.md')}, {os.path.join(out, 'results.json')}"
           + (f", plot {png}" if png else ""))
-    if failed or pending:
-        print(f"compare: {len(failed)} tasks failed or were skipped, {len(pending)} not run: "
-              + "; ".join(t.name for t in failed + pending), file=sys.stderr)
+    if failed or pending or missing:
+        print(f"compare: {len(failed)} tasks failed or were skipped, {len(pending)} not run, {len(missing)} of "
+              f"{len(plan.runs)} runs without results: " + "; ".join([t.name for t in failed + pending] + missing),
+              file=sys.stderr)
         return 1
     return 0
 

@@ -75,14 +75,29 @@ class Sweep:
     key: str
     values: tuple
     labels: tuple = ()  # one short name per value (default: derived from the value)
+    # Values given again in another spelling (`1e-4,0.0001`): (text given, label of the value kept).
+    duplicates: tuple = ()
 
     def __post_init__(self):
         if not self.labels:
             object.__setattr__(self, "labels", tuple(value_label(v) for v in self.values))
 
 
+def _same_value(v) -> str:
+    """What makes two sweep values one arm: numbers by value (1e-4 == 0.0001, 1 == 1.0), a bool is not
+    a number, anything else by its JSON text."""
+    if isinstance(v, (int, float)) and not isinstance(v, bool):
+        return f"number:{float(v)!r}"
+    return "json:" + json.dumps(v, sort_keys=True, default=str)
+
+
 def parse_sweep(text: str) -> Sweep:
-    """``KEY=V1,V2,...`` (values parsed as YAML) or ``KEY=[V1, V2]`` for values that contain commas."""
+    """``KEY=V1,V2,...`` (values parsed as YAML) or ``KEY=[V1, V2]`` for values that contain commas.
+
+    A value given twice (also in another spelling, e.g. ``1e-4`` and ``0.0001``) is one arm, run
+    once; `Sweep.duplicates` names what was dropped so the command can say so."""
+    from otr_megatron.cli import OverrideError, safe_yaml_load
+
     if "=" not in text:
         raise ConfigError(f"--sweep {text!r}: expected KEY=V1,V2,... e.g. finetune_lr=3e-4,1e-3")
     key, raw = (s.strip() for s in text.split("=", 1))
@@ -90,23 +105,37 @@ def parse_sweep(text: str) -> Sweep:
         raise ConfigError(f"--sweep {text!r}: expected KEY=V1,V2,... with at least one value")
     if key in ("loss", "seed"):
         raise ConfigError(f"--sweep {text!r}: use --losses / --seeds for {key!r}")
+    source = f"--sweep {text[:80]!r}"
     try:
         if raw.startswith("["):
-            values = yaml.safe_load(raw)
+            values = safe_yaml_load(raw, source)
             if not isinstance(values, list):
                 raise ConfigError(f"--sweep {text!r}: expected a YAML list of values")
+            pieces = [json.dumps(v, default=str) for v in values]
             labels = [value_label(v) for v in values]
         else:
             pieces = [v.strip() for v in raw.split(",")]
-            values = [_number(yaml.safe_load(v)) for v in pieces]
+            values = [_number(safe_yaml_load(v, source)) for v in pieces]
             labels = [value_label(v) if isinstance(v, str) else value_label(p) for v, p in zip(values, pieces)]
     except yaml.YAMLError as e:
-        raise ConfigError(f"--sweep {text!r}: values are not valid YAML ({e})") from None
+        raise ConfigError(f"--sweep {text!r}: values are not valid YAML ({' '.join(str(e).split())})") from None
+    except OverrideError as e:
+        raise ConfigError(str(e)) from None
     if not values:
         raise ConfigError(f"--sweep {text!r}: no values")
+    kept: dict[str, int] = {}
+    keep, dups = [], []
+    for i, v in enumerate(values):
+        same = _same_value(v)
+        if same in kept:
+            dups.append((pieces[i], labels[kept[same]]))
+        else:
+            kept[same] = i
+            keep.append(i)
+    values, labels = [values[i] for i in keep], [labels[i] for i in keep]
     if len(set(labels)) != len(labels):
-        raise ConfigError(f"--sweep {text!r}: values must be distinct, got labels {labels}")
-    return Sweep(key, tuple(values), tuple(labels))
+        raise ConfigError(f"--sweep {text!r}: different values must have different names, got labels {labels}")
+    return Sweep(key, tuple(values), tuple(labels), tuple(dups))
 
 
 def _number(v):
@@ -129,13 +158,23 @@ def parse_losses(text: str) -> list[str]:
     return losses
 
 
+SEED_LIMIT = 2**64  # seeds key a 64-bit counter-based random stream: 0 <= seed < 2**64
+
+
 def parse_seeds(text: str) -> list[int]:
-    try:
-        seeds = [int(s) for s in text.split(",") if s.strip()]
-    except ValueError:
-        raise ConfigError(f"--seeds {text!r}: expected comma-separated integers, e.g. 1,2,3") from None
-    if not seeds or len(set(seeds)) != len(seeds) or min(seeds) < 0:
-        raise ConfigError(f"--seeds {text!r}: expected distinct integers >= 0")
+    """Comma-separated distinct seeds, ASCII digits only, each in 0..2**64-1 (a larger one would wrap)."""
+    pieces = [s.strip() for s in text.split(",") if s.strip()]
+    bad = [s for s in pieces if not re.fullmatch(r"[0-9]+", s)]
+    if bad or not pieces:
+        raise ConfigError(f"--seeds {text!r}: {bad[0]!r} is not a seed; expected comma-separated integers "
+                          f"in 0..2**64-1 (ASCII digits), e.g. 1,2,3" if bad else
+                          f"--seeds {text!r}: expected comma-separated integers, e.g. 1,2,3")
+    seeds = [int(s) for s in pieces]
+    big = [s for s in seeds if s >= SEED_LIMIT]
+    if big:
+        raise ConfigError(f"--seeds {text!r}: seed {big[0]} is out of range; expected integers in 0..2**64-1")
+    if len(set(seeds)) != len(seeds):
+        raise ConfigError(f"--seeds {text!r}: a seed is listed twice; expected distinct integers")
     return seeds
 
 
@@ -179,7 +218,22 @@ class Run:
 
     @property
     def key(self) -> str:
+        """Hash of what the run computes: its config without `output_dir` (a moved study directory
+        keeps its runs) and without `resume` (always on for an arm)."""
+        return config_hash(run_identity(self.cfg))
+
+    @property
+    def legacy_key(self) -> str:
+        """The hash studies written before the output path left the hash used (kept readable)."""
         return config_hash(to_dict(self.cfg))
+
+
+def run_identity(cfg: TrainConfig) -> dict:
+    """A run's config without the keys that say where it lives, not what it computes."""
+    d = to_dict(cfg)
+    d.pop("output_dir", None)
+    d.pop("resume", None)
+    return d
 
 
 @dataclass

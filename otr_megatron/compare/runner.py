@@ -8,6 +8,13 @@ directory and continuing it with ``--resume`` and its own loss: every arm of a s
 bit-identical weights, optimizer state and data position; an interrupted arm continues from its
 newest checkpoint. Tasks run ``--jobs`` at a time (threads = cores / jobs each); a failed task is
 reported with the tail of its log and only the tasks depending on it are skipped.
+
+A task counts as finished only with its result on disk: `summary.json` with a final evaluation after
+all its iterations (the probe: `probe.json`). A run that exits 0 without it failed; a done marker
+whose result is gone is run again; a finished result whose marker is missing (interrupted between
+the two) is recorded as done, never resumed again. Each task runs in its own session, so a Ctrl-C
+or SIGTERM reaches the harness alone, which hands one SIGINT to each running task and waits for it
+(the train job saves and exits); a second one kills them.
 """
 
 from __future__ import annotations
@@ -15,6 +22,7 @@ from __future__ import annotations
 import json
 import os
 import shutil
+import signal
 import subprocess
 import sys
 import threading
@@ -22,7 +30,7 @@ import time
 from concurrent.futures import FIRST_COMPLETED, ThreadPoolExecutor, wait
 from dataclasses import dataclass, field
 
-from otr_megatron.compare.grid import Plan, Run, WarmStart, config_hash, dump_config
+from otr_megatron.compare.grid import Plan, Run, WarmStart, config_hash, dump_config, run_identity
 
 DONE = "compare_done.json"
 OK = ("done", "skipped-done")
@@ -73,6 +81,35 @@ class Task:
     status: str = "pending"  # pending | skipped-done | done | failed | blocked
     wall_s: float = 0.0
     note: str = ""
+    legacy_key: str | None = None  # the hash older harness versions wrote for this run (output path in it)
+
+    @property
+    def cfg(self):
+        return self.warm.cfg if self.kind == "warm" else self.run.cfg if self.kind == "arm" else None
+
+
+def missing_result(t: Task) -> str | None:
+    """Why `t` has no usable result on disk, or None: a run needs `summary.json` with a final
+    evaluation after all its iterations, the probe its `probe.json`."""
+    if t.kind == "probe":
+        return None if isinstance(_read_json(os.path.join(t.dir, "probe.json")), dict) else "no probe.json"
+    s = _read_json(os.path.join(t.dir, "summary.json"))
+    if not isinstance(s, dict):
+        return "no readable summary.json"
+    if not s.get("final_eval"):
+        return "summary.json has no final evaluation (final_eval is null)"
+    want = t.cfg.total_iters
+    if s.get("iterations") != want:
+        return f"summary.json is at iteration {s.get('iterations')}, the run has {want}"
+    return None
+
+
+def _read_json(path: str):
+    try:
+        with open(path, encoding="utf-8") as f:
+            return json.load(f)
+    except (OSError, ValueError):
+        return None
 
 
 class Runner:
@@ -88,6 +125,8 @@ class Runner:
         self.cfg_dir = os.path.join(plan.out, "configs")
         self.tasks = self._tasks()
         self._lock = threading.Lock()
+        self._procs: dict[str, subprocess.Popen] = {}  # task name -> running subprocess
+        self._stopping = False
 
     # -- the task graph -------------------------------------------------------------------------
     def _tasks(self) -> list[Task]:
@@ -95,7 +134,8 @@ class Runner:
         for w in self.plan.warm_starts:
             base = os.path.basename(w.dir)
             wt = Task("warm", f"seed{w.seed}/{base}", w.dir, w.key, warm=w)
-            arms = [Task("arm", f"seed{r.seed}/{r.arm.name}", r.dir, r.key, deps=[wt], run=r, warm=w) for r in w.runs]
+            arms = [Task("arm", f"seed{r.seed}/{r.arm.name}", r.dir, r.key, deps=[wt], run=r, warm=w,
+                         legacy_key=r.legacy_key) for r in w.runs]
             probe = "probe" + base[len("warm_start"):]
             tasks += [wt, *arms, Task("probe", f"seed{w.seed}/{probe}", os.path.join(os.path.dirname(w.dir), probe),
                                       self._probe_key(w, arms), deps=[wt, *arms], warm=w)]
@@ -107,22 +147,57 @@ class Runner:
     # -- state ----------------------------------------------------------------------------------
     def check_existing(self, strict: bool = True) -> None:
         """Mark finished tasks; refuse if a finished run used a different config (strict=False, for
-        --report-only: report it anyway, with a warning; e.g. the train config gained a key since)."""
+        --report-only: report it anyway, with a warning; e.g. the train config gained a key since).
+
+        Finished means a done marker of this config and the result on disk. A marker without its result
+        is dropped (the task runs again, named in the log); a result without its marker (the harness
+        stopped between the two) is recorded as done when the run's own config.yaml is this config."""
         for t in self.tasks:
             done = _read_done(t.dir)
             if done is None:
+                if t.kind != "probe":
+                    self._adopt(t)
                 continue
-            if done.get("key") != t.key and not strict and t.kind != "probe":
-                self.log(f"warning: {t.dir} ran with config hash {done.get('key')}, the grid now gives {t.key}")
-            elif done.get("key") != t.key:
+            key = done.get("key")
+            same = key == t.key or (t.legacy_key is not None and key == t.legacy_key)
+            if not same and not strict and t.kind != "probe":
+                self.log(f"warning: {t.dir} ran with config hash {key}, the grid now gives {t.key}")
+            elif not same:
                 if t.kind == "probe":  # the set of runs changed: probe again (cheap, no results lost)
                     continue
                 raise CompareError(
-                    f"{t.dir} holds a finished {t.kind} run of a different config (hash {done.get('key')}, this "
+                    f"{t.dir} holds a finished {t.kind} run of a different config (hash {key}, this "
                     f"grid needs {t.key}); use another --output-dir, or delete {t.dir} to run it again"
                 )
+            why = missing_result(t)
+            if why is not None:
+                self.log(f"warning: {t.name} has a done marker but {why}; it is run again")
+                continue
             t.status = "skipped-done"
             t.wall_s = float(done.get("wall_s", 0.0))
+
+    def _adopt(self, t: Task) -> bool:
+        """A run that finished (result on disk, its config.yaml = this run's config) but has no done
+        marker: write the marker instead of resuming it again."""
+        from otr_megatron.train.config import ConfigError, load_config
+
+        if missing_result(t) is not None or not os.path.isfile(os.path.join(t.dir, "config.yaml")):
+            return False
+        try:
+            saved = run_identity(load_config(os.path.join(t.dir, "config.yaml"), []))
+        except (ConfigError, ValueError, OSError):
+            return False
+        if config_hash(saved) != config_hash(run_identity(t.cfg)):
+            return False
+        s = _read_json(os.path.join(t.dir, "summary.json"))
+        _write_json(os.path.join(t.dir, DONE), {"key": t.key, "kind": t.kind, "wall_s": 0.0, "command": None,
+                                                "recovered": f"finished run found without its done marker "
+                                                             f"(summary.json at iteration {s.get('iterations')})",
+                                                "finished": time.strftime("%Y-%m-%d %H:%M:%S UTC", time.gmtime())})
+        self.log(f"found  {t.kind:5s} {t.name}: finished (summary.json at iteration {s.get('iterations')}) "
+                 "without its done marker; recorded as done, not run again")
+        t.status = "skipped-done"
+        return True
 
     def _command(self, t: Task) -> list[str]:
         if t.kind == "probe":
@@ -183,11 +258,31 @@ class Runner:
         with open(os.path.join(t.dir, "run.log"), "a", encoding="utf-8") as logf:
             logf.write(f"$ {' '.join(cmd)}\n")
             logf.flush()
-            rc = subprocess.call(cmd, stdout=logf, stderr=subprocess.STDOUT, env=env)
+            with self._lock:
+                if self._stopping:
+                    t.note = "interrupted before it started"
+                    return
+                # Its own session: a terminal's Ctrl-C reaches the harness only, which forwards it once.
+                proc = subprocess.Popen(cmd, stdout=logf, stderr=subprocess.STDOUT, env=env, start_new_session=True)
+                self._procs[t.name] = proc
+            try:
+                rc = proc.wait()
+            finally:
+                with self._lock:
+                    self._procs.pop(t.name, None)
         t.wall_s = time.time() - t0
+        if self._stopping:  # interrupted: whatever it left is continued by the next invocation
+            t.note = f"interrupted (exit status {rc})"
+            return
         if rc != 0:
             t.status = "failed"
             t.note = f"exit status {rc}; last lines of {os.path.join(t.dir, 'run.log')}:\n" + _tail(os.path.join(t.dir, "run.log"))
+            return
+        why = missing_result(t)
+        if why is not None:
+            t.status = "failed"
+            t.note = (f"exit status 0 but {why}; last lines of {os.path.join(t.dir, 'run.log')}:\n"
+                      + _tail(os.path.join(t.dir, "run.log")))
             return
         _write_json(os.path.join(t.dir, DONE), {"key": t.key, "kind": t.kind, "wall_s": t.wall_s, "command": cmd,
                                                 "finished": time.strftime("%Y-%m-%d %H:%M:%S UTC", time.gmtime())})
@@ -208,40 +303,67 @@ class Runner:
         cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
         threads = max(1, cores // self.jobs)
         start = time.time()
+        with ThreadPoolExecutor(max_workers=self.jobs) as pool:
+            try:
+                self._loop(pool, todo, threads, start, n_skip, n_total)
+            except KeyboardInterrupt:
+                self.stop()
+                raise
+        return self.tasks
+
+    def stop(self) -> None:
+        """Interrupt: one SIGINT to each running task (the train job saves and exits), then wait for
+        them; a second Ctrl-C (or SIGTERM) meanwhile kills them."""
+        with self._lock:
+            self._stopping = True
+            procs = list(self._procs.items())
+        for name, proc in procs:
+            if proc.poll() is None:
+                self.log(f"stop   {name}: interrupting it (it saves and exits; rerun to continue)")
+                _signal_group(proc, signal.SIGINT)
+        try:
+            for _, proc in procs:
+                proc.wait()
+        except KeyboardInterrupt:
+            for name, proc in procs:
+                if proc.poll() is None:
+                    self.log(f"kill   {name}")
+                    _signal_group(proc, signal.SIGKILL)
+                    proc.wait()
+
+    def _loop(self, pool, todo, threads, start, n_skip, n_total) -> None:
         finished = 0
         running: dict = {}
-        with ThreadPoolExecutor(max_workers=self.jobs) as pool:
-            while True:
-                for t in todo:
-                    if len(running) >= self.jobs:
-                        break
-                    if t.status != "pending" or t in running.values():
-                        continue
-                    state = self._readiness(t)
-                    if state == "blocked":
-                        t.status, t.note = "blocked", "a run it depends on failed"
-                        self.log(f"skip   {t.kind:5s} {t.name}: {t.note}")
-                    if state != "ready":
-                        continue
-                    self.log(f"start  {t.kind:5s} {t.name}")
-                    running[pool.submit(self._execute, t, threads)] = t
-                if not running:
+        while True:
+            for t in todo:
+                if len(running) >= self.jobs:
                     break
-                done_set, _ = wait(list(running), return_when=FIRST_COMPLETED)
-                for fut in done_set:
-                    t = running.pop(fut)
-                    try:
-                        fut.result()
-                    except Exception as e:  # preparing the task failed (not the subprocess)
-                        t.status, t.note = "failed", f"{type(e).__name__}: {e}"
-                    finished += 1
-                    elapsed = time.time() - start
-                    eta = self._eta(todo)
-                    self.log(f"{t.status:6s} {t.kind:5s} {t.name} in {t.wall_s:.0f} s   "
-                             f"[{n_skip + finished}/{n_total} tasks, {elapsed / 60:.1f} min, ~{eta / 60:.1f} min left]")
-                    if t.status == "failed":
-                        self.log("  " + t.note.replace("\n", "\n  "))
-        return self.tasks
+                if t.status != "pending" or t in running.values():
+                    continue
+                state = self._readiness(t)
+                if state == "blocked":
+                    t.status, t.note = "blocked", "a run it depends on failed"
+                    self.log(f"skip   {t.kind:5s} {t.name}: {t.note}")
+                if state != "ready":
+                    continue
+                self.log(f"start  {t.kind:5s} {t.name}")
+                running[pool.submit(self._execute, t, threads)] = t
+            if not running:
+                break
+            done_set, _ = wait(list(running), return_when=FIRST_COMPLETED)
+            for fut in done_set:
+                t = running.pop(fut)
+                try:
+                    fut.result()
+                except Exception as e:  # preparing the task failed (not the subprocess)
+                    t.status, t.note = "failed", f"{type(e).__name__}: {e}"
+                finished += 1
+                elapsed = time.time() - start
+                eta = self._eta(todo)
+                self.log(f"{t.status:6s} {t.kind:5s} {t.name} in {t.wall_s:.0f} s   "
+                         f"[{n_skip + finished}/{n_total} tasks, {elapsed / 60:.1f} min, ~{eta / 60:.1f} min left]")
+                if t.status == "failed":
+                    self.log("  " + t.note.replace("\n", "\n  "))
 
     def _eta(self, todo: list[Task]) -> float:
         """Seconds left: the mean time of each kind of task (warm starts, arms and probes differ a
@@ -273,6 +395,14 @@ class Runner:
             return ["python", "-m", "otr_megatron.compare.probe", os.path.join(t.dir, "spec.json")]
         cmd = ["otr-megatron", "train", "--config", os.path.join(self.cfg_dir, t.name + ".yaml"), "--output-dir", t.dir]
         return cmd + (["--resume"] if t.kind == "arm" else (["--overwrite"] if self.overwrite_flag else []))
+
+
+def _signal_group(proc: subprocess.Popen, sig: int) -> None:
+    """Signal a task's whole session (the train job and any workers it spawned)."""
+    try:
+        os.killpg(proc.pid, sig)
+    except (ProcessLookupError, PermissionError):
+        pass
 
 
 def _tail(path: str, n: int = 15) -> str:

@@ -42,7 +42,13 @@ if not resume:
     open(os.path.join(out, "metrics.jsonl"), "w").write("{{}}\n")
 value = {{"sft": 0.6, "otr": 0.7}}.get(cfg["loss"], 0.1) if resume else 0.2
 value += 0.01 * cfg["seed"]
-json.dump({{"final_eval": {{"old/exact_match": value, "old/samples": 400}}}}, open(os.path.join(out, "summary.json"), "w"))
+if os.environ.get("FAKE_NO_FINAL_EVAL") and resume:  # a resume with nothing to do, as train 6fb6c36 did
+    final = None
+else:
+    final = {{"old/exact_match": value, "old/samples": 400}}
+json.dump({{"final_eval": final, "iterations": cfg["pretrain_iters"] + cfg["finetune_iters"]}},
+          open(os.path.join(out, "summary.json"), "w"))
+open(os.path.join(out, "config.yaml"), "w").write(open(args[args.index("--config") + 1]).read())
 '''
 
 

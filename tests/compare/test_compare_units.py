@@ -42,7 +42,7 @@ def test_parse_sweep_values_labels_and_errors():
     s = parse_sweep("data.train=[[a.jsonl, b.jsonl], c.jsonl]")
     assert s.values == (["a.jsonl", "b.jsonl"], "c.jsonl") and s.labels == ("a+b", "c")
     for bad, word in (("finetune_lr", "KEY=V1"), ("loss=sft,otr", "--losses"), ("seed=1,2", "--seeds"),
-                      ("x=1,1", "distinct"), ("x=", "at least one")):
+                      ("x=", "at least one"), ("data.train=a/x.jsonl,b/x.jsonl", "different names")):
         with pytest.raises(ConfigError, match=word):
             parse_sweep(bad)
     with pytest.raises(ConfigError, match="subset of"):
