@@ -31,6 +31,8 @@ by design, written as given, one line each.
 from __future__ import annotations
 
 import argparse
+import errno
+import os
 import re
 import shlex
 import shutil
@@ -54,8 +56,9 @@ DEFAULT_ENV: dict[str, str] = {
     "NVTE_FUSED_ATTN": "1",
 }
 
-# Patterns are used with re.fullmatch (`$` would also match before a trailing newline).
-_TIME_RE = re.compile(r"(\d+-)?\d{1,2}(:\d{2}){0,2}|\d+")
+# Patterns are used with re.fullmatch (`$` would also match before a trailing newline). Digits are
+# [0-9]: Python's \d also matches fullwidth and Arabic-Indic digits, which sbatch refuses at submit.
+_TIME_RE = re.compile(r"([0-9]+-)?[0-9]{1,2}(:[0-9]{2}){0,2}|[0-9]+")
 _ENV_KEY_RE = re.compile(r"[A-Za-z_][A-Za-z0-9_]*")
 _NAME = r"[A-Za-z0-9_.+-]+"
 _JOB_NAME_RE = re.compile(_NAME)
@@ -424,6 +427,12 @@ def spec_from_args(ns: argparse.Namespace) -> SlurmSpec:
                 command = bridge_command(cfg)
         except (OverrideError, BridgeJobError) as e:
             raise SlurmSpecError(f"--config {ns.config}: {e}") from None
+        from otr_megatron.planning.budget import check_config
+
+        try:  # the numbers and OTR settings that go into the job, as `plan` and the job check them
+            check_config(cfg, nodes=ns.nodes, gpus_per_node=ns.gpus_per_node)
+        except (ValueError, TypeError) as e:
+            raise SlurmSpecError(f"--config {ns.config}: {e}") from None
         cluster = cfg.get("cluster") or {}
         nodes = nodes if nodes is not None else _config_int(ns.config, "cluster.nodes", cluster.get("nodes"))
         gpus = gpus if gpus is not None else _config_int(ns.config, "cluster.gpus_per_node", cluster.get("gpus_per_node"))
@@ -476,6 +485,37 @@ def submit(script_path: str, log_dir: str) -> str:
     return res.stdout.strip()
 
 
+def write_script(path: str, text: str) -> None:
+    """Write the script whole or not at all: a temporary file next to `path`, then a rename, so a full
+    disk or an interrupt leaves no partial script (and an existing one untouched). A special file
+    (`/dev/stdout`) is written directly. Errors are one SlurmSpecError naming the path."""
+    if os.path.isdir(path):
+        raise SlurmSpecError(f"-o {path!r}: is a directory; expected the path of the script file to write, "
+                             f"e.g. {os.path.join(path, 'job.sbatch')}")
+    data = text.encode("utf-8")
+    try:
+        if os.path.exists(path) and not os.path.isfile(path):
+            with open(path, "wb") as f:
+                f.write(data)
+            return
+        parent = os.path.dirname(path) or "."
+        os.makedirs(parent, exist_ok=True)
+        tmp = os.path.join(parent, f".{os.path.basename(path)}.{os.getpid()}.tmp")
+        try:
+            with open(tmp, "wb") as f:
+                f.write(data)
+                f.flush()
+                os.fsync(f.fileno())
+            os.chmod(tmp, 0o644)
+            os.replace(tmp, path)
+        finally:
+            if os.path.exists(tmp):
+                os.remove(tmp)
+    except OSError as e:
+        reason = "no space left on the device" if e.errno in (errno.ENOSPC, errno.EDQUOT) else (e.strerror or str(e))
+        raise SlurmSpecError(f"-o {path!r}: cannot write the script ({reason}); nothing was written") from None
+
+
 def main(argv: list[str] | None = None) -> int:
     ap = build_parser()
     ns = ap.parse_args(sys.argv[1:] if argv is None else argv)
@@ -485,8 +525,7 @@ def main(argv: list[str] | None = None) -> int:
         if ns.submit and not ns.output:
             raise SlurmSpecError("--submit needs -o/--output FILE so the submitted script is kept")
         if ns.output:
-            Path(ns.output).parent.mkdir(parents=True, exist_ok=True)
-            Path(ns.output).write_text(text)
+            write_script(ns.output, text)
             print(f"otr-megatron slurm: wrote {ns.output}", file=sys.stderr)
         else:
             sys.stdout.write(text)

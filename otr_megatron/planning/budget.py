@@ -21,6 +21,17 @@ from typing import Any
 GIB = 1024**3
 
 
+def _int_at_least(name: str, value, lo: int = 1) -> None:
+    """An integer (not a bool or float) >= lo; the message names the config key."""
+    if isinstance(value, bool) or not isinstance(value, int) or value < lo:
+        raise ValueError(f"{name}={value!r}; expected an integer >= {lo}")
+
+
+def _flag(name: str, value) -> None:
+    if not isinstance(value, bool):
+        raise ValueError(f"{name}={value!r}; expected true or false")
+
+
 @dataclass(frozen=True)
 class ModelDims:
     """Transformer dimensions of a GPT-style decoder (Llama / Qwen family: RMSNorm, SwiGLU, GQA)."""
@@ -37,6 +48,23 @@ class ModelDims:
     gated_linear_unit: bool = True
     kv_channels: int | None = None
     name: str = ""
+
+    def __post_init__(self):
+        """Every dimension a positive integer, the heads divisible into query groups: a zero or a
+        negative number would divide by zero or budget negative memory."""
+        for f in ("num_layers", "hidden_size", "ffn_hidden_size", "num_attention_heads", "num_query_groups",
+                  "vocab_size", "make_vocab_size_divisible_by"):
+            _int_at_least(f"model.{f}", getattr(self, f))
+        if self.kv_channels is not None:
+            _int_at_least("model.kv_channels", self.kv_channels)
+        elif self.hidden_size % self.num_attention_heads:
+            raise ValueError(f"model.hidden_size={self.hidden_size} is not divisible by model.num_attention_heads="
+                             f"{self.num_attention_heads}; expected a multiple (or set model.kv_channels)")
+        if self.num_attention_heads % self.num_query_groups:
+            raise ValueError(f"model.num_attention_heads={self.num_attention_heads} is not divisible by "
+                             f"model.num_query_groups={self.num_query_groups}; expected a multiple")
+        for f in ("untie_embeddings_and_output_weights", "add_qkv_bias", "gated_linear_unit"):
+            _flag(f"model.{f}", getattr(self, f))
 
     @property
     def head_dim(self) -> int:
@@ -90,6 +118,22 @@ class Layout:
     grad_bytes: int = 4  # fp32 main grads
     gpu_memory_gib: float = 80.0
 
+    def __post_init__(self):
+        """Every count a positive integer (a zero parallel size divides by zero, a negative micro batch
+        budgets negative memory), flags booleans, the recompute mode one of three."""
+        for attr, key in LAYOUT_KEYS.items():
+            value = getattr(self, attr)
+            if attr in ("sequence_parallel", "use_distributed_optimizer", "fp8"):
+                _flag(key, value)
+            elif attr == "recompute":
+                if value not in RECOMPUTE:
+                    raise ValueError(f"{key}={value!r}; expected one of {', '.join(RECOMPUTE)}")
+            elif attr == "gpu_memory_gib":
+                if isinstance(value, bool) or not isinstance(value, (int, float)) or not 0 < value < float("inf"):
+                    raise ValueError(f"{key}={value!r}; expected a number of GiB > 0")
+            else:
+                _int_at_least(key, value)
+
     @property
     def world_size(self) -> int:
         return self.nodes * self.gpus_per_node
@@ -124,6 +168,13 @@ class LossSettings:
     chunk_fp32_temporaries: int = 3  # live fp32 [chunk, V/tp] buffers inside one chunk
     stats_per_token: int = 4  # float64 per-token scalars saved for backward (coefficients, shares)
     bytes_per_sample: int = 12  # int64 column + fp32 weight: the fixed-shape [tokens, K] list, on every rank
+
+    def __post_init__(self):
+        _int_at_least("otr.num_samples", self.num_samples)
+        if self.chunk_tokens is not None:
+            _int_at_least("otr.chunk_tokens", self.chunk_tokens)
+        for f in ("chunk_fp32_temporaries", "stats_per_token", "bytes_per_sample"):
+            _int_at_least(f, getattr(self, f), 0)
 
 
 def bytes_per_param_mixed_precision(dp: int, distributed_optimizer: bool, grad_bytes: int = 4) -> float:
@@ -286,9 +337,10 @@ class Budget:
         return self.memory["total_otr"] <= self.layout.gpu_memory_gib * GIB
 
 
-def plan(dims: ModelDims, layout: Layout, loss: LossSettings | None = None, name: str = "") -> Budget:
-    """Memory (per GPU, worst stage) and communication (per GPU per step) for one layout."""
-    loss = loss or LossSettings()
+def check_layout(dims: ModelDims, layout: Layout) -> None:
+    """What the layout needs of the model and the batch (each number is checked on its own already):
+    TP divides the heads and groups, CP the sequence, the world size TP*PP*CP, the global batch
+    micro batch * DP. Raises ValueError naming the keys."""
     if dims.num_attention_heads % layout.tp or dims.num_query_groups % layout.tp:
         raise ValueError(
             f"tensor_model_parallel_size={layout.tp} must divide num_attention_heads={dims.num_attention_heads} "
@@ -296,7 +348,16 @@ def plan(dims: ModelDims, layout: Layout, loss: LossSettings | None = None, name
         )
     if layout.seq_length % (2 * layout.cp) and layout.cp > 1:
         raise ValueError(f"seq_length={layout.seq_length} must be divisible by 2*context_parallel_size={2 * layout.cp}")
-    _ = layout.num_microbatches  # validates batch divisibility
+    _ = layout.num_microbatches  # validates the world size and batch divisibility
+    if layout.vpp > 1 and dims.num_layers % (layout.pp * layout.vpp):
+        raise ValueError(f"virtual_pipeline_model_parallel_size={layout.vpp}: num_layers={dims.num_layers} must be "
+                         f"divisible by pp*vpp={layout.pp}*{layout.vpp} (equal model chunks per stage)")
+
+
+def plan(dims: ModelDims, layout: Layout, loss: LossSettings | None = None, name: str = "") -> Budget:
+    """Memory (per GPU, worst stage) and communication (per GPU per step) for one layout."""
+    loss = loss or LossSettings()
+    check_layout(dims, layout)
     padded = dims.padded_vocab_size(layout.tp)
     # Worst stage: layers plus the larger of embedding (first stage) and output layer (last stage);
     # with pp == 1 both live on the one stage.
@@ -350,26 +411,77 @@ _TRAIN_KEYS = {
     "recompute": "recompute",
     "fp8": "fp8",
 }
+RECOMPUTE = ("none", "selective", "full")
+# Layout field -> the config key it comes from (error messages name the key the user typed).
+LAYOUT_KEYS = {attr: f"{section}.{key}" for section, keys in
+               (("parallel", _PARALLEL_KEYS), ("cluster", _CLUSTER_KEYS), ("train", _TRAIN_KEYS))
+               for key, attr in keys.items()}
+LAYOUT_KEYS["grad_bytes"] = "grad_bytes"
 
 
 def from_config(cfg: dict[str, Any]) -> tuple[ModelDims, Layout, LossSettings, str]:
-    """Build the calculator inputs from a parsed `configs/*.yaml` (sections model/parallel/cluster/train/otr)."""
+    """Build the calculator inputs from a parsed `configs/*.yaml` (sections model/parallel/cluster/train/otr).
+
+    Every number is checked here (ModelDims, Layout, LossSettings) and the `otr:` section through
+    `OTRConfig.from_dict`, the same check the job applies: a ValueError names the key and the value."""
     for section in ("model", "parallel", "cluster", "train"):
         if not isinstance(cfg.get(section), dict):
             raise ValueError(f"config needs a mapping section {section!r}; found {type(cfg.get(section)).__name__}")
     model = {k: v for k, v in cfg["model"].items() if k in _MODEL_KEYS}
+    missing = sorted(f.name for f in dataclasses.fields(ModelDims)
+                     if f.default is dataclasses.MISSING and f.name not in model)
+    if missing:
+        raise ValueError(f"model: missing {', '.join('model.' + m for m in missing)}; expected positive integers")
     dims = ModelDims(**model)
+    layout = Layout(**_layout_values(cfg))
+    otr = check_otr(cfg)
+    loss = LossSettings(num_samples=otr.num_samples, chunk_tokens=otr.chunk_tokens)
+    return dims, layout, loss, str(cfg.get("name", dims.name))
+
+
+def _layout_values(cfg: dict[str, Any]) -> dict[str, Any]:
     lay: dict[str, Any] = {}
     for section, keys in (("parallel", _PARALLEL_KEYS), ("cluster", _CLUSTER_KEYS), ("train", _TRAIN_KEYS)):
+        part = cfg.get(section) or {}
+        if not isinstance(part, dict):
+            raise ValueError(f"{section}={part!r}; expected a mapping section")
         for key, attr in keys.items():
-            if key in cfg[section] and cfg[section][key] is not None:
-                lay[attr] = cfg[section][key]
-    if isinstance(lay.get("recompute"), str) and lay["recompute"] not in ("none", "selective", "full"):
-        raise ValueError(f"train.recompute={lay['recompute']!r}; expected none, selective or full")
-    layout = Layout(**lay)
-    otr = cfg.get("otr") or {}
-    loss = LossSettings(
-        num_samples=int(otr.get("num_samples", LossSettings.num_samples)),
-        chunk_tokens=None if otr.get("chunk_tokens") is None else int(otr["chunk_tokens"]),
-    )
-    return dims, layout, loss, str(cfg.get("name", dims.name))
+            if key in part and part[key] is not None:
+                lay[attr] = part[key]
+    return lay
+
+
+def check_otr(cfg: dict[str, Any]):
+    """The `otr:` section as the job will read it (`OTRConfig.from_dict`: unknown keys, K >= 1, kappa > 0, ...)."""
+    from otr_megatron.core.config import OTRConfig
+
+    otr = cfg.get("otr")
+    if otr is None:
+        otr = {}
+    if not isinstance(otr, dict):
+        raise ValueError(f"otr={otr!r}; expected a mapping of OTR settings")
+    try:
+        return OTRConfig.from_dict(otr)
+    except (TypeError, ValueError) as exc:
+        raise ValueError(f"otr: {exc}") from None
+
+
+def check_config(cfg: dict[str, Any], nodes: int | None = None, gpus_per_node: int | None = None) -> None:
+    """Everything `otr-megatron slurm --config` writes into a job, checked before a file is written:
+    the `otr:` section, every layout number of `parallel:`/`cluster:`/`train:` (with the command line's
+    node and GPU counts), and, when the file has a `model:` section, what the layout needs of the
+    model and the batch (`check_layout`). Raises ValueError naming the key and the value."""
+    cfg = dict(cfg)
+    if nodes is not None or gpus_per_node is not None:
+        cluster = dict(cfg.get("cluster") or {})
+        if nodes is not None:
+            cluster["nodes"] = nodes
+        if gpus_per_node is not None:
+            cluster["gpus_per_node"] = gpus_per_node
+        cfg["cluster"] = cluster
+    if isinstance(cfg.get("model"), dict):
+        dims, layout, _, _ = from_config(cfg)
+        check_layout(dims, layout)
+    else:
+        Layout(**_layout_values(cfg))
+        check_otr(cfg)
