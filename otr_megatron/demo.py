@@ -60,13 +60,48 @@ def _worker(rank, world, port, args):
     dist.destroy_process_group()
 
 
+MAX_TP = 64  # gloo processes on this machine
+# Every rank holds the whole [tokens, padded vocab] logits a few times over (bf16 logits, a bf16 and
+# an fp32 gradient, the reference's copy): the demo refuses sizes that would not fit a laptop.
+MAX_LOGITS = 2**27  # tp x tokens x padded vocab, ~2 GiB of bf16 logits summed over the ranks
+
+
+def check_args(args) -> str | None:
+    """Why these sizes cannot run (one line naming the option), or None."""
+    for flag, value in (("--tp", args.tp), ("--tokens", args.tokens), ("--vocab", args.vocab),
+                        ("--num-samples", args.num_samples)):
+        if value < 1:  # --tp 0 would spawn no process and print nothing
+            return f"{flag} {value}: expected an integer >= 1"
+    if args.tp > MAX_TP:
+        return f"--tp {args.tp}: expected at most {MAX_TP} (one gloo process per rank on this machine)"
+    padded = -(-args.vocab // (128 * args.tp)) * 128 * args.tp
+    if args.tp * args.tokens * padded > MAX_LOGITS:
+        return (f"--tokens {args.tokens} x --vocab {args.vocab} (padded {padded}) x --tp {args.tp} = "
+                f"{args.tp * args.tokens * padded} logits held by the ranks; expected at most {MAX_LOGITS} "
+                "(lower --tokens or --vocab)")
+    if args.tokens * args.num_samples > MAX_LOGITS:
+        return (f"--tokens {args.tokens} x --num-samples {args.num_samples} = {args.tokens * args.num_samples} "
+                f"samples; expected at most {MAX_LOGITS}")
+    try:
+        otr.OTRConfig(num_samples=args.num_samples, temperature=1.3, neg_reward=-0.1)
+    except ValueError as e:
+        return f"--num-samples {args.num_samples}: {e}"
+    return None
+
+
 def main(argv: list[str] | None = None) -> int:
+    import sys
+
     p = argparse.ArgumentParser(prog="otr-megatron demo", description=__doc__)
-    p.add_argument("--tp", type=int, default=2)
-    p.add_argument("--tokens", type=int, default=512)
-    p.add_argument("--vocab", type=int, default=32000)
-    p.add_argument("--num-samples", type=int, default=256)
+    p.add_argument("--tp", type=int, default=2, help="tensor-parallel ranks (gloo processes), >= 1")
+    p.add_argument("--tokens", type=int, default=512, help="tokens in the batch, >= 1")
+    p.add_argument("--vocab", type=int, default=32000, help="real vocabulary size, >= 1")
+    p.add_argument("--num-samples", type=int, default=256, help="OTR samples K per token, >= 1")
     args = p.parse_args(argv)
+    why = check_args(args)
+    if why:
+        print(f"otr-megatron demo: {why}", file=sys.stderr)
+        return 2
     port = free_port()
     import torch.multiprocessing as mp
 

@@ -1,0 +1,184 @@
+"""`otr-megatron compare` keeps every result (issue 17): a run counts only with its result on disk and
+none vanishes from the report, a moved study keeps its runs, a value swept twice runs once, seeds
+stay in 0..2**64-1, and Ctrl-C is one line with the running tasks interrupted, not orphaned.
+
+The train job is played by the stand-in of test_compare_runner (writes what `otr-megatron train`
+writes, in a second)."""
+
+import functools
+import json
+import os
+import shutil
+import signal
+import subprocess
+import sys
+import time
+
+import pytest
+
+from otr_megatron.compare import cli as compare_cli
+from otr_megatron.compare import runner as runner_mod
+from otr_megatron.compare.grid import parse_seeds, parse_sweep
+from otr_megatron.compare.runner import DONE, Runner
+from otr_megatron.train.config import ConfigError
+
+from test_compare_runner import _calls, _fake, _plan  # noqa: E402 (tests/compare is no package)
+
+ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+QUIET = {"log": lambda *_: None}
+
+
+def _run_cli(monkeypatch, python, out, *extra):
+    """compare's own main() with the stand-in interpreter for every task."""
+    monkeypatch.setattr(runner_mod, "Runner", functools.partial(Runner, python=python))
+    return compare_cli.main(["--quick", "-o", str(out), "-j", "1", *extra])
+
+
+def test_a_finished_arm_without_its_done_marker_is_recorded_not_resumed_again(tmp_path, monkeypatch):
+    python, log = _fake(tmp_path, monkeypatch)
+    out = tmp_path / "study"
+    Runner(_plan(out), python=python, **QUIET).run()
+    arm = out / "seed1" / "otr"
+    os.remove(arm / DONE)  # the harness stopped between the run's end and its marker
+    n = len(_calls(log))
+    lines = []
+    tasks = Runner(_plan(out), python=python, log=lines.append).run()
+    assert len(_calls(log)) == n  # nothing resumed again
+    assert all(t.status == "skipped-done" for t in tasks)
+    assert any("without its done marker" in x for x in lines)
+    assert json.load(open(arm / DONE))["key"] == next(t.key for t in tasks if t.dir == str(arm))
+
+
+def test_an_arm_whose_result_is_lost_is_named_in_results_md_and_the_header_counts_it(tmp_path, monkeypatch, capsys):
+    python, log = _fake(tmp_path, monkeypatch)
+    out = tmp_path / "study"
+    assert _run_cli(monkeypatch, python, out) == 0
+    arm = out / "seed1" / "otr__train=ab_parity_uniform"
+    # The marker is gone and the summary lost its evaluation (what a resume of a finished run did
+    # at 6fb6c36); the harness runs the arm again and the stand-in again writes final_eval: null.
+    os.remove(arm / DONE)
+    s = json.load(open(arm / "summary.json"))
+    json.dump({**s, "final_eval": None}, open(arm / "summary.json", "w"))
+    monkeypatch.setenv("FAKE_NO_FINAL_EVAL", "1")
+    capsys.readouterr()
+    assert _run_cli(monkeypatch, python, out) == 1
+    err = capsys.readouterr().err
+    assert "seed1/otr__train=ab_parity_uniform" in err and "without results" in err
+    md = (out / "results.md").read_text()
+    assert md.startswith("# otr-megatron compare: 3 of 4 runs finished")
+    assert "Not in these tables" in md and "seed1/otr__train=ab_parity_uniform" in md
+    assert "no final evaluation" in md
+    assert not (arm / DONE).exists()  # not marked done: the next invocation tries it again
+    res = json.load(open(out / "results.json"))
+    otr_row = next(r for r in res["panels"][0]["rows"] if r["row"] == "otr")
+    assert otr_row["n"] == 1
+    paired = res["panels"][0]["paired"][0]["metrics"]["old/exact_match"]
+    assert paired["n"] == 1 and paired["seeds"] == [2]  # the paired difference says it has one seed
+    study = json.load(open(out / "study.json"))
+    assert study["finished_runs"] == 3 and study["planned_runs"] == 4 and len(study["missing_runs"]) == 1
+
+
+def test_a_done_marker_whose_result_is_gone_runs_the_task_again(tmp_path, monkeypatch):
+    python, log = _fake(tmp_path, monkeypatch)
+    out = tmp_path / "study"
+    Runner(_plan(out), python=python, **QUIET).run()
+    arm = out / "seed2" / "sft"
+    os.remove(arm / "summary.json")
+    n = len(_calls(log))
+    tasks = Runner(_plan(out), python=python, **QUIET).run()
+    again = _calls(log)[n:]
+    assert any(str(arm) in " ".join(c) for c in again)
+    assert {t.name: t.status for t in tasks}["seed2/sft"] == "done"
+    assert json.load(open(arm / "summary.json"))["final_eval"]
+
+
+def test_a_moved_study_keeps_every_run(tmp_path, monkeypatch):
+    python, log = _fake(tmp_path, monkeypatch)
+    out = tmp_path / "study"
+    Runner(_plan(out), python=python, **QUIET).run()
+    moved = tmp_path / "elsewhere" / "study"
+    moved.parent.mkdir()
+    shutil.move(str(out), str(moved))
+    n = len(_calls(log))
+    tasks = Runner(_plan(moved), python=python, **QUIET).run()
+    assert len(_calls(log)) == n and all(t.status == "skipped-done" for t in tasks)
+
+
+def test_a_study_marked_by_the_older_harness_is_still_recognised(tmp_path, monkeypatch):
+    python, log = _fake(tmp_path, monkeypatch)
+    out = tmp_path / "study"
+    runner = Runner(_plan(out), python=python, **QUIET)
+    runner.run()
+    for t in runner.tasks:  # rewrite the arms' markers with the old hash (output path included)
+        if t.kind == "arm":
+            d = json.load(open(os.path.join(t.dir, DONE)))
+            json.dump({**d, "key": t.run.legacy_key}, open(os.path.join(t.dir, DONE), "w"))
+            assert t.run.legacy_key != t.key
+    tasks = Runner(_plan(out), python=python, **QUIET).run()
+    assert all(t.status == "skipped-done" for t in tasks)
+
+
+def test_a_value_swept_twice_in_two_spellings_runs_once_and_says_so(tmp_path, monkeypatch, capsys):
+    s = parse_sweep("finetune_lr=1e-4,0.0001,3e-4")
+    assert s.values == (1e-4, 3e-4) and s.labels == ("1e-4", "3e-4") and s.duplicates == (("0.0001", "1e-4"),)
+    assert parse_sweep("x=1,1.0,true").values == (1, True)  # a bool is not the number 1
+    assert parse_sweep("data.train=[a.jsonl, a.jsonl]").values == ("a.jsonl",)
+    python, log = _fake(tmp_path, monkeypatch)
+    assert _run_cli(monkeypatch, python, tmp_path / "s", "--sweep", "finetune_lr=1e-4,0.0001", "--seeds", "1",
+                    "--losses", "sft") == 0
+    err = capsys.readouterr().err
+    assert "0.0001 is the same value as 1e-4; running that arm once" in err
+    arms = [c for c in _calls(log) if "--resume" in c]
+    assert len(arms) == 1
+
+
+def test_seeds_are_ascii_integers_in_0_to_2_64(tmp_path):
+    assert parse_seeds("0, 18446744073709551615") == [0, 2**64 - 1]
+    for bad, word in (("18446744073709551616", "out of range"), ("-1", "not a seed"), ("\u0661", "not a seed"),
+                      ("1,1", "twice"), ("1.5", "not a seed"), ("", "integers")):
+        with pytest.raises(ConfigError, match=word):
+            parse_seeds(bad)
+    r = subprocess.run([sys.executable, "-W", "ignore", "-m", "otr_megatron.cli", "compare", "--quick", "--dry-run",
+                        "--seeds", "1,18446744073709551616", "-o", str(tmp_path / "x")],
+                       capture_output=True, text=True, timeout=300, env=dict(os.environ, PYTHONPATH=ROOT))
+    assert r.returncode == 2 and r.stderr.count("\n") == 1 and "18446744073709551616" in r.stderr, r.stderr
+
+
+SLOW_TRAIN = r'''#!{python}
+"""Stand-in train job that runs until interrupted (SIGINT: exits 130 as the train job does)."""
+import os, signal, sys, time
+open(os.path.join(os.environ["FAKE_DIR"], f"child.{{os.getpid()}}"), "w").close()
+time.sleep(120)
+'''
+
+DRIVER = r'''
+import functools, sys
+from otr_megatron.compare import cli, runner
+runner.Runner = functools.partial(runner.Runner, python=sys.argv[1])
+sys.exit(cli.main(["--quick", "-o", sys.argv[2], "-j", "2"]))
+'''
+
+
+@pytest.mark.parametrize("sig", [signal.SIGINT, signal.SIGTERM])
+def test_interrupting_compare_is_one_line_and_stops_its_tasks(tmp_path, sig):
+    fake = tmp_path / "slow_python"
+    fake.write_text(SLOW_TRAIN.format(python=sys.executable))
+    fake.chmod(0o755)
+    out = tmp_path / "study"
+    env = dict(os.environ, PYTHONPATH=ROOT, FAKE_DIR=str(tmp_path))
+    proc = subprocess.Popen([sys.executable, "-W", "ignore", "-c", DRIVER, str(fake), str(out)], env=env,
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    deadline = time.monotonic() + 120
+    while not list(tmp_path.glob("child.*")):  # the warm starts are running
+        assert proc.poll() is None and time.monotonic() < deadline, proc.communicate()
+        time.sleep(0.2)
+    children = [int(p.name.split(".")[1]) for p in tmp_path.glob("child.*")]
+    proc.send_signal(sig)
+    stdout, stderr = proc.communicate(timeout=60)
+    assert proc.returncode == 130, stderr
+    assert "Traceback" not in stderr and stderr.strip().count("\n") == 0, stderr
+    assert "interrupted" in stderr and "repeat the same command" in stderr
+    for pid in children:  # no task outlives the harness
+        with pytest.raises(ProcessLookupError):
+            os.kill(pid, 0)
+    assert not list(out.rglob(DONE))  # nothing interrupted is marked done
