@@ -17,6 +17,7 @@ from __future__ import annotations
 import dataclasses
 import errno
 import json
+import logging
 import os
 import re
 import shutil
@@ -332,7 +333,15 @@ def save_checkpoint(trainer, iteration: int) -> str:
                 shutil.rmtree(path)
             os.makedirs(path, exist_ok=True)
         _barrier()
-        dist_checkpointing.save(_state(trainer, iteration, is_loading=False), path)
+        # its writer logs "Local process 0 encountered an error: ..." before raising; the raised error
+        # is reported below (one line for a full disk, the traceback otherwise)
+        writer_log = logging.getLogger("megatron.core.dist_checkpointing.strategies.filesystem_async")
+        level = writer_log.level
+        writer_log.setLevel(logging.CRITICAL)
+        try:
+            dist_checkpointing.save(_state(trainer, iteration, is_loading=False), path)
+        finally:
+            writer_log.setLevel(level)
         _barrier()
         if _rank0():
             write_manifest(path, iteration, {"job": job_record(trainer.cfg), "data": data_position(trainer.cfg, iteration)})

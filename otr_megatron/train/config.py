@@ -496,5 +496,17 @@ def resolve_path(p: str) -> str:
     return os.path.expanduser(p)
 
 
+def _escape_interpolations(v):
+    """A literal string that holds ``${`` (e.g. an --output-dir) is written as OmegaConf's escape
+    ``\\${``, so the dump loads back as the same string rather than as an interpolation."""
+    if isinstance(v, str):
+        return v.replace("${", "\\${")
+    if isinstance(v, dict):
+        return {k: _escape_interpolations(x) for k, x in v.items()}
+    if isinstance(v, list):
+        return [_escape_interpolations(x) for x in v]
+    return v
+
+
 def dump_yaml(cfg: TrainConfig) -> str:
-    return yaml.safe_dump(to_dict(cfg), sort_keys=False)
+    return yaml.safe_dump(_escape_interpolations(to_dict(cfg)), sort_keys=False)

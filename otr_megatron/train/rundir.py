@@ -165,12 +165,16 @@ def check_inputs(cfg: TrainConfig) -> None:
     for key, p in keys:
         if not os.path.isfile(resolve_path(p)):
             raise ConfigError(f"{key}={p!r}: no such file ({resolve_path(p)})")
-    if d.tokenizer != "byte":
-        from otr_megatron.data.tokenizer import tokenizer_dir_problem
+    _check_tokenizer_dir(cfg)
 
-        problem = tokenizer_dir_problem(resolve_path(d.tokenizer))
+
+def _check_tokenizer_dir(cfg: TrainConfig) -> None:
+    from otr_megatron.data.tokenizer import tokenizer_dir_problem
+
+    if cfg.data.tokenizer != "byte":
+        problem = tokenizer_dir_problem(resolve_path(cfg.data.tokenizer))
         if problem:
-            raise ConfigError(f"data.tokenizer={d.tokenizer!r}: {problem}")
+            raise ConfigError(f"data.tokenizer={cfg.data.tokenizer!r}: {problem}")
 
 
 def vocab_size(cfg: TrainConfig) -> int:
@@ -180,6 +184,7 @@ def vocab_size(cfg: TrainConfig) -> int:
 
     if cfg.data.tokenizer == "byte":
         return ByteTokenizer.vocab_size
+    _check_tokenizer_dir(cfg)
     try:
         return int(build_tokenizer(resolve_path(cfg.data.tokenizer)).vocab_size)
     except ImportError as e:
