@@ -207,7 +207,8 @@ class TrainConfig:
                                   "not installed; install it or use model.transformer_impl=local")
         need = memory_estimate(self, vocab_size)
         total = sum(v for v, _ in need.values())
-        limit, what = memory or machine_memory(use_cuda, self.world_size)
+        local = int(os.environ.get("LOCAL_WORLD_SIZE", self.world_size))  # ranks on this host (torchrun sets it)
+        limit, what = memory or machine_memory(use_cuda, max(1, min(local, self.world_size)))
         if total > limit:
             part, (worst, key) = max(need.items(), key=lambda kv: kv[1][0])
             value = _get(self, key)

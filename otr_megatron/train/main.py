@@ -353,6 +353,7 @@ def main(argv: list[str] | None = None) -> int:
                     f"WORLD_SIZE={env_world} from the launcher but tp x pp x dp = "
                     f"{cfg.tp} x {cfg.pp} x {cfg.dp} = {world}; set --dp so that they match"
                 )
+            cfg.check_machine(_use_cuda(cfg), vocab_size(cfg))  # every rank: the same one-line error
             if rank == 0 and not os.environ.get(LOCK_HELD_ENV):
                 # the other ranks wait in the rendezvous of init_process_group until rank 0 is past this
                 lock = prepare_output_dir(cfg, overwrite=args.overwrite)

@@ -384,8 +384,8 @@ def test_sigterm_to_a_dp2_run_stops_every_process_and_resume_is_exact(tmp_path):
     a, b = _steps(full), _steps(cut)
     assert sorted(a) == sorted(b) == [1, 2, 3, 4, 5, 6]
     for it in a:
-        for x, y in zip(a[it], b[it]):
-            assert x == pytest.approx(y, rel=1e-6, abs=1e-9), (it, a[it], b[it])
+        for x, y in zip(a[it], b[it]):  # the hit rate is None in the cross-entropy steps
+            assert (x is None and y is None) or x == pytest.approx(y, rel=1e-6, abs=1e-9), (it, a[it], b[it])
 
 
 @pytest.mark.slow
