@@ -3,12 +3,26 @@
 from __future__ import annotations
 
 import math
+import struct
 from dataclasses import dataclass, fields
 from typing import Any, Mapping
 
 ESTIMATORS = ("sample", "expected", "sft", "dft")
 BACKENDS = ("auto", "torch", "triton")
 NORMALIZATIONS = ("token", "sequence")
+# K's upper bound: the loss keeps [tokens, K] sample columns (int64) and weights (fp32) for the
+# backward, 12 bytes per sample per token, plus [rows, K, block] sampling temporaries; at 2**20
+# (4096x the paper's 256) that is already 12 MiB per supervised token.
+MAX_NUM_SAMPLES = 2**20
+SEED_LIMIT = 2**64  # the sampling stream keys on seed mod 2**64; larger (or negative) seeds would alias
+
+
+def _float32(x: float) -> float:
+    """x rounded to float32 (inf when it overflows), as the kernels see it."""
+    try:
+        return struct.unpack("<f", struct.pack("<f", x))[0]
+    except OverflowError:
+        return math.inf
 
 
 @dataclass(frozen=True)
@@ -49,10 +63,18 @@ class OTRConfig:
     def __post_init__(self):
         if isinstance(self.num_samples, bool) or not isinstance(self.num_samples, int) or self.num_samples < 1:
             raise ValueError(f"OTRConfig.num_samples must be an integer >= 1, got {self.num_samples!r}")
+        if self.num_samples > MAX_NUM_SAMPLES:
+            raise ValueError(f"OTRConfig.num_samples={self.num_samples} exceeds {MAX_NUM_SAMPLES} (2**20, 4096x the "
+                             "paper's 256): the loss keeps 12 bytes per sample per supervised token for the backward")
         t = self.temperature
         if isinstance(t, bool) or not isinstance(t, (int, float)) or not math.isfinite(t) or t <= 0:
             raise ValueError(f"OTRConfig.temperature (kappa) must be a finite number > 0 (paper: about 1.3), "
                              f"got {t!r}")
+        inv = _float32(1.0 / t)
+        if not (math.isfinite(_float32(t)) and math.isfinite(inv) and inv > 0):
+            # the kernels scale the logits by float32(1 / kappa): it must be a finite non-zero float32
+            raise ValueError(f"OTRConfig.temperature (kappa)={t!r}: float32(1 / kappa) = {inv!r} is not a finite "
+                             "number > 0; expected kappa in about [3e-39, 3e38] (paper: about 1.3)")
         b = self.neg_reward
         if isinstance(b, bool) or not isinstance(b, (int, float)) or not -1 <= b <= 0:  # NaN fails too
             raise ValueError(f"OTRConfig.neg_reward (beta) must be a number in [-1, 0] (the paper's beta is "
@@ -63,8 +85,9 @@ class OTRConfig:
             raise ValueError(f"OTRConfig.backend must be one of {BACKENDS}, got {self.backend!r}")
         if self.estimator not in ESTIMATORS:
             raise ValueError(f"OTRConfig.estimator must be one of {ESTIMATORS}, got {self.estimator!r}")
-        if isinstance(self.seed, bool) or not isinstance(self.seed, int):
-            raise ValueError(f"OTRConfig.seed must be an integer, got {self.seed!r}")
+        if isinstance(self.seed, bool) or not isinstance(self.seed, int) or not 0 <= self.seed < SEED_LIMIT:
+            raise ValueError(f"OTRConfig.seed must be an integer in [0, 2**64) (the sampling stream is keyed on 64 "
+                             f"bits), got {self.seed!r}")
         c = self.chunk_tokens
         if c is not None and (isinstance(c, bool) or not isinstance(c, int) or c < 1):
             raise ValueError(f"OTRConfig.chunk_tokens must be None or an integer >= 1, got {c!r}")

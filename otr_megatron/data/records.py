@@ -75,6 +75,9 @@ def validate_record(rec, path: str, line: int, keys: RecordKeys, kind: str = "js
             if m["role"] not in CHAT_ROLES:
                 raise SFTDataError(f"{where}: {keys.messages}[{i}].role={m['role']!r}; expected one of {CHAT_ROLES}")
             _check_text(m["content"], where, f"{keys.messages}[{i}].content")
+            if m["role"] == "assistant" and not m["content"]:  # like an empty pair response: only EOS learned
+                raise SFTDataError(f"{where}: {keys.messages}[{i}] is an assistant turn with empty 'content', "
+                                   "so only the end token would be supervised; expected a non-empty answer")
             n_assistant += m["role"] == "assistant"
         if n_assistant == 0:
             raise SFTDataError(f"{where}: {keys.messages!r} has no assistant turn, so nothing would be supervised")

@@ -40,6 +40,28 @@ class ByteTokenizer:
         return "ByteTokenizer()"
 
 
+# the files a Hugging Face tokenizer directory is loaded from (any one suffices)
+TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "vocab.json", "vocab.txt", "tokenizer.model",
+                   "spiece.model", "sentencepiece.bpe.model")
+
+
+def tokenizer_dir_problem(path: str) -> str | None:
+    """None if `path` looks like a local tokenizer directory, else what is wrong with it; checked
+    before `transformers` is imported, so an empty directory is named as such and never reported
+    as a missing package or a hub lookup."""
+    if not os.path.isdir(path):
+        return f"{path!r} is not a directory; expected 'byte' or a local Hugging Face tokenizer directory"
+    try:
+        names = set(os.listdir(path))
+    except OSError as e:
+        return f"{path!r} cannot be listed ({type(e).__name__}: {e.strerror or e})"
+    if not names & set(TOKENIZER_FILES):
+        held = f"it holds {len(names)} other file{'s' if len(names) != 1 else ''}" if names else "it is empty"
+        return (f"{path!r} holds no tokenizer file ({held}); expected one of {', '.join(TOKENIZER_FILES)} "
+                "(e.g. from tokenizer.save_pretrained(dir))")
+    return None
+
+
 class HFTokenizer:
     """A Hugging Face tokenizer loaded from a local directory (never the hub).
 
@@ -48,11 +70,9 @@ class HFTokenizer:
     """
 
     def __init__(self, path: str):
-        if not os.path.isdir(path):
-            raise FileNotFoundError(
-                f"tokenizer path {path!r} is not a directory; expected a local Hugging Face tokenizer "
-                "directory (tokenizer.json / tokenizer_config.json); hub names are not fetched"
-            )
+        problem = tokenizer_dir_problem(path)
+        if problem:
+            raise FileNotFoundError(f"tokenizer {problem}; hub names are not fetched")
         try:
             from transformers import AutoTokenizer
         except ImportError as e:  # pragma: no cover - depends on the environment

@@ -14,18 +14,169 @@ checked to be finite (`Trainer.check_params`), so ``latest`` never names diverge
 
 from __future__ import annotations
 
+import dataclasses
+import errno
 import json
+import logging
 import os
 import re
 import shutil
 
 import torch
 
-from otr_megatron.train.errors import CheckpointError
+from otr_megatron.train.errors import CheckpointError, NothingToDo
 
 LATEST = "latest"
 MANIFEST = "otr_manifest.json"
 _ITER_DIR = re.compile(r"^iter_(\d{7,})$")
+# Settings a resume must keep: the weights' shapes (a changed one cannot load) and the data stream.
+JOB_MODEL_KEYS = ("num_layers", "hidden_size", "num_attention_heads", "ffn_hidden_size", "position_embedding_type",
+                  "share_embeddings_and_output_weights", "transformer_impl")
+NO_SPACE = (errno.ENOSPC, errno.EDQUOT)
+
+
+def checkpoint_errors() -> tuple[type[BaseException], ...]:
+    """What a failed distributed-checkpoint save or load raises: any Exception, and torch's
+    `CheckpointException`, which derives from BaseException (so `except Exception` misses it) and
+    carries every rank's failure. KeyboardInterrupt and SystemExit stay out on purpose."""
+    try:
+        from torch.distributed.checkpoint.api import CheckpointException
+    except ImportError:  # pragma: no cover - torch without distributed checkpointing
+        return (Exception,)
+    return (Exception, CheckpointException)
+
+
+def root_causes(e: BaseException) -> list[BaseException]:
+    """`e`, its causes and contexts, and for a CheckpointException each rank's failure, in order."""
+    out, todo, seen = [], [e], set()
+    while todo:
+        x = todo.pop(0)
+        if x is None or id(x) in seen:
+            continue
+        seen.add(id(x))
+        out.append(x)
+        for failure in (getattr(x, "failures", None) or {}).values():  # {rank: (exception, traceback)}
+            todo.append(failure[0] if isinstance(failure, tuple) else failure)
+        todo += [x.__cause__, x.__context__]
+    return out
+
+
+def describe(e: BaseException) -> str:
+    """One line for an exception: the innermost rank failure of a CheckpointException (its own text
+    is a dict of tracebacks), else the exception itself, as ``Type: first line``."""
+    causes = root_causes(e)
+    pick = next((c for c in causes[1:] if type(c).__name__ != "CheckpointException"), causes[0]) \
+        if type(e).__name__ == "CheckpointException" else e
+    text = (str(pick).strip().splitlines() or [""])[0]
+    if len(text) > 240:  # e.g. a KeyError that lists every key of the checkpoint
+        text = text[:240] + " ..."
+    return f"{type(pick).__name__}: {text}".rstrip(": ")
+
+
+def is_disk_full(e: BaseException, path: str | None = None) -> bool:
+    """An out-of-space failure: an OSError with ENOSPC/EDQUOT anywhere in `e`, or (torch's zip
+    writer only says ``unexpected pos 704 vs 598``) a filesystem under `path` with < 1 MiB free."""
+    for c in root_causes(e):
+        if isinstance(c, OSError) and c.errno in NO_SPACE or "No space left on device" in str(c):
+            return True
+    return path is not None and free_bytes(path) < 2**20
+
+
+def free_bytes(path: str) -> int:
+    """Free bytes of the filesystem holding `path` (or its nearest existing parent)."""
+    p = os.path.abspath(path)
+    while not os.path.exists(p) and os.path.dirname(p) != p:
+        p = os.path.dirname(p)
+    try:
+        return shutil.disk_usage(p).free
+    except OSError:
+        return 2**62
+
+
+def job_record(cfg) -> dict:
+    """What a checkpoint must match to be continued: {key: value} with train-config key names."""
+    rec = {"seed": cfg.seed, "global_batch_size": cfg.global_batch_size}
+    rec.update({f"model.{k}": getattr(cfg.model, k) for k in JOB_MODEL_KEYS})
+    if cfg.model.position_embedding_type == "learned_absolute":  # its table has seq_length rows
+        rec["data.seq_length"] = cfg.data.seq_length
+    return rec
+
+
+def job_problem(cfg, saved: dict, path: str) -> str | None:
+    """None if this run may continue a checkpoint written with job record `saved`, else the line."""
+    now = job_record(cfg)
+    changed = [(k, saved[k], now.get(k)) for k in saved if k in now and saved[k] != now[k]]
+    if not changed:
+        return None
+    was = ", ".join(f"{k}={v!r}" for k, v, _ in changed)
+    has = ", ".join(f"{k}={v!r}" for k, _, v in changed)
+    return (f"--resume: checkpoint {path} was written with {was}; this run has {has}: a resume continues the same "
+            "model and data stream; restore those settings, or start a fresh run in another --output-dir")
+
+
+def stage_problem(cfg, iteration: int, data: dict, path: str) -> str | None:
+    """None if this run's stages put the checkpoint's data position where it was, else the line.
+
+    The checkpoint at `iteration` has done `ce` warm-start (cross-entropy) steps and the rest
+    fine-tuning steps; this run counts min(iteration, pretrain_iters) of the first kind. If those
+    differ, the data stream and the loss would not continue (e.g. cross entropy again after an OTR
+    step); refused rather than silently retrained."""
+    k = int(data["consumed_samples"]) // max(int(data["global_batch_size"]), 1)
+    ce = k if data["stage"] == "pretrain" else iteration - k
+    ce_now = min(iteration, cfg.pretrain_iters)
+    if ce == ce_now:
+        return None
+    ft = iteration - ce
+    fix = f"pretrain_iters={ce}" if ft else f"pretrain_iters >= {iteration}"
+    return (f"--resume: checkpoint {path} is at iteration {iteration} after {ce} warm-start (cross-entropy) and {ft} "
+            f"fine-tuning step(s); with pretrain_iters={cfg.pretrain_iters} this run would count {ce_now} and "
+            f"{iteration - ce_now}, so neither the data position nor the loss would continue where it stopped; "
+            f"resume with {fix}")
+
+
+@dataclasses.dataclass
+class ResumeInfo:
+    """The checkpoint `--resume` continues from, as the launcher checked it."""
+
+    path: str
+    note: str | None
+    iteration: int
+
+
+def read_manifest(path: str) -> dict:
+    try:
+        with open(os.path.join(path, MANIFEST), encoding="utf-8") as f:
+            rec = json.load(f)
+        return rec if isinstance(rec, dict) else {}
+    except (OSError, ValueError):
+        return {}
+
+
+def inspect_resume(cfg, root: str) -> ResumeInfo:
+    """In the launcher, before any worker: the checkpoint to continue, checked against this run's
+    settings from its manifest (older checkpoints without those records are checked on load).
+    Raises CheckpointError, or NothingToDo when the checkpoint is at or past the run's last
+    iteration and the run's summary.json exists (it is left as it is)."""
+    path, note = select_checkpoint(root)
+    manifest = read_manifest(path)
+    m = _ITER_DIR.match(os.path.basename(path))
+    iteration = int(manifest.get("iteration", int(m.group(1)) if m else 0))
+    if isinstance(manifest.get("job"), dict):
+        problem = job_problem(cfg, manifest["job"], path)
+        if problem:
+            raise CheckpointError(problem)
+    if isinstance(manifest.get("data"), dict):
+        problem = stage_problem(cfg, iteration, manifest["data"], path)
+        if problem:
+            raise CheckpointError(problem)
+    summary = os.path.join(os.path.dirname(root), "summary.json")
+    if iteration >= cfg.total_iters and os.path.isfile(summary):
+        raise NothingToDo(
+            f"nothing to do: checkpoint {path} is at iteration {iteration} and this run has pretrain_iters + "
+            f"finetune_iters = {cfg.total_iters}; the run's results are unchanged ({summary}); raise finetune_iters "
+            "to train further"
+        )
+    return ResumeInfo(path, note, iteration)
 
 
 def _barrier():
@@ -44,15 +195,26 @@ def _state(trainer, iteration: int, is_loading: bool) -> dict:
         raise NotImplementedError("checkpointing with virtual pipeline chunks is not supported by the train job")
     model_sd = unwrap_model(trainer.model[0]).sharded_state_dict()
     cfg = trainer.cfg
-    stage, k = trainer._stage_of(iteration) if iteration < cfg.total_iters else ("finetune", cfg.finetune_iters)
-    return {
+    state = {
         "model": model_sd,
         "optimizer": trainer.optimizer.sharded_state_dict(model_sd, is_loading=is_loading),
         "iteration": iteration,
         # Data position: the next global batch of `stage` starts at this stream position.
-        "data": {"stage": stage, "consumed_samples": k * cfg.global_batch_size, "seed": cfg.seed,
-                 "global_batch_size": cfg.global_batch_size},
+        "data": data_position(cfg, iteration),
     }
+    if not is_loading:  # older checkpoints lack it; it is read with load_common_state_dict
+        state["job"] = job_record(cfg)
+    return state
+
+
+def data_position(cfg, iteration: int) -> dict:
+    stage, k = _stage_of(cfg, iteration) if iteration < cfg.total_iters else ("finetune", cfg.finetune_iters)
+    return {"stage": stage, "consumed_samples": k * cfg.global_batch_size, "seed": cfg.seed,
+            "global_batch_size": cfg.global_batch_size}
+
+
+def _stage_of(cfg, it: int) -> tuple[str, int]:
+    return ("pretrain", it) if it < cfg.pretrain_iters else ("finetune", it - cfg.pretrain_iters)
 
 
 def _list_files(path: str) -> dict[str, int]:
@@ -66,12 +228,13 @@ def _list_files(path: str) -> dict[str, int]:
     return out
 
 
-def write_manifest(path: str, iteration: int) -> None:
-    """Record every file of a finished checkpoint with its size (written atomically)."""
+def write_manifest(path: str, iteration: int, extra: dict | None = None) -> None:
+    """Record every file of a finished checkpoint with its size (written atomically), and `extra`
+    (the job record and data position, which the launcher checks a --resume against)."""
     files = _list_files(path)  # before the .tmp below exists
     tmp = os.path.join(path, MANIFEST + ".tmp")
     with open(tmp, "w", encoding="utf-8") as f:
-        json.dump({"iteration": iteration, "files": files}, f, indent=1, sort_keys=True)
+        json.dump({"iteration": iteration, "files": files, **(extra or {})}, f, indent=1, sort_keys=True)
         f.flush()
         os.fsync(f.fileno())
     os.replace(tmp, os.path.join(path, MANIFEST))
@@ -164,21 +327,53 @@ def save_checkpoint(trainer, iteration: int) -> str:
 
     name = f"iter_{iteration:07d}"
     path = os.path.join(trainer.ckpt_root, name)
-    if _rank0():
-        if os.path.isdir(path):  # left by a crash or by the part of this run before a resume fallback
-            shutil.rmtree(path)
-        os.makedirs(path, exist_ok=True)
-    _barrier()
-    dist_checkpointing.save(_state(trainer, iteration, is_loading=False), path)
-    _barrier()
-    if _rank0():
-        write_manifest(path, iteration)
-        tmp = os.path.join(trainer.ckpt_root, LATEST + ".tmp")
-        with open(tmp, "w", encoding="utf-8") as f:
-            f.write(name + "\n")
-        os.replace(tmp, os.path.join(trainer.ckpt_root, LATEST))
+    try:
+        if _rank0():
+            if os.path.isdir(path):  # left by a crash or by the part of this run before a resume fallback
+                shutil.rmtree(path)
+            os.makedirs(path, exist_ok=True)
+        _barrier()
+        # its writer logs "Local process 0 encountered an error: ..." before raising; the raised error
+        # is reported below (one line for a full disk, the traceback otherwise)
+        writer_log = logging.getLogger("megatron.core.dist_checkpointing.strategies.filesystem_async")
+        level = writer_log.level
+        writer_log.setLevel(logging.CRITICAL)
+        try:
+            dist_checkpointing.save(_state(trainer, iteration, is_loading=False), path)
+        finally:
+            writer_log.setLevel(level)
+        _barrier()
+        if _rank0():
+            write_manifest(path, iteration, {"job": job_record(trainer.cfg), "data": data_position(trainer.cfg, iteration)})
+            tmp = os.path.join(trainer.ckpt_root, LATEST + ".tmp")
+            with open(tmp, "w", encoding="utf-8") as f:
+                f.write(name + "\n")
+            os.replace(tmp, os.path.join(trainer.ckpt_root, LATEST))
+    except checkpoint_errors() as e:
+        if not is_disk_full(e, path):
+            raise  # not the user's to fix: keep the traceback
+        raise CheckpointError(_disk_full_message(trainer.ckpt_root, path, iteration)) from None
     _barrier()
     return path
+
+
+def _disk_full_message(root: str, path: str, iteration: int) -> str:
+    """The line for a save that ran out of space; removes the partial directory (never a resume
+    candidate: it has no manifest, and ``latest`` was not moved) to give the space back."""
+    free = free_bytes(root)
+    if _rank0():
+        shutil.rmtree(path, ignore_errors=True)
+        try:
+            os.remove(os.path.join(root, LATEST + ".tmp"))
+        except OSError:
+            pass
+    try:
+        with open(os.path.join(root, LATEST), encoding="utf-8") as f:
+            kept = f"the latest checkpoint is still {os.path.join(root, f.read().strip())}"
+    except OSError:
+        kept = "no earlier checkpoint"
+    return (f"no space left on device while saving checkpoint iteration {iteration} to {path} "
+            f"({free // 1024} KiB were free); the partial save was removed and {kept}; free some space, then --resume")
 
 
 def load_checkpoint(trainer, path: str) -> int:
@@ -187,25 +382,41 @@ def load_checkpoint(trainer, path: str) -> int:
 
     from otr_megatron.mcore.hook import unwrap_model
 
+    cfg = trainer.cfg
     try:
         # peek at the saved iteration (0.16 keeps it in common.pt, 0.19 inside the .distcp files)
-        iteration = int(dist_checkpointing.load_common_state_dict(path)["iteration"])
+        common = dist_checkpointing.load_common_state_dict(path)
+        iteration = int(common["iteration"])
+    except checkpoint_errors() as e:
+        raise CheckpointError(f"--resume: could not read checkpoint {path} ({describe(e)}); point "
+                              f"{os.path.join(os.path.dirname(path), LATEST)} at an older iter_* directory or start "
+                              "fresh") from None
+    # before the tensors: what changed is named here, not as a shape mismatch deep in the loader
+    problem = (job_problem(cfg, common["job"], path) if isinstance(common.get("job"), dict) else None) \
+        or _data_problem(cfg, iteration, common.get("data"), path)
+    if problem:
+        raise CheckpointError(problem)
+    try:
         state = _state(trainer, iteration, is_loading=True)
         loaded = dist_checkpointing.load(state, path)
-    except Exception as e:  # complete by its manifest, yet unreadable: name it, no megatron traceback
+    except checkpoint_errors() as e:  # complete by its manifest, yet unloadable into this model
         raise CheckpointError(
-            f"--resume: could not read checkpoint {path} ({type(e).__name__}: {e}); point "
-            f"{os.path.join(os.path.dirname(path), LATEST)} at an older iter_* directory or start fresh"
-        ) from e
+            f"--resume: could not load checkpoint {path} into this model ({describe(e)}); a resume needs the "
+            "model settings it was written with (model.*, data.seq_length for learned_absolute positions), or point "
+            f"{os.path.join(os.path.dirname(path), LATEST)} at an older iter_* directory, or start fresh"
+        ) from None
     unwrap_model(trainer.model[0]).load_state_dict(loaded["model"])
     trainer.optimizer.load_state_dict(loaded["optimizer"])
-    data = loaded["data"]
-    cfg = trainer.cfg
-    if data["global_batch_size"] != cfg.global_batch_size or data["seed"] != cfg.seed:
-        raise CheckpointError(
-            f"--resume: checkpoint {path} was written with global_batch_size={data['global_batch_size']}, "
-            f"seed={data['seed']}; this run has global_batch_size={cfg.global_batch_size}, seed={cfg.seed}: "
-            "the data stream would not continue where it stopped"
-        )
     trainer.iteration = iteration
     return iteration
+
+
+def _data_problem(cfg, iteration: int, data, path: str) -> str | None:
+    """The data stream of the checkpoint (seed, batch size, stage position) against this run's."""
+    if not isinstance(data, dict):
+        return None
+    if data["global_batch_size"] != cfg.global_batch_size or data["seed"] != cfg.seed:
+        return (f"--resume: checkpoint {path} was written with global_batch_size={data['global_batch_size']}, "
+                f"seed={data['seed']}; this run has global_batch_size={cfg.global_batch_size}, seed={cfg.seed}: "
+                "the data stream would not continue where it stopped")
+    return stage_problem(cfg, iteration, data, path)

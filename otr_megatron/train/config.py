@@ -31,6 +31,8 @@ ASSETS_PREFIX = "assets:"
 LOSSES = ("otr", "otr-expected", "sft", "dft")
 LOSS_TO_ESTIMATOR = {"otr": "sample", "otr-expected": "expected", "sft": "sft", "dft": "dft"}  # core estimator
 JOB_OWNED_OTR_KEYS = {"estimator": "loss", "seed": "seed"}  # otr.KEY -> the job key it follows
+SEED_LIMIT = 2**63
+GIB = 2**30
 
 
 class ConfigError(ValueError):
@@ -125,7 +127,8 @@ class TrainConfig:
     def __post_init__(self):
         """`otr.estimator` and `otr.seed` follow `loss` and `seed`, so `otr` reads as the fine-tuning
         stage's settings wherever it is printed (an unknown loss is left to `validate`)."""
-        if self.loss in LOSSES and isinstance(self.otr, OTRConfig):
+        seed_ok = not isinstance(self.seed, bool) and isinstance(self.seed, int) and 0 <= self.seed < SEED_LIMIT
+        if self.loss in LOSSES and isinstance(self.otr, OTRConfig) and seed_ok:  # a bad seed: `validate` says so
             self.otr = dataclasses.replace(self.otr, estimator=LOSS_TO_ESTIMATOR[self.loss], seed=self.seed)
 
     @property
@@ -145,6 +148,9 @@ class TrainConfig:
         """
         if self.loss not in LOSSES:
             raise ConfigError(f"loss={self.loss!r}; expected one of {LOSSES}")
+        if isinstance(self.seed, bool) or not isinstance(self.seed, int) or not 0 <= self.seed < SEED_LIMIT:
+            raise ConfigError(f"seed={self.seed}; expected an integer in [0, 2**63) (megatron-core adds offsets to "
+                              "it for its 64-bit RNG-tracker seeds)")
         for k in ("tp", "pp", "dp", "micro_batch_size", "global_batch_size"):
             if getattr(self, k) < 1:
                 raise ConfigError(f"{k}={getattr(self, k)}; expected a positive integer")
@@ -177,6 +183,42 @@ class TrainConfig:
                 raise ConfigError(f"data.{k}=[] but {'pretrain' if k == 'pretrain' else 'finetune'}_iters > 0; "
                                   "expected one or more data files")
         self.core_otr_config()  # the core's own rules for K, kappa, beta, normalization
+        return self
+
+    def check_machine(self, use_cuda: bool, vocab_size: int, memory: tuple[int, str] | None = None) -> "TrainConfig":
+        """The checks that depend on where the job runs, in the launching process after `validate`
+        (also before any data, model or worker exists): bf16 and Transformer Engine need CUDA (and
+        TE installed), and the job must fit the memory of a rank. The estimate (`memory_estimate`)
+        is a lower bound, so a refused job could not have run; `memory` is (bytes per rank, what it
+        is), default `machine_memory`."""
+        m = self.model
+        where = "device=cpu" if self.device == "cpu" else f"device={self.device} found no CUDA device"
+        if m.bf16 and not use_cuda:
+            raise ConfigError(f"model.bf16=true needs a CUDA GPU; this run is on the CPU ({where}); "
+                              "set model.bf16=false (the CPU backend trains in float32)")
+        if m.transformer_impl == "transformer_engine":
+            import importlib.util
+
+            if not use_cuda:
+                raise ConfigError(f"model.transformer_impl='transformer_engine' needs a CUDA GPU; this run is on the "
+                                  f"CPU ({where}); use model.transformer_impl=local")
+            if importlib.util.find_spec("transformer_engine") is None:
+                raise ConfigError("model.transformer_impl='transformer_engine' but the transformer_engine package is "
+                                  "not installed; install it or use model.transformer_impl=local")
+        need = memory_estimate(self, vocab_size)
+        total = sum(v for v, _ in need.values())
+        local = int(os.environ.get("LOCAL_WORLD_SIZE", self.world_size))  # ranks on this host (torchrun sets it)
+        limit, what = memory or machine_memory(use_cuda, max(1, min(local, self.world_size)))
+        if total > limit:
+            part, (worst, key) = max(need.items(), key=lambda kv: kv[1][0])
+            value = _get(self, key)
+            parts = ", ".join(f"{n} ~{_gib(v)}" for n, (v, _) in need.items() if v >= total / 100)
+            raise ConfigError(
+                f"{key}={value} needs ~{_gib(total)} per rank ({parts}; a lower bound) but a rank has {_gib(limit)} "
+                f"on this machine ({what}); "
+                f"lower {key}{' or micro_batch_size' if key == 'data.seq_length' else ''}"
+                f"{', or raise tp/pp' if part != 'OTR samples' else ''}"
+            )
         return self
 
     def core_otr_config(self, mode: str | None = None) -> OTRConfig:
@@ -248,6 +290,9 @@ class TrainConfig:
             raise ConfigError(f"model.ffn_hidden_size={m.ffn_hidden_size} is not divisible by tp={self.tp}")
         if m.num_layers % self.pp:
             raise ConfigError(f"model.num_layers={m.num_layers} is not divisible by pp={self.pp}")
+        if m.sequence_parallel and self.tp == 1:
+            raise ConfigError("model.sequence_parallel=true needs tp > 1 (it splits the sequence over the "
+                              "tensor-parallel ranks); set tp or model.sequence_parallel=false")
         if m.sequence_parallel and self.data.seq_length % self.tp:
             raise ConfigError(f"data.seq_length={self.data.seq_length} must be divisible by tp={self.tp} with sequence_parallel")
         for k in ("hidden_dropout", "attention_dropout"):
@@ -261,6 +306,69 @@ class TrainConfig:
             raise ConfigError(f"model.fp8={m.fp8!r}; expected null, 'hybrid' or 'e4m3'")
         if m.fp8 is not None and m.transformer_impl != "transformer_engine":
             raise ConfigError(f"model.fp8={m.fp8!r} needs model.transformer_impl='transformer_engine'")
+
+
+def _get(cfg, key: str):
+    for part in key.split("."):
+        cfg = getattr(cfg, part)
+    return cfg
+
+
+def _gib(n: float) -> str:
+    """Bytes in GiB, TiB or PiB, three significant digits."""
+    for unit, scale in (("PiB", 2**50), ("TiB", 2**40)):
+        if n >= scale:
+            return f"{n / scale:.3g} {unit}"
+    return f"{n / GIB:.3g} GiB"
+
+
+def memory_estimate(cfg: TrainConfig, vocab_size: int) -> dict[str, tuple[float, str]]:
+    """Bytes one rank needs at least, per part: {part: (bytes, the key that sets its size)}.
+
+    A deliberate lower bound (biases, norms, pipeline micro-batches in flight and allocator slack
+    left out), so `check_machine` refuses only jobs that cannot run: weights 16 bytes per
+    parameter (fp32 weight, fp32 gradient, Adam's two moments), the logits and their gradient in
+    fp32, the unfused local attention's [b, heads/tp, s, s] probabilities kept per layer for the
+    backward, four fp32 [s, b, h] activations per layer, and the OTR sample columns and weights
+    (12 bytes per sample per token)."""
+    m, d = cfg.model, cfg.data
+    tp, pp = cfg.tp, cfg.pp
+    div = m.make_vocab_size_divisible_by * tp
+    vp = -(-vocab_size // div) * div
+    h, f, s, b = m.hidden_size, m.ffn_hidden_size, d.seq_length, cfg.micro_batch_size
+    layers = m.num_layers / pp
+    params = layers * (4 * h * h + 2 * h * f) / tp + vp * h / tp
+    if m.position_embedding_type == "learned_absolute":
+        params += s * h
+    out = {
+        "weights and Adam state": (16.0 * params, "model.hidden_size"),
+        "logits": (2 * 4.0 * b * s * vp / tp, "data.seq_length"),
+        "activations": (layers * 4 * 4.0 * s * b * h, "data.seq_length"),
+    }
+    if m.transformer_impl == "local":
+        out["attention scores"] = (layers * 4.0 * b * (m.num_attention_heads / tp) * s * s, "data.seq_length")
+    if cfg.finetune_iters > 0 and cfg.loss == "otr":
+        out["OTR samples"] = (12.0 * b * s * cfg.otr.num_samples, "otr.num_samples")
+    return out
+
+
+def machine_memory(use_cuda: bool, world: int) -> tuple[int, str]:
+    """(bytes per rank, a description): a GPU's memory, or this host's RAM (the cgroup limit if
+    lower) shared by the `world` processes a CPU job runs on it."""
+    if use_cuda:
+        import torch
+
+        props = torch.cuda.get_device_properties(torch.cuda.current_device())
+        return int(props.total_memory), f"GPU memory of the {props.name}"
+    ram = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
+    for path in ("/sys/fs/cgroup/memory.max", "/sys/fs/cgroup/memory/memory.limit_in_bytes"):
+        try:
+            with open(path, encoding="utf-8") as fh:
+                ram = min(ram, int(fh.read().strip()))
+        except (OSError, ValueError):  # absent, or "max"
+            continue
+    share = f", shared by {world} processes" if world > 1 else ""
+    return ram // world, f"{_gib(ram)} of RAM{share}"
 
 
 # ----------------------------------------------------------------------------------------------
@@ -312,12 +420,16 @@ class _Builder:
         for k, v in data.items():
             self.set(str(k), v)
 
-    def build(self):
+    def build(self, literal: typing.Mapping[str, typing.Any] | None = None):
+        """The typed config; `literal` top-level values (command-line flags) replace the built ones as
+        given, never parsed as YAML nor resolved as interpolations (``-o 'runs/exp #2'`` stays that)."""
         from omegaconf import OmegaConf
         from omegaconf.errors import OmegaConfBaseException
 
         try:
             cfg = OmegaConf.to_object(self.conf)
+            if literal:
+                cfg = dataclasses.replace(cfg, **literal)  # re-runs __post_init__ (loss -> otr.estimator)
         except OmegaConfBaseException as e:  # e.g. an interpolation ${...} that does not resolve
             raise ConfigError(f"{e.full_key}: {str(e).splitlines()[0]}") from None
         except ValueError as e:  # the core OTRConfig's own checks
@@ -349,8 +461,10 @@ def to_dict(cfg: TrainConfig) -> dict:
     return d
 
 
-def load_config(path: str | None = None, overrides: typing.Sequence[str] = ()) -> TrainConfig:
-    """Defaults, then the YAML file (if any), then each override, then cross-field validation."""
+def load_config(path: str | None = None, overrides: typing.Sequence[str] = (),
+                literal: typing.Mapping[str, typing.Any] | None = None) -> TrainConfig:
+    """Defaults, then the YAML file (if any), then each override, then the `literal` values (flags
+    such as --output-dir: taken as given), then cross-field validation."""
     b = _Builder()
     if path:
         try:
@@ -366,7 +480,10 @@ def load_config(path: str | None = None, overrides: typing.Sequence[str] = ()) -
             b.set(*parse_override(text))
         except OverrideError as e:
             raise ConfigError(str(e)) from None
-    return b.build().validate()
+    unknown = set(literal or ()) - {f.name for f in dataclasses.fields(TrainConfig)}
+    if unknown:
+        raise ConfigError(f"unknown top-level keys {sorted(unknown)}")
+    return b.build(literal).validate()
 
 
 def assets_dir() -> str:
@@ -380,5 +497,17 @@ def resolve_path(p: str) -> str:
     return os.path.expanduser(p)
 
 
+def _escape_interpolations(v):
+    """A literal string that holds ``${`` (e.g. an --output-dir) is written as OmegaConf's escape
+    ``\\${``, so the dump loads back as the same string rather than as an interpolation."""
+    if isinstance(v, str):
+        return v.replace("${", "\\${")
+    if isinstance(v, dict):
+        return {k: _escape_interpolations(x) for k, x in v.items()}
+    if isinstance(v, list):
+        return [_escape_interpolations(x) for x in v]
+    return v
+
+
 def dump_yaml(cfg: TrainConfig) -> str:
-    return yaml.safe_dump(to_dict(cfg), sort_keys=False)
+    return yaml.safe_dump(_escape_interpolations(to_dict(cfg)), sort_keys=False)

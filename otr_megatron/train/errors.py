@@ -31,6 +31,28 @@ class DivergenceError(TrainJobError):
     exit_code = 1
 
 
+class NothingToDo(TrainJobError):
+    """--resume of a run whose checkpoint is at or past its last iteration: nothing is trained or
+    written (the run's summary.json and metrics stay as they are); reported as one line, exit 0."""
+
+    exit_code = 0
+
+
+class DiskFullError(TrainJobError):
+    """A write failed because the filesystem is full (or over quota)."""
+
+
+def as_user_error(e: BaseException) -> TrainJobError | None:
+    """A user error for an OSError the user has to fix (no space left), else None (a bug)."""
+    import errno
+
+    if isinstance(e, OSError) and e.errno in (errno.ENOSPC, errno.EDQUOT):
+        where = f" writing {e.filename}" if e.filename else ""
+        return DiskFullError(f"no space left on device{where} ({e.strerror}); free some space, then --resume "
+                             "(checkpoints are only ever replaced by complete ones)")
+    return None
+
+
 def user_errors() -> tuple[type[BaseException], ...]:
     """The exception types reported as one line (imported lazily: data pulls in `datasets`)."""
     from otr_megatron.data.records import SFTDataError
@@ -46,4 +68,6 @@ def exit_code(e: BaseException) -> int:
 def error_line(e: BaseException) -> str:
     """The single line printed for a user error (newlines inside the message are folded)."""
     msg = " ".join(str(e).split("\n")).strip() or type(e).__name__
+    if isinstance(e, NothingToDo):
+        return f"otr-megatron train: {msg}"
     return f"otr-megatron train: error: {msg}"

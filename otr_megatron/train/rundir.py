@@ -62,6 +62,7 @@ class RunLock:
     def __init__(self, out: str):
         self.path = os.path.join(out, LOCK_NAME)
         self.held = False
+        self.resume = None  # the ResumeInfo `prepare_output_dir` checked, for --resume
 
     def _record(self) -> dict:
         return {
@@ -164,14 +165,53 @@ def check_inputs(cfg: TrainConfig) -> None:
     for key, p in keys:
         if not os.path.isfile(resolve_path(p)):
             raise ConfigError(f"{key}={p!r}: no such file ({resolve_path(p)})")
-    if d.tokenizer != "byte" and not os.path.isdir(resolve_path(d.tokenizer)):
-        raise ConfigError(f"data.tokenizer={d.tokenizer!r}: expected 'byte' or a local tokenizer directory")
+    _check_tokenizer_dir(cfg)
+
+
+def _check_tokenizer_dir(cfg: TrainConfig) -> None:
+    from otr_megatron.data.tokenizer import tokenizer_dir_problem
+
+    if cfg.data.tokenizer != "byte":
+        problem = tokenizer_dir_problem(resolve_path(cfg.data.tokenizer))
+        if problem:
+            raise ConfigError(f"data.tokenizer={cfg.data.tokenizer!r}: {problem}")
+
+
+def vocab_size(cfg: TrainConfig) -> int:
+    """The tokenizer's real vocabulary, loaded here in the launcher (so a directory that does not
+    load is one line before any worker, and the memory check knows the logits' width)."""
+    from otr_megatron.data.tokenizer import ByteTokenizer, build_tokenizer
+
+    if cfg.data.tokenizer == "byte":
+        return ByteTokenizer.vocab_size
+    _check_tokenizer_dir(cfg)
+    try:
+        return int(build_tokenizer(resolve_path(cfg.data.tokenizer)).vocab_size)
+    except ImportError as e:
+        raise ConfigError(f"data.tokenizer={cfg.data.tokenizer!r} needs the `transformers` package ({e}); install "
+                          "it or use data.tokenizer=byte") from None
+    except (OSError, ValueError, TypeError, KeyError) as e:
+        first = (str(e).strip().splitlines() or [""])[0]
+        raise ConfigError(f"data.tokenizer={cfg.data.tokenizer!r}: the directory does not load as a tokenizer "
+                          f"({type(e).__name__}: {first})") from None
+
+
+def _remove_result(out: str, name: str) -> None:
+    """Remove one result entry of `out` itself: a symlink is unlinked, never followed, so
+    --overwrite deletes nothing outside the named directory."""
+    p = os.path.join(out, name.rstrip("/"))
+    if os.path.islink(p) or not os.path.isdir(p):
+        os.remove(p)
+    else:
+        shutil.rmtree(p)
 
 
 def prepare_output_dir(cfg: TrainConfig, overwrite: bool = False, log=print) -> RunLock:
     """All output-directory checks and the lock, in the launching process. Returns the held lock
-    (the caller releases it when the job ends); raises RunDirError/CheckpointError/ConfigError."""
-    from otr_megatron.train.checkpoint import select_checkpoint
+    (the caller releases it when the job ends; for --resume `lock.resume` is the checked
+    checkpoint); raises RunDirError/CheckpointError/ConfigError, or NothingToDo (a --resume of a
+    finished run: nothing is written)."""
+    from otr_megatron.train.checkpoint import inspect_resume
 
     out = cfg.output_dir
     if cfg.resume and overwrite:
@@ -190,8 +230,8 @@ def prepare_output_dir(cfg: TrainConfig, overwrite: bool = False, log=print) -> 
     try:
         if note:
             log(f"lock  {note}")
-        if cfg.resume:
-            select_checkpoint(os.path.join(out, "checkpoints"))  # raises if there is nothing to resume
+        if cfg.resume:  # raises if there is nothing to resume, or it was written with other settings
+            lock.resume = inspect_resume(cfg, os.path.join(out, "checkpoints"))
         else:
             found = existing_results(out)
             if found and not overwrite:
@@ -200,8 +240,7 @@ def prepare_output_dir(cfg: TrainConfig, overwrite: bool = False, log=print) -> 
                     "continue it with --resume, replace it with --overwrite, or choose another --output-dir"
                 )
             for name in found:
-                p = os.path.join(out, name.rstrip("/"))
-                shutil.rmtree(p) if os.path.isdir(p) else os.remove(p)
+                _remove_result(out, name)
             if found:
                 log(f"overwrite: removed {', '.join(found)} from {out}")
     except OSError as e:

@@ -413,13 +413,20 @@ class Trainer:
     # -- the job -------------------------------------------------------------------------------
     def run(self) -> dict:
         cfg = self.cfg
+        resumed = self.maybe_resume()  # a refused resume raises here, before anything is written
+        if _rank0() and not resumed and os.path.exists(self.metrics_path):  # the launcher checks this first
+            raise RunDirError(f"{self.metrics_path} exists: a fresh run never deletes results (use --overwrite)")
+        summary_path = os.path.join(self.out, "summary.json")
+        if resumed and self.iteration >= cfg.total_iters and os.path.isfile(summary_path):
+            # the launcher says so before any worker; here for ranks started by torchrun directly
+            _log(f"done  nothing to do: checkpoint at iteration {self.iteration} >= {cfg.total_iters} iterations; "
+                 f"{summary_path} unchanged")
+            with open(summary_path, encoding="utf-8") as f:
+                return json.load(f)
         if _rank0():
             os.makedirs(self.out, exist_ok=True)
             with open(os.path.join(self.out, "config.yaml"), "w", encoding="utf-8") as f:
                 f.write(dump_yaml(cfg))
-        resumed = self.maybe_resume()
-        if _rank0() and not resumed and os.path.exists(self.metrics_path):  # the launcher checks this first
-            raise RunDirError(f"{self.metrics_path} exists: a fresh run never deletes results (use --overwrite)")
         if _rank0() and resumed and os.path.exists(self.metrics_path):
             _truncate_metrics(self.metrics_path, self.iteration)
         writer = MetricsWriter(self.metrics_path) if _rank0() else None
@@ -438,6 +445,10 @@ class Trainer:
 
             bar = tqdm(total=cfg.total_iters, initial=self.iteration, desc="train", dynamic_ncols=True, mininterval=0.5)
         last_eval = None
+        if resumed:  # the run's record keeps its iteration-0 evaluation
+            first_eval = _first_eval(self.metrics_path)
+            if self.iteration >= cfg.total_iters:  # finished, but stopped before its summary was written
+                last_eval = self.evaluate()
         t_last = time.time()
         window_tokens = 0.0
         try:
@@ -579,6 +590,22 @@ class MetricsWriter:
     def write(self, rec: dict) -> None:
         with open(self.path, "a", encoding="utf-8") as f:
             f.write(json.dumps(rec) + "\n")
+
+
+def _first_eval(path: str) -> dict | None:
+    """The iteration-0 evaluation recorded in metrics.jsonl (None if there is none)."""
+    try:
+        with open(path, encoding="utf-8") as f:
+            for line in f:
+                try:
+                    rec = json.loads(line)
+                except json.JSONDecodeError:
+                    continue
+                if rec.get("kind") == "eval" and rec.get("iteration") == 0:
+                    return {k: v for k, v in rec.items() if k not in ("kind", "iteration")}
+    except OSError:
+        pass
+    return None
 
 
 def _truncate_metrics(path: str, iteration: int) -> None:

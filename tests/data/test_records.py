@@ -169,3 +169,20 @@ def test_type_changing_extra_field_is_ignored(tmp_path):
     p.write_text(json.dumps({**GOOD, "meta": 1}) + "\n" + json.dumps({**GOOD, "meta": "x"}) + "\n")
     recs, _ = load_records([str(p)])
     assert recs == [GOOD, GOOD]
+
+
+@pytest.mark.parametrize("turns, index", [
+    ([{"role": "user", "content": "q"}, {"role": "assistant", "content": ""}], 1),
+    ([{"role": "user", "content": "q"}, {"role": "assistant", "content": "a"}, {"role": "user", "content": "q2"},
+      {"role": "assistant", "content": ""}], 3),
+])
+def test_chat_with_empty_assistant_content_is_refused_like_an_empty_response(tmp_path, turns, index):
+    """Issue 17 group 6: an empty assistant turn would supervise only the end token; an empty pair
+    response was already refused, the chat shape now is too, naming the file, line and turn."""
+    p = tmp_path / "chat.jsonl"
+    p.write_text(json.dumps(GOOD) + "\n" + json.dumps({"messages": turns}) + "\n")
+    msg = _load_error(str(p))
+    assert msg.startswith(f"{p}:2: messages[{index}] is an assistant turn with empty 'content'"), msg
+    pair = tmp_path / "pair.jsonl"
+    pair.write_text(json.dumps({"prompt": "q", "response": ""}) + "\n")
+    assert "is empty, so nothing would be supervised" in _load_error(str(pair))
