@@ -19,7 +19,7 @@ from dataclasses import dataclass, field
 
 import yaml
 
-from otr_megatron.train.config import LOSSES, ConfigError, TrainConfig, from_dict, load_config, to_dict
+from otr_megatron.train.config import LOSSES, SEED_LIMIT, ConfigError, TrainConfig, from_dict, load_config, to_dict
 
 # Keys that only act after the warm start (or not on the weights at all). Sweeping anything else
 # gives the affected arms their own warm start.
@@ -158,21 +158,19 @@ def parse_losses(text: str) -> list[str]:
     return losses
 
 
-SEED_LIMIT = 2**64  # seeds key a 64-bit counter-based random stream: 0 <= seed < 2**64
-
-
 def parse_seeds(text: str) -> list[int]:
-    """Comma-separated distinct seeds, ASCII digits only, each in 0..2**64-1 (a larger one would wrap)."""
+    """Comma-separated distinct seeds, ASCII digits only, each in 0..2**63-1: the train job's
+    seed range (`train.config.SEED_LIMIT`), so no arm is launched only to be refused."""
     pieces = [s.strip() for s in text.split(",") if s.strip()]
     bad = [s for s in pieces if not re.fullmatch(r"[0-9]+", s)]
     if bad or not pieces:
         raise ConfigError(f"--seeds {text!r}: {bad[0]!r} is not a seed; expected comma-separated integers "
-                          f"in 0..2**64-1 (ASCII digits), e.g. 1,2,3" if bad else
+                          f"in 0..2**63-1 (ASCII digits), e.g. 1,2,3" if bad else
                           f"--seeds {text!r}: expected comma-separated integers, e.g. 1,2,3")
     seeds = [int(s) for s in pieces]
     big = [s for s in seeds if s >= SEED_LIMIT]
     if big:
-        raise ConfigError(f"--seeds {text!r}: seed {big[0]} is out of range; expected integers in 0..2**64-1")
+        raise ConfigError(f"--seeds {text!r}: seed {big[0]} is out of range; expected integers in 0..2**63-1")
     if len(set(seeds)) != len(seeds):
         raise ConfigError(f"--seeds {text!r}: a seed is listed twice; expected distinct integers")
     return seeds

@@ -1,6 +1,6 @@
 """`otr-megatron compare` keeps every result (issue 17): a run counts only with its result on disk and
 none vanishes from the report, a moved study keeps its runs, a value swept twice runs once, seeds
-stay in 0..2**64-1, and Ctrl-C is one line with the running tasks interrupted, not orphaned.
+stay in 0..2**63-1 (the train job's range), and Ctrl-C is one line with the running tasks interrupted, not orphaned.
 
 The train job is played by the stand-in of test_compare_runner (writes what `otr-megatron train`
 writes, in a second)."""
@@ -133,8 +133,8 @@ def test_a_value_swept_twice_in_two_spellings_runs_once_and_says_so(tmp_path, mo
 
 
 def test_seeds_are_ascii_integers_in_0_to_2_64(tmp_path):
-    assert parse_seeds("0, 18446744073709551615") == [0, 2**64 - 1]
-    for bad, word in (("18446744073709551616", "out of range"), ("-1", "not a seed"), ("\u0661", "not a seed"),
+    assert parse_seeds("0, 9223372036854775807") == [0, 2**63 - 1]
+    for bad, word in (("9223372036854775808", "out of range"), ("-1", "not a seed"), ("\u0661", "not a seed"),
                       ("1,1", "twice"), ("1.5", "not a seed"), ("", "integers")):
         with pytest.raises(ConfigError, match=word):
             parse_seeds(bad)
