@@ -9,6 +9,7 @@ from typing import Any, Mapping
 ESTIMATORS = ("sample", "expected", "sft", "dft")
 BACKENDS = ("auto", "torch", "triton")
 NORMALIZATIONS = ("token", "sequence")
+CHECK_INPUTS = ("deferred", "eager", "off")
 
 
 @dataclass(frozen=True)
@@ -34,6 +35,10 @@ class OTRConfig:
     backend: "auto" (Triton kernels when the logits are on CUDA and `otr_megatron.core.triton_backend`
         imports, else the torch path), "torch" or "triton" (raises if unavailable). Both implement
         the same steps and the same sampling (docs/sampling.md).
+    check_inputs: "deferred" (default: the input checks, TP-rank agreement and label range, raise
+        at the next call or at `otr_megatron.check_pending()`, naming the step, with no blocking host
+        sync; on CPU at the end of the call itself), "eager" (raise in the call: one blocking sync per
+        call, for debugging) or "off" (no check, no fingerprint collective). See `core/checks.py`.
     """
 
     num_samples: int = 256
@@ -45,6 +50,7 @@ class OTRConfig:
     inplace_backward: bool = False
     normalization: str = "token"
     backend: str = "auto"
+    check_inputs: str = "deferred"
 
     def __post_init__(self):
         if isinstance(self.num_samples, bool) or not isinstance(self.num_samples, int) or self.num_samples < 1:
@@ -61,6 +67,8 @@ class OTRConfig:
             raise ValueError(f"OTRConfig.normalization must be one of {NORMALIZATIONS}, got {self.normalization!r}")
         if self.backend not in BACKENDS:
             raise ValueError(f"OTRConfig.backend must be one of {BACKENDS}, got {self.backend!r}")
+        if self.check_inputs not in CHECK_INPUTS:
+            raise ValueError(f"OTRConfig.check_inputs must be one of {CHECK_INPUTS}, got {self.check_inputs!r}")
         if self.estimator not in ESTIMATORS:
             raise ValueError(f"OTRConfig.estimator must be one of {ESTIMATORS}, got {self.estimator!r}")
         if isinstance(self.seed, bool) or not isinstance(self.seed, int):
