@@ -28,24 +28,26 @@ from otr_megatron.core.contract import (
 )
 from otr_megatron.core.random import splitmix64, stream_key, stream_key_tensor
 
-_INDEX_HASHES: dict = {}  # (n, salt, device) -> SplitMix64(arange(n) + salt): the same every call
+_INDEX_HASHES: dict = {}  # (n, device) -> [2, n] SplitMix64(arange(n) + salt) for labels, keys: the same every call
 
 
-def _index_hash(n: int, salt: int, device) -> torch.Tensor:
-    key = (n, salt, str(device))
+def _index_hashes(n: int, device) -> torch.Tensor:
+    key = (n, str(device))
     h = _INDEX_HASHES.get(key)
     if h is None:
         if len(_INDEX_HASHES) >= 8:
             _INDEX_HASHES.clear()
-        h = _INDEX_HASHES[key] = splitmix64(torch.arange(n, dtype=torch.int64, device=device) + salt)
+        idx = torch.arange(n, dtype=torch.int64, device=device)
+        h = _INDEX_HASHES[key] = splitmix64(torch.stack([idx + FP_LABEL_SALT, idx + FP_KEY_SALT]))
     return h
 
 
-def sequence_hash(values: torch.Tensor, salt: int) -> torch.Tensor:
-    """sum_i SplitMix64(v_i ^ SplitMix64(i + salt)) in wrapping int64 (0-dim): every element is mixed
-    with its index, so permutations, shifts and compensating changes all alter it (a weighted sum
-    sum((i+1) * v_i) does not: [10, 20] and [12, 19] collide)."""
-    return splitmix64(values ^ _index_hash(values.numel(), salt, values.device)).sum()
+def sequence_hashes(labels: torch.Tensor, keys: torch.Tensor) -> torch.Tensor:
+    """[2] int64: sum_i SplitMix64(v_i ^ SplitMix64(i + salt)) (wrapping) of labels and of keys, each
+    with its own salt. Every element is mixed with its index, so permutations, shifts and compensating
+    changes all alter it (a weighted sum sum((i+1) * v_i) does not: [10, 20] and [12, 19] collide)."""
+    both = torch.stack([labels, keys]) ^ _index_hashes(labels.numel(), labels.device)
+    return splitmix64(both).sum(-1)
 
 
 def label_columns(labels: torch.Tensor, spec: Spec, ignore_index: int):
@@ -74,31 +76,37 @@ def prologue(labels, keys, step, spec: Spec, ignore_index: int, vocab_size: int,
     n_bad = bad.sum()
     first = torch.argmax(bad.to(torch.uint8))  # the first maximum: the first bad position (if any)
     bad_values = torch.where(bad, labels, 0)
-    prints = torch.stack(consts + [step_t, sequence_hash(labels, FP_LABEL_SALT), sequence_hash(keys, FP_KEY_SALT),
-                                   n_bad, torch.where(n_bad > 0, n - first, 0), bad_values.amax(), bad_values.amin()])
+    prints = torch.cat([torch.stack(consts + [step_t]), sequence_hashes(labels, keys),
+                        torch.stack([n_bad, torch.where(n_bad > 0, n - first, 0), bad_values.amax(), bad_values.amin()])])
     out.prints = prints
     return out
 
 
+def _finite(t: torch.Tensor) -> torch.Tensor:
+    return (t - t) == 0  # NaN for +-inf and NaN (two ops; torch.isfinite dispatches more)
+
+
 def normalise(allstats: torch.Tensor, spec: Spec, valid: torch.Tensor) -> Normalisers:
     """From the gathered ``[tp, N, C]`` statistics, the same numbers on every rank."""
-    m_r = allstats[..., STAT_MAX]
+    cols = allstats.unbind(-1)  # [tp, N] each
+    m_r, s_r = cols[STAT_MAX], cols[STAT_SUMEXP]
     big = m_r.amax(0)  # NaN if any rank saw NaN; -inf if no rank has a real, finite-or-inf id
-    lse = big + torch.log((allstats[..., STAT_SUMEXP] * torch.exp(m_r - big)).sum(0))
-    ok = valid & torch.isfinite(lse)
-    share_pi = allstats[spec.rank, :, STAT_SUMEXP] * torch.exp(m_r[spec.rank] - lse)
-    out = Normalisers(ok, max=big, lse=lse, label_logit=allstats[..., STAT_LABEL].sum(0), share_pi=share_pi)
+    rel = m_r - big
+    lse = big + torch.log((s_r * torch.exp(rel)).sum(0))
+    ok = valid & _finite(lse)
+    share_pi = s_r[spec.rank] * torch.exp(m_r[spec.rank] - lse)
+    out = Normalisers(ok, max=big, lse=lse, label_logit=cols[STAT_LABEL].sum(0), share_pi=share_pi)
     if spec.tempered:
-        scale = torch.exp((m_r - big) / spec.kappa)  # rank r's tempered unit relative to the global max
-        mass_r = allstats[..., STAT_TMASS] * scale  # [tp, N]
+        scale = torch.exp(rel / spec.kappa)  # rank r's tempered unit relative to the global max
+        mass_r = cols[STAT_TMASS] * scale  # [tp, N]
         out.rank_cum = mass_r.T.cumsum(-1).contiguous()  # rank order; the total is the last value
         out.total = out.rank_cum[:, -1].contiguous()
         out.rank_scale = scale[spec.rank]
         out.lse_k = big / spec.kappa + torch.log(out.total)
-        out.ok = ok & torch.isfinite(out.lse_k)
+        out.ok = ok & _finite(out.lse_k)
         out.share_q = mass_r[spec.rank] / out.total
         if spec.estimator == "expected":
-            mean = torch.where(mass_r > 0, allstats[..., STAT_TMEAN] * mass_r, 0.0).sum(0)
+            mean = torch.where(mass_r > 0, cols[STAT_TMEAN] * mass_r, 0.0).sum(0)
             out.mean_logit = mean / out.total
     return out
 
@@ -130,9 +138,8 @@ def estimator_terms(spec: Spec, norms: Normalisers, partial: torch.Tensor | None
         loss = -((1 - beta) * qy_logp + beta * (norms.mean_logit - norms.lse))
         coef_q = torch.full_like(loss, -beta) if beta != 0 else None
         return Terms(loss, (1 - beta) * q_label + beta, coef_q, -(1 - beta) * q_label, label_logprob, q_label)
-    if spec.estimator == "sft":
-        return Terms(-label_logprob, torch.ones_like(label_logprob), None, -torch.ones_like(label_logprob),
-                     label_logprob)
+    if spec.estimator == "sft":  # coefficients as Python numbers: broadcast in `finish`
+        return Terms(-label_logprob, 1.0, None, -1.0, label_logprob)
     p_label = torch.exp(label_logprob)  # dft: -stopgrad(p_y) * log p_y
     return Terms(-p_label * label_logprob, p_label, None, -p_label, label_logprob)
 
@@ -146,7 +153,7 @@ def finish(allstats, spec: Spec, valid, pro: Prologue, norms: Normalisers | None
     terms = estimator_terms(spec, norms, partial)
     nan_or_zero = torch.where(valid, math.nan, 0.0)
     loss = torch.where(ok, terms.loss, nan_or_zero).float()
-    coef_pi = torch.where(ok, terms.coef_pi * norms.share_pi, nan_or_zero).float()
+    coef_pi = torch.where(ok, norms.share_pi * terms.coef_pi, nan_or_zero).float()
     coef_q = None
     if terms.coef_q is not None:
         coef_q = torch.where(ok, terms.coef_q * norms.share_q, 0.0).float()
