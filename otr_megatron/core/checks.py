@@ -47,16 +47,19 @@ FIELD_NAMES = {FP_TOKENS: "number of tokens", FP_SHARD: "logits last dimension",
 class _Record:
     """One call's gathered fingerprints on their way to the host."""
 
-    def __init__(self, source: torch.Tensor, vocab_size: int, ignore_index: int, captured: bool = False):
+    def __init__(self, sources, vocab_size: int, ignore_index: int, captured: bool = False):
         self.vocab_size, self.ignore_index, self.captured = vocab_size, ignore_index, captured
         self.event = None
-        if captured:  # a graph output: read it (blocking) when asked, after the replay
-            self.host = source
+        if captured:  # graph outputs: read them (blocking) when asked, after the replay
+            self.host = sources
             return
-        cuda = source.device.type == "cuda"
-        self.host = torch.empty(source.shape, dtype=source.dtype, pin_memory=cuda)
-        self.host.copy_(source, non_blocking=cuda)
-        self.host.otr_host_copy = True  # host memory: reading it is no device sync (tests tell)
+        cuda = sources[0].device.type == "cuda"
+        self.host = []
+        for source in sources:
+            host = torch.empty(source.shape, dtype=source.dtype, pin_memory=cuda)
+            host.copy_(source, non_blocking=cuda)
+            host.otr_host_copy = True  # host memory: reading it is no device sync (tests tell)
+            self.host.append(host)
         if cuda:
             self.event = torch.cuda.Event()
             self.event.record()
@@ -64,20 +67,24 @@ class _Record:
     def ready(self) -> bool:
         return self.event is None or self.event.query()
 
-    def rows(self) -> list:
+    def rows(self) -> tuple:
+        """(gathered rows [tp][FP_COMPARED], this rank's whole fingerprint [FP_FIELDS])."""
         if self.captured:
-            return self.host.cpu().tolist()
+            return tuple(t.cpu().tolist() for t in self.host)
         if self.event is not None:
             self.event.synchronize()  # passed already when ready() said so
-        return self.host.tolist()  # host memory: no device sync
+        return tuple(t.tolist() for t in self.host)  # host memory: no device sync
 
 
 _PENDING: deque = deque()  # records of calls not yet checked, oldest first
 _CAPTURED: list = []  # records of captured calls: checked at every check_pending()
 
 
-def problem(rows: list, vocab_size: int, ignore_index: int, examples: list | None = None) -> str | None:
-    """The one-line error for gathered fingerprint rows ``[tp][FP_FIELDS]``, or None if all is well."""
+def problem(rows: list, vocab_size: int, ignore_index: int, examples: list | None = None,
+            local: list | None = None) -> str | None:
+    """The one-line error for gathered fingerprint rows ``[tp][>= FP_COMPARED]`` and this rank's whole
+    fingerprint ``local`` (default ``rows[0]``), or None if all is well. Only the first FP_COMPARED
+    fields are gathered: the label-range fields agree on every rank once the label hashes do."""
     step = rows[0][FP_STEP]
     where = f"vocab_parallel_otr_loss at step {step}"
     for field in range(FP_COMPARED):
@@ -88,7 +95,7 @@ def problem(rows: list, vocab_size: int, ignore_index: int, examples: list | Non
                     "equally shaped logits")
     if step < 0:
         return f"{where}: step must be an integer >= 0 (the training iteration), got {step}"
-    row = rows[0]
+    row = rows[0] if local is None else local
     if row[FP_BAD]:
         if examples is not None:
             seen = f"e.g. {examples}"
@@ -102,7 +109,8 @@ def problem(rows: list, vocab_size: int, ignore_index: int, examples: list | Non
 
 
 def _raise_if(record: _Record) -> None:
-    msg = problem(record.rows(), record.vocab_size, record.ignore_index)
+    gathered, local = record.rows()
+    msg = problem(gathered, record.vocab_size, record.ignore_index, local=local)
     if msg:
         raise ValueError(msg)
 
@@ -116,23 +124,25 @@ def _capturing(device: torch.device) -> bool:
     return device.type == "cuda" and torch.cuda.is_current_stream_capturing()
 
 
-def submit(prints: torch.Tensor, mode: str, vocab_size: int, ignore_index: int, labels=None) -> None:
-    """Check gathered fingerprints ``[tp, FP_FIELDS]`` as ``mode`` says (module docstring)."""
+def submit(gathered: torch.Tensor, local: torch.Tensor, mode: str, vocab_size: int, ignore_index: int,
+           labels=None) -> None:
+    """Check the gathered fingerprints ``[tp, FP_COMPARED]`` and this rank's ``[FP_FIELDS]`` as
+    ``mode`` says (module docstring)."""
     if mode == "eager":
-        rows = prints.tolist()  # the blocking read
+        rows, mine = gathered.tolist(), local.tolist()  # the blocking reads
         examples = None
-        if rows[0][FP_BAD] and labels is not None:
+        if mine[FP_BAD] and labels is not None:
             bad = ((labels < 0) & (labels != ignore_index)) | (labels >= vocab_size)
             examples = labels[bad].flatten()[:5].tolist()
-        msg = problem(rows, vocab_size, ignore_index, examples)
+        msg = problem(rows, vocab_size, ignore_index, examples, local=mine)
         if msg:
             raise ValueError(msg)
         return
-    if _capturing(prints.device):
-        _CAPTURED.append(_Record(prints, vocab_size, ignore_index, captured=True))
+    if _capturing(gathered.device):
+        _CAPTURED.append(_Record((gathered, local), vocab_size, ignore_index, captured=True))
         return
-    _PENDING.append(_Record(prints, vocab_size, ignore_index))
-    if _reads_now(prints.device):
+    _PENDING.append(_Record((gathered, local), vocab_size, ignore_index))
+    if _reads_now(gathered.device):
         check_ready()
 
 

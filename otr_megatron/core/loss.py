@@ -35,7 +35,7 @@ import torch.distributed as dist
 from otr_megatron.core import checks
 from otr_megatron.core.backends import get_backend
 from otr_megatron.core.config import OTRConfig
-from otr_megatron.core.contract import Backend, Normalisers, Prologue, Spec, block_size
+from otr_megatron.core.contract import FP_COMPARED, Backend, Normalisers, Prologue, Spec, block_size
 from otr_megatron.core.torch_combine import Terms, estimator_terms, global_normalisers, label_columns
 
 __all__ = ["vocab_parallel_otr_loss", "make_spec", "label_columns", "local_statistics", "global_normalisers",
@@ -320,7 +320,9 @@ def vocab_parallel_otr_loss(
     pro = backend.combine.prologue(flat_labels, keys, step, spec, ignore_index, vocab_size,
                                    _settings_id(cfg, ignore_index), mode != "off")
     if mode != "off":
-        checks.submit(_all_gather(pro.prints, tp_group, world), mode, vocab_size, ignore_index, labels=flat_labels)
+        # only the fields that must agree cross ranks (FP_COMPARED numbers per rank)
+        gathered = _all_gather(pro.prints[:FP_COMPARED], tp_group, world)
+        checks.submit(gathered, pro.prints, mode, vocab_size, ignore_index, labels=flat_labels)
     if cfg.chunk_tokens:
         chunk = cfg.chunk_tokens
     elif backend.one_pass:

@@ -86,7 +86,7 @@ def test_the_counter_sees_what_it_should():
 @pytest.mark.parametrize("estimator", ESTIMATORS)
 def test_no_host_sync_whatever_n_k_and_chunks(backend, estimator):
     """Deferred checks: 0 syncs; return_stats adds exactly the compaction of owned_samples (sample
-    only); eager checks add exactly one read."""
+    only); eager checks add exactly the blocking reads of the gathered and the local fingerprint."""
     cases = [(8, 64, 4, None, None), (50, 200, 16, 3, 190)]
     if backend == "torch":
         cases += [(97, 256, 64, 7, 250), (64, 512, 256, 1, None)]
@@ -97,7 +97,7 @@ def test_no_host_sync_whatever_n_k_and_chunks(backend, estimator):
         assert with_stats == (["nonzero"] if estimator == "sample" else []), with_stats
         eager = otr.OTRConfig(estimator=estimator, num_samples=k, chunk_tokens=chunk, backend=backend,
                               check_inputs="eager")
-        assert run(n, v, eager, vocab_size=vocab)[0] == ["tolist"]
+        assert run(n, v, eager, vocab_size=vocab)[0] == ["tolist", "tolist"]
 
 
 @pytest.mark.parametrize("backend", ["torch", "triton"])
