@@ -4,7 +4,7 @@
 layers live in subpackages that import their frameworks when used.
 """
 
-from otr_megatron.core import ESTIMATORS, OTRConfig, vocab_parallel_otr_loss
+from otr_megatron.core import ESTIMATORS, OTRConfig, check_pending, vocab_parallel_otr_loss
 
 __version__ = "0.1.0"
-__all__ = ["ESTIMATORS", "OTRConfig", "vocab_parallel_otr_loss", "__version__"]
+__all__ = ["ESTIMATORS", "OTRConfig", "check_pending", "vocab_parallel_otr_loss", "__version__"]

@@ -10,9 +10,10 @@ from typing import Any, Mapping
 ESTIMATORS = ("sample", "expected", "sft", "dft")
 BACKENDS = ("auto", "torch", "triton")
 NORMALIZATIONS = ("token", "sequence")
-# K's upper bound: the loss keeps [tokens, K] sample columns (int64) and weights (fp32) for the
-# backward, 12 bytes per sample per token, plus [rows, K, block] sampling temporaries; at 2**20
-# (4096x the paper's 256) that is already 12 MiB per supervised token.
+CHECK_INPUTS = ("deferred", "eager", "off")
+# K's upper bound: the loss keeps [tokens, K] sample columns (int32) and weights (fp32) for the
+# backward, 8 bytes per sample per token, plus [rows, K, block] sampling temporaries; at 2**20
+# (4096x the paper's 256) that is already 8 MiB per token.
 MAX_NUM_SAMPLES = 2**20
 SEED_LIMIT = 2**64  # the sampling stream keys on seed mod 2**64; larger (or negative) seeds would alias
 
@@ -48,6 +49,10 @@ class OTRConfig:
     backend: "auto" (Triton kernels when the logits are on CUDA and `otr_megatron.core.triton_backend`
         imports, else the torch path), "torch" or "triton" (raises if unavailable). Both implement
         the same steps and the same sampling (docs/sampling.md).
+    check_inputs: "deferred" (default: the input checks, TP-rank agreement and label range, raise
+        at the next call or at `otr_megatron.check_pending()`, naming the step, with no blocking host
+        sync; on CPU at the end of the call itself), "eager" (raise in the call: one blocking sync per
+        call, for debugging) or "off" (no check, no fingerprint collective). See `core/checks.py`.
     """
 
     num_samples: int = 256
@@ -59,13 +64,14 @@ class OTRConfig:
     inplace_backward: bool = False
     normalization: str = "token"
     backend: str = "auto"
+    check_inputs: str = "deferred"
 
     def __post_init__(self):
         if isinstance(self.num_samples, bool) or not isinstance(self.num_samples, int) or self.num_samples < 1:
             raise ValueError(f"OTRConfig.num_samples must be an integer >= 1, got {self.num_samples!r}")
         if self.num_samples > MAX_NUM_SAMPLES:
             raise ValueError(f"OTRConfig.num_samples={self.num_samples} exceeds {MAX_NUM_SAMPLES} (2**20, 4096x the "
-                             "paper's 256): the loss keeps 12 bytes per sample per supervised token for the backward")
+                             "paper's 256): the loss keeps 8 bytes per sample per supervised token for the backward")
         t = self.temperature
         if isinstance(t, bool) or not isinstance(t, (int, float)) or not math.isfinite(t) or t <= 0:
             raise ValueError(f"OTRConfig.temperature (kappa) must be a finite number > 0 (paper: about 1.3), "
@@ -83,6 +89,8 @@ class OTRConfig:
             raise ValueError(f"OTRConfig.normalization must be one of {NORMALIZATIONS}, got {self.normalization!r}")
         if self.backend not in BACKENDS:
             raise ValueError(f"OTRConfig.backend must be one of {BACKENDS}, got {self.backend!r}")
+        if self.check_inputs not in CHECK_INPUTS:
+            raise ValueError(f"OTRConfig.check_inputs must be one of {CHECK_INPUTS}, got {self.check_inputs!r}")
         if self.estimator not in ESTIMATORS:
             raise ValueError(f"OTRConfig.estimator must be one of {ESTIMATORS}, got {self.estimator!r}")
         if isinstance(self.seed, bool) or not isinstance(self.seed, int) or not 0 <= self.seed < SEED_LIMIT:

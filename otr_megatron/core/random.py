@@ -51,6 +51,19 @@ def stream_key(seed: int, step: int) -> int:
     return _as_i64(splitmix64_int(splitmix64_int(seed & _MASK64) ^ (step & _MASK64)))
 
 
+def stream_key_tensor(seed: int, step: torch.Tensor) -> torch.Tensor:
+    """`stream_key` for a 0-dim int64 device tensor ``step`` (a CUDA-graph-captured call): same value."""
+    return splitmix64(step.to(torch.int64) ^ _as_i64(splitmix64_int(seed & _MASK64)))
+
+
+def token_uniforms_from_key(token_keys: torch.Tensor, num_samples: int, key_mix) -> torch.Tensor:
+    """`token_uniforms` for a given call key ``key_mix`` (int or 0-dim int64 tensor)."""
+    base = splitmix64(token_keys.to(torch.int64) ^ key_mix)
+    j = torch.arange(1, num_samples + 1, dtype=torch.int64, device=token_keys.device)
+    bits = splitmix64(base.unsqueeze(-1) + j * _as_i64(_GOLDEN))
+    return _shr(bits, 11).to(torch.float64) * (2.0**-53)
+
+
 def token_uniforms(token_keys: torch.Tensor, num_samples: int, seed: int, step: int) -> torch.Tensor:
     """float64 uniforms in [0, 1) of shape [*token_keys.shape, num_samples], 53 random bits each.
 

@@ -14,7 +14,7 @@ import torch
 import torch.nn.functional as F
 
 from otr_megatron.core.contract import STAT_LABEL, STAT_MAX, STAT_SUMEXP, STAT_TMASS, STAT_TMEAN, Spec
-from otr_megatron.core.random import token_uniforms
+from otr_megatron.core.random import token_uniforms_from_key
 
 
 def _softmax(x: torch.Tensor, out: torch.Tensor) -> torch.Tensor:
@@ -87,7 +87,7 @@ def _tree_sum(e: torch.Tensor, dim: int) -> torch.Tensor:
     return e.select(dim, 0)
 
 
-def local_stats(x, label_col, owns_label, spec: Spec, stats_out, prefix_out, scratch):
+def local_stats(x, label_col, owns_label, valid, spec: Spec, stats_out, prefix_out, scratch):
     """Per-rank statistics of a chunk of rows (see `core/contract.py`)."""
     rows, n = x.size(0), spec.n_real
     stats_out[:, STAT_LABEL] = torch.where(owns_label, x.gather(1, label_col[:, None]).squeeze(1).double(), 0.0)
@@ -149,8 +149,8 @@ def _sample_rows(spec: Spec, device) -> int:
     return max(1, target // (spec.k * spec.block))
 
 
-def sample(x, keys, label_col, owns_label, ok, total, rank_cum, rank_scale, prefix, spec: Spec, partial_out,
-           cols_out, weights_out, scratch=None):
+def sample(x, keys, key_mix, label_col, owns_label, ok, total, rank_cum, rank_scale, prefix, spec: Spec, partial_out,
+           cols_out, weights_out, lanes_out=None, scratch=None):
     """Hierarchical inverse-CDF draw of K samples per row (docs/sampling.md section 4)."""
     n_tok, shard = x.shape
     k, b, nb = spec.k, spec.block, spec.n_blocks
@@ -158,6 +158,8 @@ def sample(x, keys, label_col, owns_label, ok, total, rank_cum, rank_scale, pref
         partial_out.zero_()
         cols_out.fill_(-1)
         weights_out.zero_()
+        if lanes_out is not None:
+            lanes_out.fill_(-1)
         return
     inv = _inv_kappa(spec)
     dev = x.device
@@ -170,7 +172,7 @@ def sample(x, keys, label_col, owns_label, ok, total, rank_cum, rank_scale, pref
         rows = hi - lo
         okr = ok[lo:hi]
         # 1-2. global CDF position and the owning rank, identically on every rank
-        t = token_uniforms(keys[lo:hi], k, spec.seed, spec.step) * torch.where(okr, total[lo:hi], 0.0)[:, None]
+        t = token_uniforms_from_key(keys[lo:hi], k, key_mix) * torch.where(okr, total[lo:hi], 0.0)[:, None]
         if spec.world == 1:  # one rank owns everything; its reference is the global one (t_r = t)
             mine = okr[:, None].expand(rows, k)
             t_r = t
@@ -216,9 +218,11 @@ def sample(x, keys, label_col, owns_label, ok, total, rank_cum, rank_scale, pref
         partial_out[lo:hi, 1] = torch.where(mine, reward * logit, 0.0).sum(-1)
         cols_out[lo:hi] = torch.where(mine, col, -1)
         weights_out[lo:hi] = torch.where(mine, -reward / k, 0.0)
+    if lanes_out is not None:  # duplicates are kept in cols_out, so it is the lane list
+        lanes_out.copy_(cols_out)
 
 
-def grad(x, out, g, coef_pi, coef_q, cols, weights, valid, spec: Spec, scratch):
+def grad(x, out, g, coef_pi, coef_q, cols, weights, valid, spec: Spec, scratch, local=None):
     """Gradient of a chunk of rows (see `core/contract.py`); one rounding to ``out.dtype``."""
     rows, n = x.size(0), spec.n_real
     if n < x.size(1):

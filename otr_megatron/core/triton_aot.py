@@ -50,7 +50,7 @@ def variants():
                                         ("bf16", "expected", 131072, 1, 1, 0), ("fp16", "sft", 16384, 1, 1, 0)):
         vocab = shard * tp
         b = block_size(vocab, k, shard) if est == "sample" else 1
-        spec = Spec(est, 1.3, -0.1, k, 1234, 0, rank, tp, shard, shard, b)
+        spec = Spec(est, 1.3, -0.1, k, 1234, rank, tp, shard, shard, b)
         elem = {"bf16": 2, "fp16": 2, "fp32": 4}[dt]
         inv = trb._inv_kappa(spec)
         tag = f"{dt} V/tp={shard} tp={tp}" + (f" K={k} B={b}" if est == "sample" else "")
@@ -59,11 +59,11 @@ def variants():
         types = {"X": _DTYPES[dt], "LABEL_COL": "*i64", "OWNS": "*u8", "STATS": "*fp64", "PREFIX": "*fp64"}
         out.append((f"stats {est} {tag}", trb._stats_kernel, types, const, warps))
         if est == "sample":
-            const = dict(INV_KAPPA=inv, BETA=-0.1, **trb.sample_params(spec, interpret=False))
+            const = dict(INV_KAPPA=inv, BETA=-0.1, KEY_FROM_PTR=False, **trb.sample_params(spec, interpret=False))
             warps = const.pop("num_warps")
             types = {"X": _DTYPES[dt], "KEYS": "*i64", "LABEL_COL": "*i64", "OWNS": "*u8", "OK": "*u8",
                      "TOTAL": "*fp64", "CUM": "*fp64", "SCALE": "*fp64", "PREFIX": "*fp64",
-                     "PARTIAL": "*fp64", "COLS": "*i64", "WTS": "*fp32"}
+                     "PARTIAL": "*fp64", "COLS": "*i32", "WTS": "*fp32", "KEY_MIX": "*i64"}
             out.append((f"sampler {tag}", trb._sample_kernel, types, const, warps))
         s = k if est == "sample" else 1
         for local in (False, True):

@@ -30,6 +30,7 @@ from __future__ import annotations
 
 import math
 import os
+import struct
 
 import torch
 import triton
@@ -189,9 +190,9 @@ def _stats_kernel(X, stride_x, LABEL_COL, OWNS, STATS, stride_s, PREFIX, stride_
 @triton.jit(do_not_specialize=["key_mix"])
 def _sample_kernel(X, stride_x, KEYS, LABEL_COL, OWNS, OK, TOTAL, CUM, stride_cum, SCALE, PREFIX, stride_p,
                    PARTIAL, stride_part, COLS, stride_c, WTS, stride_w,
-                   n_real, n_blocks, key_mix, K, INV_KAPPA: tl.constexpr, BETA: tl.constexpr,
+                   n_real, n_blocks, key_mix, KEY_MIX, K, INV_KAPPA: tl.constexpr, BETA: tl.constexpr,
                    RANK: tl.constexpr, TP: tl.constexpr, B: tl.constexpr, KC: tl.constexpr,
-                   NSTEP: tl.constexpr, PRECISE: tl.constexpr):
+                   NSTEP: tl.constexpr, PRECISE: tl.constexpr, KEY_FROM_PTR: tl.constexpr):
     row = tl.program_id(0).to(tl.int64)
     xrow = X + row * stride_x
     prow = PREFIX + row * stride_p
@@ -210,7 +211,10 @@ def _sample_kernel(X, stride_x, KEYS, LABEL_COL, OWNS, OK, TOTAL, CUM, stride_cu
     z_last = tl.load(prow + n_blocks - 1)
     label = tl.load(LABEL_COL + row)
     owns = tl.load(OWNS + row) != 0
-    base = _token_base(tl.load(KEYS + row), key_mix)
+    if KEY_FROM_PTR:
+        base = _token_base(tl.load(KEYS + row), tl.load(KEY_MIX))
+    else:
+        base = _token_base(tl.load(KEYS + row), key_mix)
     ib = tl.arange(0, B)
     beta = tl.full([], BETA, tl.float64)  # a bare float constant would be typed fp32
     hits = tl.full([], 0.0, tl.float64)
@@ -405,7 +409,7 @@ def grad_params(shard: int, elem_bytes: int, s: int, interpret: bool = INTERPRET
 
 def _inv_kappa(spec: Spec) -> float:
     """float32(1 / kappa), as the torch backend."""
-    return float(torch.tensor(1.0 / spec.kappa, dtype=torch.float32))
+    return struct.unpack("<f", struct.pack("<f", 1.0 / spec.kappa))[0]
 
 
 def _vec(t: torch.Tensor) -> torch.Tensor:
@@ -420,7 +424,7 @@ def scratch(rows: int, cols: int, device):
     return None
 
 
-def local_stats(x, label_col, owns_label, spec: Spec, stats_out, prefix_out, scratch=None):
+def local_stats(x, label_col, owns_label, valid, spec: Spec, stats_out, prefix_out, scratch=None):
     """Per-rank statistics of a chunk of rows (see `core/contract.py`)."""
     rows = x.size(0)
     _check_device(x)
@@ -444,8 +448,8 @@ def local_stats(x, label_col, owns_label, spec: Spec, stats_out, prefix_out, scr
         **stats_params(spec, x.element_size()))
 
 
-def sample(x, keys, label_col, owns_label, ok, total, rank_cum, rank_scale, prefix, spec: Spec, partial_out,
-           cols_out, weights_out, scratch=None):
+def sample(x, keys, key_mix, label_col, owns_label, ok, total, rank_cum, rank_scale, prefix, spec: Spec, partial_out,
+           cols_out, weights_out, lanes_out=None, scratch=None):
     """Hierarchical inverse-CDF draw of K samples per row (docs/sampling.md section 4)."""
     rows = x.size(0)
     _check_device(x)
@@ -455,6 +459,8 @@ def sample(x, keys, label_col, owns_label, ok, total, rank_cum, rank_scale, pref
         partial_out.zero_()
         cols_out.fill_(-1)
         weights_out.zero_()
+        if lanes_out is not None:
+            lanes_out.fill_(-1)
         return
     for name, t in (("logits", x), ("rank_cum", rank_cum), ("prefix", prefix), ("partial_out", partial_out),
                     ("cols_out", cols_out), ("weights_out", weights_out)):
@@ -463,8 +469,12 @@ def sample(x, keys, label_col, owns_label, ok, total, rank_cum, rank_scale, pref
         x, x.stride(0), _vec(keys), _vec(label_col), _vec(owns_label), _vec(ok), _vec(total), rank_cum,
         rank_cum.stride(0), _vec(rank_scale), prefix, prefix.stride(0), partial_out, partial_out.stride(0),
         cols_out, cols_out.stride(0), weights_out, weights_out.stride(0),
-        spec.n_real, spec.n_blocks, stream_key(spec.seed, spec.step), spec.k,
-        INV_KAPPA=_inv_kappa(spec), BETA=float(spec.beta), **sample_params(spec))
+        spec.n_real, spec.n_blocks, key_mix if not torch.is_tensor(key_mix) else 0,
+        key_mix if torch.is_tensor(key_mix) else keys, spec.k,
+        INV_KAPPA=_inv_kappa(spec), BETA=float(spec.beta), KEY_FROM_PTR=torch.is_tensor(key_mix),
+        **sample_params(spec))
+    if lanes_out is not None:  # this shim's sampler does not merge duplicates: cols are the lanes
+        lanes_out.copy_(cols_out)
 
 
 def grad(x, out, g, coef_pi, coef_q, cols, weights, valid, spec: Spec, scratch=None, local=None):

@@ -17,6 +17,8 @@ from typing import Optional
 
 import torch
 
+from otr_megatron.core.checks import check_pending
+
 from otr_megatron.mcore.hook import OTRBatchContext, get_otr_hook, pop_otr_stats, set_otr_context
 from otr_megatron.mcore.keys import batch_token_keys, cp_zigzag_positions, fallback_sample_ids
 from otr_megatron.mcore.metrics import otr_report
@@ -190,6 +192,7 @@ def prepare_batch(batch: dict, model, *, step: Optional[int] = None, cp_slice: b
     if step is None:
         step = out.get("step", hook.iteration)
     step = int(step)
+    if hook.microbatch_index(step) == 0: check_pending()  # once per step: the earlier steps' deferred input checks
     fallback = None
     if out.get("sample_ids") is None:
         dp_rank, dp_size = _dp_ranks()

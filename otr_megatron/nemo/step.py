@@ -11,6 +11,8 @@ from typing import Callable, Optional
 
 import torch
 
+from otr_megatron.core.checks import check_pending
+
 STATS_KEY = "otr_stats"  # per-micro-batch OTR stats travel to the loss reduction inside the batch dict
 
 
@@ -61,6 +63,7 @@ def otr_forward_step(model, batch: dict, *, otr_config=None, vocab_size: Optiona
     step = _global_step(model)
     if step is None:
         step = hook.iteration
+    if hook.microbatch_index(step) == 0: check_pending()  # once per step: deferred input checks
     dp_rank, dp_size, cp_rank, cp_size = ranks or _ranks()
     fallback = fallback_sample_ids(batch["labels"].size(0), dp_rank=dp_rank, dp_size=dp_size,
                                    microbatch=hook.microbatch_index(step))

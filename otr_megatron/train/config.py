@@ -330,7 +330,7 @@ def memory_estimate(cfg: TrainConfig, vocab_size: int) -> dict[str, tuple[float,
     parameter (fp32 weight, fp32 gradient, Adam's two moments), the logits and their gradient in
     fp32, the unfused local attention's [b, heads/tp, s, s] probabilities kept per layer for the
     backward, four fp32 [s, b, h] activations per layer, and the OTR sample columns and weights
-    (12 bytes per sample per token)."""
+    (8 bytes per sample per token: int32 column, fp32 weight)."""
     m, d = cfg.model, cfg.data
     tp, pp = cfg.tp, cfg.pp
     div = m.make_vocab_size_divisible_by * tp
@@ -348,7 +348,7 @@ def memory_estimate(cfg: TrainConfig, vocab_size: int) -> dict[str, tuple[float,
     if m.transformer_impl == "local":
         out["attention scores"] = (layers * 4.0 * b * (m.num_attention_heads / tp) * s * s, "data.seq_length")
     if cfg.finetune_iters > 0 and cfg.loss == "otr":
-        out["OTR samples"] = (12.0 * b * s * cfg.otr.num_samples, "otr.num_samples")
+        out["OTR samples"] = (8.0 * b * s * cfg.otr.num_samples, "otr.num_samples")
     return out
 
 

@@ -26,6 +26,7 @@ from functools import partial
 
 import torch
 
+from otr_megatron.core.checks import check_pending
 from otr_megatron.data import (
     GlobalBatchSampler,
     RecordKeys,
@@ -265,6 +266,7 @@ class Trainer:
             forward_only=False,
         )
         ok, grad_norm, _ = self.optimizer.step()
+        check_pending()  # once per step: this step's deferred input checks
         if not ok:
             raise FloatingPointError(f"iteration {it}: optimizer step skipped (non-finite gradients)")
         means = report_means(self._reduce_reports(reports, REPORT_NAMES))

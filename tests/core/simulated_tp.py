@@ -7,6 +7,7 @@ import torch
 
 from otr_megatron.core.backends import get_backend
 from otr_megatron.core.loss import draw_samples, global_normalisers, label_columns, local_statistics, make_spec
+from otr_megatron.core.random import stream_key
 
 
 def simulated_draw(x, labels, cfg, tp, *, step=0, keys=None, vocab_size=None, chunk=None, ignore_index=-100):
@@ -19,7 +20,7 @@ def simulated_draw(x, labels, cfg, tp, *, step=0, keys=None, vocab_size=None, ch
     backend = get_backend("torch", x.device)
     ranks = []
     for r in range(tp):
-        spec = make_spec(cfg, step, r, tp, shard, vocab_size)
+        spec = make_spec(cfg, r, tp, shard, vocab_size)
         part = x[:, r * shard : (r + 1) * shard].contiguous()
         valid, owns, col = label_columns(labels, spec, ignore_index)
         stats, prefix = local_statistics(backend, spec, part, col, owns, chunk or n_tok)
@@ -28,7 +29,7 @@ def simulated_draw(x, labels, cfg, tp, *, step=0, keys=None, vocab_size=None, ch
     drawn = torch.full((n_tok, cfg.num_samples), -1, dtype=torch.int64)
     for spec, part, valid, owns, col, _, prefix in ranks:
         norms = global_normalisers(allstats, spec, valid)
-        _, cols, _ = draw_samples(backend, spec, part, keys, col, owns, norms, prefix)
+        _, cols, _ = draw_samples(backend, spec, part, keys, col, owns, norms, prefix, stream_key(cfg.seed, step))
         mine = cols >= 0
         assert not bool((mine & (drawn >= 0)).any()), "a sample was drawn by two ranks"
         drawn = torch.where(mine, cols + spec.rank * shard, drawn)

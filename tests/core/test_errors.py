@@ -58,9 +58,23 @@ def test_triton_backend_request_fails_clearly_when_unavailable(monkeypatch):
         otr.vocab_parallel_otr_loss(X, Y, otr.OTRConfig(num_samples=4, backend="triton"))
 
 
+def _combines():
+    from otr_megatron.core import torch_combine, triton_combine
+
+    return [torch_combine, triton_combine]
+
+
+def _prints(combine, labels, keys, step=0, vocab=1000):
+    from otr_megatron.core.loss import make_spec
+
+    spec = make_spec(CFG, 0, 1, vocab, vocab)
+    return combine.prologue(labels, keys, step, spec, -100, vocab, 77, True).prints
+
+
 def test_fingerprint_tells_apart_label_sequences_a_weighted_sum_confuses():
-    """Simulated all-gather of two ranks' fingerprints: any difference raises, on every rank."""
-    from otr_megatron.core.loss import _fingerprint, _verify_fingerprints
+    """Simulated all-gather of two ranks' fingerprints: any difference raises, on every rank; the
+    torch and Triton prologues compute the same numbers."""
+    from otr_megatron.core.checks import problem
 
     g = torch.Generator().manual_seed(0)
     base = torch.randint(0, 1000, (64,), generator=g)
@@ -75,18 +89,107 @@ def test_fingerprint_tells_apart_label_sequences_a_weighted_sum_confuses():
         "shifted": torch.roll(base, 1),
         "one changed": torch.where(torch.arange(64) == 30, base + 1, base),
     }
+    torch_c, triton_c = _combines()
+    for combine in (torch_c, triton_c):
+        def rows(*prints):
+            return torch.stack(prints).tolist()
 
-    def prints(labels, k=keys):
-        return _fingerprint(labels, k, 1000, -100, CFG, 0, 16)
+        ok = _prints(combine, base, keys, step=9)
+        assert torch.equal(ok, _prints(torch_c, base, keys, step=9)), "the backends' fingerprints differ"
+        assert problem(rows(ok, ok), 1000, -100) is None  # equal: passes
+        for name, other in variants.items():
+            assert not torch.equal(other, base), name
+            for gathered in ([ok, _prints(combine, other, keys, 9)], [_prints(combine, other, keys, 9), ok]):
+                msg = problem(rows(*gathered), 1000, -100)
+                assert msg and "disagree on labels" in msg and msg.startswith("vocab_parallel_otr_loss at step 9"), msg
+        msg = problem(rows(ok, _prints(combine, base, keys.flip(0), 9)), 1000, -100)
+        assert "disagree on token_keys" in msg
+        msg = problem(rows(ok, _prints(combine, base, keys, 10)), 1000, -100)
+        assert "disagree on step (per rank: [9, 10])" in msg
 
-    _verify_fingerprints(torch.stack([prints(base), prints(base)]), base, 1000, -100)  # equal: passes
-    for name, other in variants.items():
-        assert not torch.equal(other, base), name
-        for gathered in ([prints(base), prints(other)], [prints(other), prints(base)]):  # rank 0's and 1's view
-            with pytest.raises(ValueError, match="disagree on labels"):
-                _verify_fingerprints(torch.stack(gathered), base, 1000, -100)
-    with pytest.raises(ValueError, match="disagree on token_keys"):
-        _verify_fingerprints(torch.stack([prints(base), prints(base, keys.flip(0))]), base, 1000, -100)
+
+@pytest.mark.parametrize("backend", ["torch", "triton"])
+def test_fingerprint_reports_out_of_range_labels_without_a_host_read(backend):
+    from otr_megatron.core import torch_combine, triton_combine
+    from otr_megatron.core.checks import problem
+
+    combine = torch_combine if backend == "torch" else triton_combine
+    labels = torch.tensor([5, -100, 1003, 7, -2, 1000, 3])
+    p = _prints(combine, labels, torch.arange(7), step=torch.tensor(4), vocab=1000)
+    msg = problem(p[None].tolist(), 1000, -100)
+    assert msg == ("vocab_parallel_otr_loss at step 4: labels must be token ids in [0, vocab_size=1000) or "
+                   "ignore_index=-100; found 3 outside (smallest -2, largest 1003, first at flat position 2)"), msg
+
+
+@pytest.mark.parametrize("step", [2**64 + 5, 2**63, -1, 1.0, True, "3"])
+def test_python_step_outside_int64_is_rejected(step):
+    with pytest.raises(ValueError, match=r"step must be an integer in \[0, 2\*\*63\).*got " + repr(step).replace("(", r"\(")):
+        otr.vocab_parallel_otr_loss(X, Y, CFG, step=step)
+
+
+@pytest.mark.parametrize("step", [torch.tensor([3]), torch.tensor(3, dtype=torch.int32), torch.tensor(3.0)])
+def test_tensor_step_must_be_a_0_dim_int64_tensor_on_the_logits_device(step):
+    with pytest.raises(ValueError, match="step as a tensor must be a 0-dim int64 tensor on the logits' device cpu"):
+        otr.vocab_parallel_otr_loss(X, Y, CFG, step=step)
+
+
+def test_check_inputs_setting_is_validated():
+    with pytest.raises(ValueError, match=r"check_inputs must be one of \('deferred', 'eager', 'off'\), got 'lazy'"):
+        otr.OTRConfig(check_inputs="lazy")
+    assert otr.OTRConfig().check_inputs == "deferred"
+
+
+@pytest.mark.parametrize("backend", ["torch", "triton"])
+@pytest.mark.parametrize("estimator", ["sample", "expected", "sft", "dft"])
+def test_deferred_check_raises_at_the_next_call_or_check_pending_naming_the_step(monkeypatch, backend, estimator):
+    """What a CUDA run does (on CPU the check is read at the end of the call itself): a bad label
+    raises at the next call, or at check_pending(), with the step of the call it came from."""
+    from otr_megatron.core import checks
+
+    otr.check_pending()
+    monkeypatch.setattr(checks, "_reads_now", lambda device: False)
+    cfg = otr.OTRConfig(num_samples=4, estimator=estimator, backend=backend)
+    bad = torch.tensor([1, 2, 16, 0])
+    loss = otr.vocab_parallel_otr_loss(X, bad, cfg, step=torch.tensor(41))  # no raise: nothing was read
+    assert loss.shape == (4,) and checks.pending_count() == 1
+    with pytest.raises(ValueError, match=r"at step 41: labels must be token ids in \[0, vocab_size=16\).*found 1 "
+                                         r"outside \(largest 16, first at flat position 2\)"):
+        otr.vocab_parallel_otr_loss(X, Y, cfg, step=42)  # the next call
+    assert checks.pending_count() == 0
+    otr.vocab_parallel_otr_loss(X, bad, cfg, step=43)
+    with pytest.raises(ValueError, match="at step 43: labels must be"):
+        otr.check_pending()
+    otr.check_pending()  # raised once: nothing left
+
+
+@pytest.mark.parametrize("backend", ["torch", "triton"])
+def test_deferred_check_on_cpu_raises_in_the_call_and_eager_gives_examples(backend):
+    bad = torch.tensor([1, 2, 16, -3])
+    with pytest.raises(ValueError, match=r"at step 7: .*found 2 outside \(smallest -3, largest 16, first at flat"):
+        otr.vocab_parallel_otr_loss(X, bad, otr.OTRConfig(num_samples=4, backend=backend), step=torch.tensor(7))
+    with pytest.raises(ValueError, match=r"at step 8: .*found 2 outside \(e\.g\. \[16, -3\]\)"):
+        otr.vocab_parallel_otr_loss(X, bad, otr.OTRConfig(num_samples=4, backend=backend, check_inputs="eager"), step=8)
+    with pytest.raises(ValueError, match=r"at step -2: step must be an integer >= 0"):
+        otr.vocab_parallel_otr_loss(X, Y, otr.OTRConfig(num_samples=4, backend=backend), step=torch.tensor(-2))
+
+
+def test_check_inputs_off_sends_no_fingerprint():
+    from otr_megatron.core import checks, torch_combine
+
+    otr.check_pending()
+    calls = []
+    real = torch_combine.prologue
+
+    def spy(*args):
+        calls.append(args[-1])
+        return real(*args)
+
+    torch_combine.prologue, saved = spy, real
+    try:
+        loss = otr.vocab_parallel_otr_loss(X, Y, otr.OTRConfig(num_samples=4, backend="torch", check_inputs="off"))
+    finally:
+        torch_combine.prologue = saved
+    assert calls == [False] and checks.pending_count() == 0 and loss.shape == (4,)
 
 
 def test_config_from_dict_names_unknown_keys():

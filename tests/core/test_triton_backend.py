@@ -23,7 +23,7 @@ triton = pytest.importorskip("triton", reason="Triton is not installed; scripts/
 
 from otr_megatron.core import torch_backend as tb  # noqa: E402
 from otr_megatron.core.contract import STAT_TMASS, Spec, block_size  # noqa: E402
-from otr_megatron.core.random import token_uniforms  # noqa: E402
+from otr_megatron.core.random import stream_key, token_uniforms  # noqa: E402
 from tests.core.reference import ref_loss as ref_loss_f64  # noqa: E402
 from tests.core.reference import ref_samples  # noqa: E402
 
@@ -59,10 +59,13 @@ def make_logits(n=8, v_pad=V_PAD, vocab=VOCAB, dtype=torch.bfloat16, seed=0, spe
     return x.to(dtype).to(DEV), y.to(DEV)
 
 
-def spec_for(estimator, k=64, rank=0, world=1, shard=V_PAD, vocab=VOCAB, seed=7, step=3):
+STEP = 3  # the random key's step (contract v2: not part of Spec)
+
+
+def spec_for(estimator, k=64, rank=0, world=1, shard=V_PAD, vocab=VOCAB, seed=7):
     n_real = min(max(vocab - rank * shard, 0), shard)
     block = block_size(vocab, k, shard) if estimator == "sample" else 1
-    return Spec(estimator, KAPPA, BETA, k, seed, step, rank, world, shard, n_real, block)
+    return Spec(estimator, KAPPA, BETA, k, seed, rank, world, shard, n_real, block)
 
 
 def labels_on(spec, y):
@@ -73,12 +76,12 @@ def labels_on(spec, y):
 
 
 def stats_of(backend, x, y, spec):
-    _, owns, col = labels_on(spec, y)
+    valid, owns, col = labels_on(spec, y)
     n = x.size(0)
     stats = torch.full((n, spec.stat_columns), -7.0, dtype=torch.float64, device=DEV)
     prefix = (torch.full((n, spec.n_blocks), -7.0, dtype=torch.float64, device=DEV)
               if spec.estimator == "sample" else None)
-    backend.local_stats(x, col, owns, spec, stats, prefix, backend.scratch(n, spec.n_real, DEV))
+    backend.local_stats(x, col, owns, valid, spec, stats, prefix, backend.scratch(n, spec.n_real, DEV))
     return stats, prefix
 
 
@@ -168,10 +171,11 @@ def sampler_inputs(x, y, spec):
 def run_sampler(backend, x, spec, inputs):
     n = x.size(0)
     partial = torch.full((n, 2), -7.0, dtype=torch.float64, device=DEV)
-    cols = torch.full((n, spec.k), -7, dtype=torch.int64, device=DEV)
+    cols = torch.full((n, spec.k), -7, dtype=torch.int32, device=DEV)
     weights = torch.full((n, spec.k), -7.0, dtype=torch.float32, device=DEV)
     keys, col, owns, ok, total, cum, scale, prefix = inputs
-    backend.sample(x, keys, col, owns, ok, total, cum, scale, prefix, spec, partial, cols, weights, None)
+    backend.sample(x, keys, stream_key(spec.seed, STEP), col, owns, ok, total, cum, scale, prefix, spec, partial, cols,
+                   weights, None)
     return partial, cols, weights
 
 
@@ -194,7 +198,7 @@ def test_sampler_matches_torch_backend_and_float64_draw(k):
     assert int(got[0][0, 0]) > 0, "the dominant label is hit"
     # against the independent float64 single-device inverse-CDF draw (sorted: order within a
     # token is not part of the contract)
-    draw = ref_samples(x.double().cpu(), inputs[0].cpu(), k, KAPPA, spec.seed, spec.step, vocab_size=VOCAB)
+    draw = ref_samples(x.double().cpu(), inputs[0].cpu(), k, KAPPA, spec.seed, STEP, vocab_size=VOCAB)
     okc = ok.cpu()
     moved = (got[1].cpu()[okc].sort(-1).values != draw[okc].sort(-1).values).sum().item()
     assert moved <= max(1, int(1e-3 * okc.sum() * k)), f"{moved} samples differ from the float64 draw"
@@ -228,7 +232,8 @@ def simulate_tp(backend, x, y, estimator, tp, k=64):
     partial = torch.zeros(x.size(0), 2, dtype=torch.float64, device=DEV)
     samples = torch.full((x.size(0), k), -1, dtype=torch.int64, device=DEV)
     for spec, xs, (_, owns, col, _, prefix), nm in zip(specs, shards, per_rank, norms):
-        part, cols, _ = L.draw_samples(backend, spec, xs, torch.arange(x.size(0), device=DEV), col, owns, nm, prefix)
+        part, cols, _ = L.draw_samples(backend, spec, xs, torch.arange(x.size(0), device=DEV), col, owns, nm, prefix,
+                                       stream_key(spec.seed, STEP))
         partial += part
         assert bool(((samples < 0) | (cols < 0)).all()), "two ranks own the same sample"
         samples = torch.where(cols >= 0, cols + spec.rank * shard, samples)
@@ -369,7 +374,7 @@ def test_cpu_logits_without_the_interpreter_raise_a_clear_error(monkeypatch):
     x = torch.zeros(2, 8)
     spec = spec_for("sft", shard=8, vocab=8)
     with pytest.raises(RuntimeError, match="needs CUDA logits, got logits on cpu.*backend='torch'"):
-        trb.local_stats(x, torch.zeros(2, dtype=torch.int64), torch.ones(2, dtype=torch.bool), spec,
+        trb.local_stats(x, torch.zeros(2, dtype=torch.int64), torch.ones(2, dtype=torch.bool), torch.ones(2, dtype=torch.bool), spec,
                         torch.empty(2, 3, dtype=torch.float64), None)
 
 

@@ -173,7 +173,7 @@ def test_torch_checkpoint_exception_is_caught_precisely_and_described():
     (f"seed={2**64}", rf"^seed={2**64}; expected an integer in \[0, 2\*\*63\)"),
     ("otr.temperature=1e-300", r"otr\.temperature \(kappa\)=1e-300: float32\(1 / kappa\) = inf is not a finite"),
     ("otr.temperature=1e300", r"otr\.temperature \(kappa\)=1e\+300: float32\(1 / kappa\) = 0\.0"),
-    ("otr.num_samples=1000000000", r"otr\.num_samples=1000000000 exceeds 1048576 \(2\*\*20.*12 bytes per sample"),
+    ("otr.num_samples=1000000000", r"otr\.num_samples=1000000000 exceeds 1048576 \(2\*\*20.*8 bytes per sample"),
 ])
 def test_value_bounds(override, msg):
     with pytest.raises(ConfigError, match=msg):
