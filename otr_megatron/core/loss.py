@@ -194,7 +194,7 @@ def label_columns(labels: torch.Tensor, spec: Spec, ignore_index: int):
     return valid, owns, torch.where(owns, local, torch.zeros_like(local))
 
 
-def local_statistics(backend: Backend, spec: Spec, logits, label_col, owns_label, chunk: int):
+def local_statistics(backend: Backend, spec: Spec, logits, label_col, owns_label, chunk: int, valid=None):
     """Step 1: this rank's statistics, chunk by chunk. Returns (stats [N, C] float64, prefix
     [N, n_blocks] float64 or None), see `core/contract.py`."""
     n_tok = logits.size(0)
@@ -204,6 +204,11 @@ def local_statistics(backend: Backend, spec: Spec, logits, label_col, owns_label
     scratch = backend.scratch(min(chunk, n_tok), spec.n_real, logits.device)
     for lo in range(0, n_tok, chunk):
         hi = min(n_tok, lo + chunk)
+        if backend.name == "triton":  # shim: the Triton backend has the contract-v2 signature
+            v = valid[lo:hi] if valid is not None else torch.ones_like(owns_label[lo:hi])
+            backend.local_stats(logits[lo:hi], label_col[lo:hi], owns_label[lo:hi], v, spec, stats[lo:hi],
+                                prefix[lo:hi] if prefix is not None else None, scratch)
+            continue
         backend.local_stats(logits[lo:hi], label_col[lo:hi], owns_label[lo:hi], spec, stats[lo:hi],
                             prefix[lo:hi] if prefix is not None else None, scratch)
     return stats, prefix
@@ -256,6 +261,16 @@ def draw_samples(backend: Backend, spec: Spec, logits, keys, label_col, owns_lab
     n_tok = logits.size(0)
     dev = logits.device
     partial = torch.empty(n_tok, 2, dtype=torch.float64, device=dev)
+    if backend.name == "triton":  # shim: contract v2 (key_mix, int32 merged columns, lanes in lane order)
+        from otr_megatron.core.random import stream_key
+
+        cols = torch.empty(n_tok, spec.k, dtype=torch.int32, device=dev)
+        lanes = torch.empty(n_tok, spec.k, dtype=torch.int32, device=dev)
+        weights = torch.empty(n_tok, spec.k, dtype=torch.float32, device=dev)
+        backend.sample(logits, keys, stream_key(spec.seed, spec.step), label_col, owns_label, norms.ok, norms.total,
+                       norms.rank_cum, norms.rank_scale, prefix, spec, partial, cols, weights, lanes)
+        draw_samples.lanes = lanes.long()
+        return partial, cols, weights
     cols = torch.empty(n_tok, spec.k, dtype=torch.int64, device=dev)
     weights = torch.empty(n_tok, spec.k, dtype=torch.float32, device=dev)
     backend.sample(logits, keys, label_col, owns_label, norms.ok, norms.total, norms.rank_cum, norms.rank_scale,
@@ -315,7 +330,7 @@ class _VocabParallelOTR(torch.autograd.Function):
     @staticmethod
     def forward(ctx, logits, labels, keys, spec: Spec, backend: Backend, group, ignore_index, chunk, inplace):
         valid, owns_label, label_col = label_columns(labels, spec, ignore_index)
-        stats, prefix = local_statistics(backend, spec, logits, label_col, owns_label, chunk)
+        stats, prefix = local_statistics(backend, spec, logits, label_col, owns_label, chunk, valid)
         allstats = _all_gather(stats, group, spec.world)  # [tp, N, C]
         norms = global_normalisers(allstats, spec, valid)
         ok = norms.ok
@@ -328,6 +343,8 @@ class _VocabParallelOTR(torch.autograd.Function):
         if cols is None:  # closed forms: one sparse entry per token, at the label on its owner
             owner = owns_label & ok
             cols = torch.where(owner, label_col, -1)[:, None]
+            if backend.name == "triton":  # shim: contract-v2 int32 columns
+                cols = cols.to(torch.int32)
             weights = torch.where(owner, terms.coef_label, 0.0).float()[:, None]
 
         zero = torch.zeros_like(norms.lse)
@@ -351,7 +368,8 @@ class _VocabParallelOTR(torch.autograd.Function):
 
         outs = (stat(terms.label_logprob), stat(terms.label_prob_tempered),
                 stat(partial[:, 0] if partial is not None else None), stat(terms.reward_mean), valid,
-                cols if spec.estimator == "sample" else stat(None))
+                (draw_samples.lanes if backend.name == "triton" else cols) if spec.estimator == "sample"
+                else stat(None))
         ctx.mark_non_differentiable(*outs)
         return (loss.float(),) + outs
 
