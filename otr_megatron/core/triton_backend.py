@@ -296,10 +296,10 @@ def _sample_kernel(X, stride_x, KEYS, LABEL_COL, OWNS, OK, TOTAL, CUM, stride_cu
             kq = srt
         else:
             kq = tl.gather(srt, tl.minimum(q, KP - 1), 0)
-        t = (kq >> LB).to(tl.float64) * 1.1102230246251565e-16 * total
+        tq = (kq >> LB).to(tl.float64) * 1.1102230246251565e-16 * total
         # 3. block: min(#{C_b <= t_r}, #{C_b < C_last}) by one branchless binary search; the last
         # accepted and rejected prefix values are the block's bounds (no second gather)
-        t_r = tl.maximum((t - before) / scale, 0.0)
+        t_r = tl.maximum((tq - before) / scale, 0.0)
         over = t_r >= z_last
         blk = tl.zeros([KC], dtype=tl.int32)
         c_lo = tl.zeros([KC], dtype=tl.float64)
@@ -522,11 +522,10 @@ def sample_params(spec: Spec, interpret: bool = INTERPRET) -> dict:
     KC at a time (all K at tp=1; at tp > 1 about twice the expected share, KC * B <= 4096 keeping
     the [KC, B] block tiles in registers)."""
     kp = max(2, triton.next_power_of_2(spec.k))
-    kc = kp
-    if spec.world > 1 and not interpret:
-        kc = min(kp, max(16, triton.next_power_of_2(-(-2 * spec.k // spec.world))))
-    if not interpret:
-        kc = min(kc, max(16, 4096 // spec.block))
+    # KC < KP (owned lanes KC at a time, gathered from the sorted keys) spills 8 bytes at tp=8, K=256
+    # in ptxas (the gather's local array): all lanes in one pass unless the [KP, B] tile is too big;
+    # a row with no owned lane still skips the heavy part (the loop runs zero times)
+    kc = kp if interpret else min(kp, max(16, 4096 // spec.block))
     return dict(RANK=spec.rank, TP=spec.world, B=spec.block, KP=kp, KC=kc, LB=max(1, (kp - 1).bit_length()),
                 NSTEP=spec.n_blocks.bit_length(), RAGGED=_ragged(spec), PRECISE=not interpret, num_warps=8)
 
