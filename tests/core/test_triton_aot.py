@@ -28,6 +28,11 @@ def test_kernels_compile_for_sm90_without_spills():
         # compiled with the run-time specialisation (divisibility 16), so this is what runs: no spills,
         # <= 80 registers at 8 warps (3 CTAs, 24 warps, per SM), the dense loops <= 64
         assert r["spill_stores"] == 0 and r["spill_loads"] == 0, r
-        assert r["regs"] <= 80 * (8 // r["num_warps"]) if r["variant"].startswith("stats sample") else r["regs"] <= 80, r
+        if r["variant"].startswith("stats sample"):  # B >= 32 runs 4 warps: the same registers per SM
+            assert r["regs"] <= 80 * (8 // r["num_warps"]), r
+        elif r["variant"].startswith("sampler"):  # one short pass per row, not a streaming loop
+            assert r["regs"] <= 128, r
+        else:
+            assert r["regs"] <= 80, r
         if r["variant"].startswith("grad") or r["variant"].startswith(("stats sft", "stats expected")):
             assert r["regs"] <= 64, r
