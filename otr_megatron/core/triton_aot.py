@@ -4,7 +4,9 @@ without a GPU: catches what the interpreter cannot (code the compiler rejects, r
     TRITON_INTERPRET=0 python -m otr_megatron.core.triton_aot [--arch 90]
 
 Compiles the variants the backend launches at the benchmark's sizes (bf16/fp16/fp32 inputs, every
-estimator, K = 8 and 256) to cubin with Triton's bundled LLVM and ptxas, and reads each kernel's
+estimator, K = 8 and 256, and a ragged real vocabulary: the last TP rank of 151665 ids) with the
+run-time specialisation the JIT applies (pointers and multiple-of-16 ints carry divisibility 16, so
+what is reported is what runs) to cubin with Triton's bundled LLVM and ptxas, and reads each kernel's
 registers, stack and local memory (spills) with the bundled cuobjdump. Needs TRITON_INTERPRET unset
 or 0 before `triton_backend` is imported (the interpreter replaces the kernels).
 """
@@ -12,6 +14,7 @@ or 0 before `triton_backend` is imported (the interpreter replaces the kernels).
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import os
 import re
 import subprocess
@@ -20,9 +23,8 @@ import tempfile
 import time
 
 _DTYPES = {"bf16": "*bf16", "fp16": "*fp16", "fp32": "*fp32"}
-# ptxas spills one 8-byte scalar in one grad variant (fp16, two passes, no tempered term), outside
-# the per-element work; anything larger is a layout/tile choice to revisit
-MAX_SPILL_BYTES = 16
+# no launched variant may spill
+MAX_SPILL_BYTES = 0
 
 
 def _sig(kernel, types: dict, constexprs: dict) -> dict:
@@ -38,43 +40,66 @@ def _sig(kernel, types: dict, constexprs: dict) -> dict:
     return sig
 
 
+# ints the JIT sees as multiples of 16 at run time (Megatron pads every shard to a multiple of 128);
+# n_real joins them except in the ragged variants (a real vocabulary such as 50257 or 151665)
+DIV16_INTS = {"stride_x", "stride_o", "shard", "stride_p", "stride_c", "stride_w", "stride_l", "K", "S"}
+
+
 def variants():
-    """(label, kernel, pointer types, constexprs, num_warps) exactly as the wrappers would launch them
-    on a GPU at N x V/tp = 8192 x {131072, 16384} (their `*_params` functions, interpret=False)."""
+    """(label, kernel, pointer types, constexprs, num_warps, attrs) exactly as the wrappers launch them
+    on a GPU at N x V/tp = 8192 x {131072, 16384} (their `*_params` functions, interpret=False), with
+    the JIT's run-time specialisation (pointers and multiple-of-16 ints: tt.divisibility 16)."""
     from otr_megatron.core import triton_backend as trb
     from otr_megatron.core.contract import Spec, block_size
 
     out = []
-    for dt, est, shard, k, tp, rank in (("bf16", "sample", 131072, 256, 1, 0), ("bf16", "sample", 16384, 256, 8, 3),
-                                        ("bf16", "sample", 16384, 8, 8, 3), ("fp32", "sample", 16384, 256, 1, 0),
-                                        ("bf16", "expected", 131072, 1, 1, 0), ("fp16", "sft", 16384, 1, 1, 0)):
-        vocab = shard * tp
+    cases = (("bf16", "sample", 131072, 256, 1, 0, False), ("bf16", "sample", 16384, 256, 8, 3, False),
+             ("bf16", "sample", 16384, 8, 8, 3, False), ("fp32", "sample", 16384, 256, 1, 0, False),
+             ("bf16", "expected", 131072, 1, 1, 0, False), ("fp16", "sft", 16384, 1, 1, 0, False),
+             # the last TP rank of a 151665-id vocabulary padded to 152064 (tp=8): n_real = 18657
+             ("bf16", "sample", 19008, 256, 8, 7, True), ("bf16", "expected", 19008, 1, 8, 7, True))
+    names = {f.name for f in dataclasses.fields(Spec)}
+    for dt, est, shard, k, tp, rank, ragged in cases:
+        vocab = 151665 if ragged else shard * tp
         b = block_size(vocab, k, shard) if est == "sample" else 1
-        spec = Spec(est, 1.3, -0.1, k, 1234, rank, tp, shard, shard, b)
+        n_real = min(max(vocab - rank * shard, 0), shard)
+        fields = dict(estimator=est, kappa=1.3, beta=-0.1, k=k, seed=1234, step=0, rank=rank, world=tp, shard=shard,
+                      n_real=n_real, block=b)
+        spec = Spec(**{n: v for n, v in fields.items() if n in names})
         elem = {"bf16": 2, "fp16": 2, "fp32": 4}[dt]
         inv = trb._inv_kappa(spec)
-        tag = f"{dt} V/tp={shard} tp={tp}" + (f" K={k} B={b}" if est == "sample" else "")
+        tag = f"{dt} V/tp={shard} tp={tp}" + (f" K={k} B={b}" if est == "sample" else "") + \
+            (f" n_real={n_real}" if ragged else "")
+        div16 = DIV16_INTS | ({"n_real", "n_blocks"} if not ragged else set())
         const = dict(INV_KAPPA=inv, KAPPA=1.3, **trb.stats_params(spec, elem, interpret=False))
         warps = const.pop("num_warps")
-        types = {"X": _DTYPES[dt], "LABEL_COL": "*i64", "OWNS": "*u8", "STATS": "*fp64", "PREFIX": "*fp64"}
-        out.append((f"stats {est} {tag}", trb._stats_kernel, types, const, warps))
+        types = {"X": _DTYPES[dt], "LABEL_COL": "*i64", "OWNS": "*u8", "VALID": "*u8", "STATS": "*fp64",
+                 "PREFIX": "*fp64"}
+        out.append((f"stats {est} {tag}", trb._stats_kernel, types, const, warps, div16))
         if est == "sample":
-            const = dict(INV_KAPPA=inv, BETA=-0.1, KEY_FROM_PTR=False, **trb.sample_params(spec, interpret=False))
+            const = dict(INV_KAPPA=inv, BETA=-0.1, MIX_PTR=False, HAS_LANES=False,
+                         **trb.sample_params(spec, interpret=False))
             warps = const.pop("num_warps")
             types = {"X": _DTYPES[dt], "KEYS": "*i64", "LABEL_COL": "*i64", "OWNS": "*u8", "OK": "*u8",
                      "TOTAL": "*fp64", "CUM": "*fp64", "SCALE": "*fp64", "PREFIX": "*fp64",
-                     "PARTIAL": "*fp64", "COLS": "*i32", "WTS": "*fp32", "KEY_MIX": "*i64"}
-            out.append((f"sampler {tag}", trb._sample_kernel, types, const, warps))
+                     "PARTIAL": "*fp64", "COLS": "*i32", "WTS": "*fp32", "LANES": "*i32"}
+            out.append((f"sampler {tag}", trb._sample_kernel, types, const, warps, div16))
         s = k if est == "sample" else 1
         for local in (False, True):
             const = dict(INV_KAPPA=inv, HAS_Q=est == "expected", HAS_LOCAL=local,
-                         **trb.grad_params(shard, elem, s, interpret=False))
+                         **trb.grad_params(spec, elem, s, interpret=False))
             warps = const.pop("num_warps")
             types = {"X": _DTYPES[dt], "OUT": _DTYPES[dt], "G": "*fp32", "CPI": "*fp32", "CQ": "*fp32",
-                     "COLS": "*i64", "WTS": "*fp32", "VALID": "*u8", "LOCAL": "*fp64"}
+                     "COLS": "*i32", "WTS": "*fp32", "VALID": "*u8", "LOCAL": "*fp64"}
             out.append((f"grad {est} {tag} S={s}" + (" local" if local else " 2-pass"), trb._grad_kernel, types,
-                        const, warps))
+                        const, warps, div16))
     return out
+
+
+def attrs_for(kernel, sig: dict, const: dict, div16: set) -> dict:
+    """tt.divisibility 16 on every pointer and on the multiple-of-16 ints, as the JIT specialises."""
+    return {(i,): [["tt.divisibility", 16]] for i, n in enumerate(kernel.arg_names)
+            if n not in const and (sig[n].startswith("*") or n in div16)}
 
 
 def _resources(ptx: str, arch: int) -> dict:
@@ -108,9 +133,10 @@ def compile_report(arch: int = 90) -> list[dict]:
 
     target = GPUTarget("cuda", arch, 32)
     rows = []
-    for label, kernel, types, const, warps in variants():
+    for label, kernel, types, const, warps, div16 in variants():
         t0 = time.perf_counter()
-        compiled = triton.compile(ASTSource(kernel, _sig(kernel, types, const), const), target=target,
+        sig = _sig(kernel, types, const)
+        compiled = triton.compile(ASTSource(kernel, sig, const, attrs_for(kernel, sig, const, div16)), target=target,
                                   options={"num_warps": warps})
         rows.append(dict(variant=label, num_warps=warps, seconds=time.perf_counter() - t0,
                          **_resources(compiled.asm["ptx"], arch)))

@@ -87,64 +87,101 @@ def _token_base(key, key_mix):
 
 
 @triton.jit
-def _stats_kernel(X, stride_x, LABEL_COL, OWNS, STATS, stride_s, PREFIX, stride_p,
-                  n_real, n_blocks, INV_KAPPA: tl.constexpr, KAPPA: tl.constexpr,
-                  SAMPLE: tl.constexpr, EXPECTED: tl.constexpr, B: tl.constexpr, LOG2B: tl.constexpr,
-                  TILE: tl.constexpr, EPI: tl.constexpr, PRECISE: tl.constexpr):
+def _max_nan(a, b):
+    """max that propagates NaN (as torch.max); tl.max drops it."""
+    return tl.maximum(a, b, propagate_nan=tl.PropagateNan.ALL)
+
+
+@triton.jit
+def _stats_kernel(X, stride_x, LABEL_COL, OWNS, VALID, STATS, stride_s, PREFIX, stride_p,
+                  n_real, shard, n_blocks, INV_KAPPA: tl.constexpr, KAPPA: tl.constexpr,
+                  SAMPLE: tl.constexpr, EXPECTED: tl.constexpr, B: tl.constexpr, PV: tl.constexpr,
+                  P: tl.constexpr, LOGP: tl.constexpr, LOGPV: tl.constexpr, NB: tl.constexpr, VEC: tl.constexpr,
+                  NR: tl.constexpr, RAGGED: tl.constexpr, EPI: tl.constexpr, PRECISE: tl.constexpr, INTERP: tl.constexpr):
+    # Every thread streams its own slots (a block of B ids for "sample", VEC ids otherwise) with
+    # its own running max and sums: no cross-thread reduction, barrier or shared memory in the
+    # loop; the slots are combined once at the end. Loads are masked on the shard (a multiple of
+    # 16: vectorised) and the real vocabulary is applied with tl.where (RAGGED).
     row = tl.program_id(0).to(tl.int64)
     xrow = X + row * stride_x
     srow = STATS + row * stride_s
-    m = tl.full([], float("-inf"), tl.float32)
-    s1 = tl.full([], 0.0, tl.float64)  # sum exp(x - m)
-    sk = tl.full([], 0.0, tl.float64)  # sum exp((x - m) * INV_KAPPA)   (expected)
-    tk = tl.full([], 0.0, tl.float64)  # sum exp((x - m) * INV_KAPPA) * x
-    nan = tl.full([], 0, tl.int32)
-    TB: tl.constexpr = TILE // B
-    for start in range(0, n_real, TILE):
+    valid = tl.load(VALID + row) != 0
+    n_loop = tl.where(valid, n_real, 0)  # an ignored row is not read
+    LOG2E: tl.constexpr = 1.4426950408889634
+    CK: tl.constexpr = INV_KAPPA * 1.4426950408889634
+    if SAMPLE:
+        NS: tl.constexpr = NB
+        TILE: tl.constexpr = NB * B
+        rel = (tl.arange(0, NB)[None, :, None] * B + tl.arange(0, P)[:, None, None] * PV
+               + tl.arange(0, PV)[None, None, :])  # [P, NB, PV]: block nb = its P pieces of PV ids
+    else:
+        NS: tl.constexpr = NR
+        TILE: tl.constexpr = NR * VEC
+        rel = tl.arange(0, NR)[:, None] * VEC + tl.arange(0, VEC)[None, :]  # [NR, VEC]
+    m_t = tl.full([NS], float("-inf"), tl.float32)
+    s_t = tl.zeros([NS], dtype=tl.float32)
+    sk_t = tl.zeros([NS], dtype=tl.float32)
+    tk_t = tl.zeros([NS], dtype=tl.float32)
+    nanf = tl.zeros([NS], dtype=tl.int32)  # interpreter only: its tl.max drops NaN as a GPU's does
+    for start in range(0, n_loop, TILE):
+        offs = start + rel
+        x = tl.load(xrow + offs, mask=offs < shard, other=float("-inf")).to(tl.float32)
+        if RAGGED:
+            x = tl.where(offs < n_real, x, float("-inf"))
         if SAMPLE:
-            offs = start + tl.arange(0, TB)[:, None] * B + tl.arange(0, B)[None, :]
-        else:
-            offs = start + tl.arange(0, TILE)
-        inb = offs < n_real
-        x = tl.load(xrow + offs, mask=inb, other=float("-inf")).to(tl.float32)
-        isnan = x != x
-        xm = tl.where(isnan, float("-inf"), x)  # NaN is tracked by the flag; max over the rest
-        if SAMPLE:
-            bmax = tl.max(xm, axis=1)
-            nan = tl.maximum(nan, tl.max(tl.max(isnan.to(tl.int32), axis=1), axis=0))
-            m_new = tl.maximum(m, tl.max(bmax, axis=0))
-        else:
-            nan = tl.maximum(nan, tl.max(isnan.to(tl.int32), axis=0))
-            m_new = tl.maximum(m, tl.max(xm, axis=0))
-        safe = tl.where(m_new == float("-inf"), 0.0, m_new)
-        alpha = tl.exp(m - safe).to(tl.float64)  # 0 on the first tile; exp(-inf - 0) = 0
-        p = tl.exp(x - safe)  # padded / -inf: 0; NaN stays NaN
-        if SAMPLE:
-            s1 = s1 * alpha + tl.sum(tl.sum(p, axis=1), axis=0).to(tl.float64)
-        else:
-            s1 = s1 * alpha + tl.sum(p, axis=0).to(tl.float64)
-        if EXPECTED:
-            alpha_k = tl.exp((m - safe) * INV_KAPPA).to(tl.float64)
-            e = tl.exp((x - safe) * INV_KAPPA)
-            sk = sk * alpha_k + tl.sum(e, axis=0).to(tl.float64)
-            tk = tk * alpha_k + tl.sum(e * tl.where(e > 0, x, 0.0), axis=0).to(tl.float64)  # 0 * -inf = 0
-        if SAMPLE:
-            # per block of B real ids: bmax (fp32) and bsum = pairwise-tree fp32 sum of
-            # exp((x - bmax) * INV_KAPPA); parked bit-packed until the row max is known
-            bsafe = tl.where(bmax == float("-inf"), 0.0, bmax)
-            if PRECISE:  # libdevice's expf: the function torch's CUDA exp calls (bit-equal block sums)
-                e = libdevice.exp((x - bsafe[:, None]) * INV_KAPPA)
+            if INTERP:
+                nanf = tl.maximum(nanf, tl.max(tl.max((x != x).to(tl.int32), axis=2), axis=0))
+                bmax = tl.max(tl.max(x, axis=2), axis=0)
             else:
-                e = tl.exp((x - bsafe[:, None]) * INV_KAPPA)
-            for lvl in tl.static_range(LOG2B):
-                e = tl.sum(tl.reshape(e, (TB, 2, B >> (lvl + 1))), axis=1)  # e[i] + e[i + width]
-            bsum = tl.reshape(e, (TB,))
+                bmax = tl.reduce(tl.reduce(x, 2, _max_nan), 0, _max_nan)
+            m_new = _max_nan(m_t, bmax)
+            safe = tl.where(m_new == float("-inf"), 0.0, m_new)
+            alpha = tl.math.exp2((m_t - safe) * LOG2E)
+            p = tl.math.exp2(x * LOG2E - (safe * LOG2E)[None, :, None])
+            s_t = s_t * alpha + tl.sum(tl.sum(p, axis=2), axis=0)
+            m_t = m_new
+            # per block: bmax (fp32) and bsum = the pairwise-tree fp32 sum of exp((x - bmax) * INV_KAPPA)
+            # (docs/sampling.md section 2), all in this thread's registers
+            bsafe = tl.where(bmax == float("-inf"), 0.0, bmax)[None, :, None]
+            if PRECISE:  # libdevice's expf: the function torch's CUDA exp calls (bit-equal block sums)
+                e = libdevice.exp((x - bsafe) * INV_KAPPA)
+            else:
+                e = tl.exp((x - bsafe) * INV_KAPPA)
+            for lvl in tl.static_range(LOGP):  # e[i] + e[i + B/2], ... down to one piece
+                e = tl.sum(tl.reshape(e, (2, P >> (lvl + 1), NB, PV)), axis=0)
+            e = tl.reshape(e, (NB, PV))
+            for lvl in tl.static_range(LOGPV):  # then within the piece
+                e = tl.sum(tl.reshape(e, (NB, 2, PV >> (lvl + 1))), axis=1)
+            bsum = tl.reshape(e, (NB,))
             packed = (bmax.to(tl.uint32, bitcast=True).to(tl.uint64) << 32) | \
                 bsum.to(tl.uint32, bitcast=True).to(tl.uint64)
-            blk = start // B + tl.arange(0, TB)
+            blk = start // B + tl.arange(0, NB)
             tl.store(PREFIX + row * stride_p + blk, packed.to(tl.float64, bitcast=True), mask=blk < n_blocks)
-        m = m_new
-    m = tl.where(nan > 0, float("nan"), m)
+        else:
+            if INTERP:
+                nanf = tl.maximum(nanf, tl.max((x != x).to(tl.int32), axis=1))
+                tmax = tl.max(x, axis=1)
+            else:
+                tmax = tl.reduce(x, 1, _max_nan)
+            m_new = _max_nan(m_t, tmax)
+            safe = tl.where(m_new == float("-inf"), 0.0, m_new)
+            alpha = tl.math.exp2((m_t - safe) * LOG2E)
+            s_t = s_t * alpha + tl.sum(tl.math.exp2(x * LOG2E - (safe * LOG2E)[:, None]), axis=1)
+            if EXPECTED:
+                alpha_k = tl.math.exp2((m_t - safe) * CK)
+                e = tl.math.exp2(x * CK - (safe * CK)[:, None])
+                sk_t = sk_t * alpha_k + tl.sum(e, axis=1)
+                # -inf ids have e = 0: clamp them so that 0 * x is 0, not NaN
+                tk_t = tk_t * alpha_k + tl.sum(e * tl.maximum(x, -3.0e38), axis=1)
+            m_t = m_new
+    # combine the slots (float64)
+    if INTERP:
+        m = tl.max(m_t, axis=0)
+        m = tl.where(tl.max(nanf, axis=0) > 0, float("nan"), m)
+    else:
+        m = tl.reduce(m_t, 0, _max_nan)
+    msafe = tl.where(m == float("-inf"), 0.0, m)
+    s1 = tl.sum(s_t.to(tl.float64) * tl.exp(m_t - msafe).to(tl.float64), axis=0)
     label = tl.load(LABEL_COL + row)
     owns = tl.load(OWNS + row) != 0
     xl = tl.load(xrow + label, mask=owns, other=0.0).to(tl.float64)
@@ -152,12 +189,16 @@ def _stats_kernel(X, stride_x, LABEL_COL, OWNS, STATS, stride_s, PREFIX, stride_
     tl.store(srow + 1, s1)
     tl.store(srow + 2, tl.where(owns, xl, 0.0))
     if EXPECTED:
+        sc = tl.exp((m_t - msafe) * INV_KAPPA).to(tl.float64)
+        sk = tl.sum(sk_t.to(tl.float64) * sc, axis=0)
+        tk = tl.sum(tk_t.to(tl.float64) * sc, axis=0)
         tl.store(srow + 3, sk)
         tl.store(srow + 4, tl.where(sk == 0, 0.0, tk / sk))
     if SAMPLE:
-        # epilogue: w_b = bsum_b * exp((bmax_b - m) / kappa) (float64), prefix sums in place;
-        # the running total is added to the first element before each chunk's scan, so the
-        # interpreter (a sequential scan) reproduces torch's sequential float64 cumsum exactly
+        # epilogue: w_b = bsum_b * exp((bmax_b - m) / kappa) (float64), prefix sums in place; the
+        # running total is added to the first element before each chunk's scan, so the interpreter
+        # (a sequential scan) reproduces torch's sequential float64 cumsum exactly. An ignored row
+        # reads nothing and gets a zero prefix row.
         tl.debug_barrier()  # the packed pairs were written by other threads of this program
         m64 = tl.where(m == float("-inf"), 0.0, m.to(tl.float64))
         kappa = tl.full([], KAPPA, tl.float64)  # a bare float constant would be typed fp32
@@ -166,16 +207,16 @@ def _stats_kernel(X, stride_x, LABEL_COL, OWNS, STATS, stride_s, PREFIX, stride_
         for e0 in range(0, n_blocks, EPI):
             idx = e0 + tl.arange(0, EPI)
             inb = idx < n_blocks
-            bits = tl.load(prow + idx, mask=inb, other=0.0).to(tl.uint64, bitcast=True)
+            bits = tl.load(prow + idx, mask=inb & valid, other=0.0).to(tl.uint64, bitcast=True)
             bmax = (bits >> 32).to(tl.uint32).to(tl.float32, bitcast=True)
             bsum = (bits & 0xFFFFFFFF).to(tl.uint32).to(tl.float32, bitcast=True)
             if PRECISE:
-                w = libdevice.exp((bmax.to(tl.float64) - m64) / kappa) * bsum.to(tl.float64)
+                wb = libdevice.exp((bmax.to(tl.float64) - m64) / kappa) * bsum.to(tl.float64)
             else:
-                w = tl.exp((bmax.to(tl.float64) - m64) / kappa) * bsum.to(tl.float64)
-            w = tl.where(inb, w, 0.0)
-            w = tl.where(idx == e0, w + carry, w)
-            c = tl.cumsum(w, axis=0)
+                wb = tl.exp((bmax.to(tl.float64) - m64) / kappa) * bsum.to(tl.float64)
+            wb = tl.where(inb & valid, wb, 0.0)
+            wb = tl.where(idx == e0, wb + carry, wb)
+            c = tl.cumsum(wb, axis=0)
             tl.debug_barrier()  # every thread has read its pairs before any prefix overwrites them
             tl.store(prow + idx, c, mask=inb)
             carry = tl.sum(tl.where(idx == tl.minimum(e0 + EPI, n_blocks) - 1, c, 0.0), axis=0)
@@ -187,12 +228,23 @@ def _stats_kernel(X, stride_x, LABEL_COL, OWNS, STATS, stride_s, PREFIX, stride_
 # --------------------------------------------------------------------------------------------
 
 
+@triton.jit
+def _seg_combine(c1, n1, l1, c2, n2, l2):
+    """Segmented (count, min lane) scan over runs of equal columns (associative on sorted columns)."""
+    same = c1 == c2
+    return c2, tl.where(same, n1 + n2, n2), tl.where(same, tl.minimum(l1, l2), l2)
+
+
 @triton.jit(do_not_specialize=["key_mix"])
 def _sample_kernel(X, stride_x, KEYS, LABEL_COL, OWNS, OK, TOTAL, CUM, stride_cum, SCALE, PREFIX, stride_p,
-                   PARTIAL, stride_part, COLS, stride_c, WTS, stride_w,
-                   n_real, n_blocks, key_mix, KEY_MIX, K, INV_KAPPA: tl.constexpr, BETA: tl.constexpr,
-                   RANK: tl.constexpr, TP: tl.constexpr, B: tl.constexpr, KC: tl.constexpr,
-                   NSTEP: tl.constexpr, PRECISE: tl.constexpr, KEY_FROM_PTR: tl.constexpr):
+                   PARTIAL, stride_part, COLS, stride_c, WTS, stride_w, LANES, stride_l,
+                   n_real, n_blocks, key_mix, K, INV_KAPPA: tl.constexpr, BETA: tl.constexpr,
+                   RANK: tl.constexpr, TP: tl.constexpr, B: tl.constexpr, KP: tl.constexpr, KC: tl.constexpr,
+                   LB: tl.constexpr, NSTEP: tl.constexpr, RAGGED: tl.constexpr, MIX_PTR: tl.constexpr,
+                   HAS_LANES: tl.constexpr, PRECISE: tl.constexpr):
+    # All K lanes at once: uniforms and owners; the owned lanes are sorted by their uniform (owned
+    # first), so the expensive part (block search, block recompute) runs over the owned lanes only,
+    # KC at a time, and duplicates (the inverse CDF is monotone) are adjacent: merged in registers.
     row = tl.program_id(0).to(tl.int64)
     xrow = X + row * stride_x
     prow = PREFIX + row * stride_p
@@ -208,44 +260,68 @@ def _sample_kernel(X, stride_x, KEYS, LABEL_COL, OWNS, OK, TOTAL, CUM, stride_cu
     else:
         before = tl.full([], 0.0, tl.float64)
     scale = tl.load(SCALE + row)
-    z_last = tl.load(prow + n_blocks - 1)
-    label = tl.load(LABEL_COL + row)
+    label = tl.load(LABEL_COL + row).to(tl.int32)
     owns = tl.load(OWNS + row) != 0
-    if KEY_FROM_PTR:
-        base = _token_base(tl.load(KEYS + row), tl.load(KEY_MIX))
+    if MIX_PTR:
+        mix = tl.load(key_mix)
     else:
-        base = _token_base(tl.load(KEYS + row), key_mix)
-    ib = tl.arange(0, B)
+        mix = key_mix
+    base = _token_base(tl.load(KEYS + row), mix)
     beta = tl.full([], BETA, tl.float64)  # a bare float constant would be typed fp32
+    # 1-2. every lane: uniform, global CDF position, owner
+    j = tl.arange(0, KP)
+    lane = j < K
+    ub = _splitmix64(base + (j + 1).to(tl.uint64) * 0x9E3779B97F4A7C15) >> 11  # 53 random bits
+    t = ub.to(tl.float64) * 1.1102230246251565e-16 * total
+    owner = tl.zeros([KP], dtype=tl.int32)
+    for r in tl.static_range(TP):
+        owner += (tl.load(crow + r) <= t).to(tl.int32)
+    owner = tl.minimum(owner, last_rank)
+    mine = lane & ok & (owner == RANK)
+    n_own = tl.sum(mine.to(tl.int32), axis=0)
+    tl.store(COLS + row * stride_c + j, tl.full([KP], -1, tl.int32), mask=lane)
+    tl.store(WTS + row * stride_w + j, tl.zeros([KP], dtype=tl.float32), mask=lane)
+    if HAS_LANES:
+        tl.store(LANES + row * stride_l + j, tl.full([KP], -1, tl.int32), mask=lane & ~mine)
+    LMASK: tl.constexpr = (1 << LB) - 1
+    srt = tl.sort(tl.where(mine, (ub << LB) | j.to(tl.uint64), 0xFFFFFFFFFFFFFFFF))  # owned lanes first
+    z_last = tl.load(prow + n_blocks - 1, mask=n_own > 0, other=0.0)
+    ib = tl.arange(0, B)
+    cs_all = tl.full([KP], -1, tl.int32)  # column of each sorted position
     hits = tl.full([], 0.0, tl.float64)
     wsum = tl.full([], 0.0, tl.float64)
-    for k0 in range(0, K, KC):
-        j = k0 + tl.arange(0, KC)
-        lane = j < K
-        t = _uniforms(base, j) * total  # global CDF position
-        owner = tl.zeros([KC], dtype=tl.int32)
-        for r in tl.static_range(TP):
-            owner += (tl.load(crow + r) <= t).to(tl.int32)
-        owner = tl.minimum(owner, last_rank)
-        mine = lane & ok & (owner == RANK)
-        t_r = tl.maximum((t - before) / scale, 0.0)
-        # block: min(#{C_b <= t_r}, #{C_b < C_last}) by one branchless binary search
+    for c0 in range(0, n_own, KC):
+        q = c0 + tl.arange(0, KC)
+        live = q < n_own
+        if KC == KP:
+            kq = srt
+        else:
+            kq = tl.gather(srt, tl.minimum(q, KP - 1), 0)
+        tq = (kq >> LB).to(tl.float64) * 1.1102230246251565e-16 * total
+        # 3. block: min(#{C_b <= t_r}, #{C_b < C_last}) by one branchless binary search; the last
+        # accepted and rejected prefix values are the block's bounds (no second gather)
+        t_r = tl.maximum((tq - before) / scale, 0.0)
         over = t_r >= z_last
         blk = tl.zeros([KC], dtype=tl.int32)
+        c_lo = tl.zeros([KC], dtype=tl.float64)
+        c_hi = tl.zeros([KC], dtype=tl.float64)
         for i in tl.static_range(NSTEP):
             cand = blk + ((1 << (NSTEP - 1)) >> i)
-            live = mine & (cand <= n_blocks)
-            v = tl.load(prow + cand - 1, mask=live, other=float("inf"))
-            go = live & tl.where(over, v < z_last, v <= t_r)
+            inr = live & (cand <= n_blocks)
+            v = tl.load(prow + cand - 1, mask=inr, other=float("inf"))
+            go = inr & tl.where(over, v < z_last, v <= t_r)
             blk = tl.where(go, cand, blk)
+            c_lo = tl.where(go, v, c_lo)
+            c_hi = tl.where(inr & ~go, v, c_hi)
         blk = tl.minimum(blk, n_blocks - 1)
-        c_hi = tl.load(prow + blk, mask=mine, other=1.0)
-        c_lo = tl.load(prow + blk - 1, mask=mine & (blk > 0), other=0.0)
+        # 4. fraction within the block (float64)
         frac = tl.minimum(tl.maximum((t_r - c_lo) / (c_hi - c_lo), 0.0), 1.0)
-        # the block's B ids, recomputed in fp32 and searched in float64 (docs/sampling.md step 5)
+        # 5. the block's B ids, recomputed in fp32 and searched in float64 (docs/sampling.md step 5)
         offs = blk[:, None] * B + ib[None, :]
-        xin = tl.load(xrow + offs, mask=mine[:, None] & (offs < n_real), other=float("-inf"))
+        xin = tl.load(xrow + offs, mask=live[:, None], other=float("-inf"))
         xf = xin.to(tl.float32)
+        if RAGGED:
+            xf = tl.where(offs < n_real, xf, float("-inf"))
         bmax = tl.max(xf, axis=1)
         bsafe = tl.where(bmax == float("-inf"), 0.0, bmax)
         if PRECISE:
@@ -258,24 +334,47 @@ def _sample_kernel(X, stride_x, KEYS, LABEL_COL, OWNS, OK, TOTAL, CUM, stride_cu
         n_le = tl.sum((s <= target[:, None]).to(tl.int32), axis=1)
         n_lt = tl.sum((s < s_last[:, None]).to(tl.int32), axis=1)
         pos = tl.minimum(tl.minimum(n_le, n_lt), B - 1)
-        col = blk.to(tl.int64) * B + pos
-        logit = tl.sum(tl.where(ib[None, :] == pos[:, None], xin.to(tl.float64), 0.0), axis=1)
-        hit = mine & owns & (col == label)
+        col = blk * B + pos
+        logit = tl.sum(tl.where(ib[None, :] == pos[:, None], xf, 0.0), axis=1).to(tl.float64)
+        hit = live & owns & (col == label)
         reward = tl.where(hit, 1.0, beta)
         hits += tl.sum(hit.to(tl.float64), axis=0)
-        wsum += tl.sum(tl.where(mine, reward * logit, 0.0), axis=0)
-        tl.store(COLS + row * stride_c + j, tl.where(mine, col, -1), mask=lane)
-        tl.store(WTS + row * stride_w + j, tl.where(mine, -reward / K, 0.0).to(tl.float32), mask=lane)
+        wsum += tl.sum(tl.where(live, reward * logit, 0.0), axis=0)
+        if HAS_LANES:  # every draw in lane order, duplicates kept (return_stats)
+            tl.store(LANES + row * stride_l + (kq & LMASK).to(tl.int32), col, mask=live)
+        if KC == KP:
+            cs_all = tl.where(live, col, -1)
+        else:
+            pa = tl.arange(0, KP)
+            here = (pa >= c0) & (pa < c0 + KC)
+            cs_all = tl.where(here, tl.gather(col, tl.minimum(tl.maximum(pa - c0, 0), KC - 1), 0), cs_all)
+    # merge duplicates: a run of equal columns ends where the next sorted column differs; its
+    # weight (sum of its lanes' -R/K) goes to its lowest lane, the other lanes keep -1 / 0
+    pa = tl.arange(0, KP)
+    alive = pa < n_own
+    ln_all = (srt & LMASK).to(tl.int32)
+    nxt = tl.gather(cs_all, tl.minimum(pa + 1, KP - 1), 0)
+    is_end = alive & ((pa == n_own - 1) | (cs_all != nxt))
+    _, cnt, low = tl.associative_scan((cs_all, tl.full([KP], 1, tl.int32), ln_all), 0, _seg_combine)
+    r_end = tl.where(owns & (cs_all == label), 1.0, beta)
+    wt = (-r_end * cnt.to(tl.float64) / K).to(tl.float32)
+    tl.debug_barrier()  # the -1 / 0 of every lane is written before a run's leader overwrites its lane
+    tl.store(COLS + row * stride_c + low, cs_all, mask=is_end)
+    tl.store(WTS + row * stride_w + low, wt, mask=is_end)
     tl.store(PARTIAL + row * stride_part, hits)
     tl.store(PARTIAL + row * stride_part + 1, wsum)
 
 
 @triton.jit(do_not_specialize=["key_mix"])
-def _uniforms_kernel(KEYS, OUT, key_mix, K, KP: tl.constexpr):
+def _uniforms_kernel(KEYS, OUT, key_mix, K, KP: tl.constexpr, MIX_PTR: tl.constexpr):
     """Test hook: the sampler's uniforms [R, K], to check them against core/random.py bit for bit."""
     row = tl.program_id(0).to(tl.int64)
     j = tl.arange(0, KP)
-    base = _token_base(tl.load(KEYS + row), key_mix)
+    if MIX_PTR:
+        mix = tl.load(key_mix)
+    else:
+        mix = key_mix
+    base = _token_base(tl.load(KEYS + row), mix)
     tl.store(OUT + row * K + j, _uniforms(base, j), mask=j < K)
 
 
@@ -287,70 +386,82 @@ def _uniforms_kernel(KEYS, OUT, key_mix, K, KP: tl.constexpr):
 @triton.jit
 def _grad_kernel(X, stride_x, OUT, stride_o, G, CPI, CQ, COLS, stride_c, WTS, stride_w, VALID, LOCAL, stride_l,
                  n_real, shard, S, INV_KAPPA: tl.constexpr,
-                 SP: tl.constexpr, MC: tl.constexpr, HAS_Q: tl.constexpr, HAS_LOCAL: tl.constexpr,
-                 TILE: tl.constexpr):
+                 SP: tl.constexpr, HAS_Q: tl.constexpr, HAS_LOCAL: tl.constexpr, RAGGED: tl.constexpr,
+                 NR: tl.constexpr, VEC: tl.constexpr, TILE: tl.constexpr):
     row = tl.program_id(0).to(tl.int64)
     xrow = X + row * stride_x
     orow = OUT + row * stride_o
     valid = tl.load(VALID + row) != 0
-    g = tl.load(G + row)
-    a = tl.load(CPI + row) * g
-    if HAS_Q:
-        b = tl.load(CQ + row) * g
-    else:
-        b = 0.0
-    # rank-local normalisers of softmax(x) and softmax(x / kappa)
-    if HAS_LOCAL:
-        m = tl.load(LOCAL + row * stride_l).to(tl.float32)
-        s = tl.load(LOCAL + row * stride_l + 1).to(tl.float32)
+    if valid:
+        g = tl.load(G + row)
+        a = tl.load(CPI + row) * g
         if HAS_Q:
-            sk = tl.load(LOCAL + row * stride_l + 3).to(tl.float32)
+            b = tl.load(CQ + row) * g
         else:
-            sk = 1.0
-    else:
-        m = tl.full([], float("-inf"), tl.float32)
-        s = tl.full([], 0.0, tl.float32)
-        sk = tl.full([], 0.0, tl.float32)
-        for start in range(0, n_real, TILE):
-            offs = start + tl.arange(0, TILE)
-            x = tl.load(xrow + offs, mask=offs < n_real, other=float("-inf")).to(tl.float32)
-            m_new = tl.maximum(m, tl.max(tl.where(x != x, float("-inf"), x), axis=0))
-            safe = tl.where(m_new == float("-inf"), 0.0, m_new)
-            s = s * tl.exp(m - safe) + tl.sum(tl.exp(x - safe), axis=0)
+            b = 0.0
+        # rank-local normalisers of softmax(x) and softmax(x / kappa)
+        if HAS_LOCAL:
+            m = tl.load(LOCAL + row * stride_l).to(tl.float32)
+            s = tl.load(LOCAL + row * stride_l + 1).to(tl.float32)
             if HAS_Q:
-                sk = sk * tl.exp((m - safe) * INV_KAPPA) + tl.sum(tl.exp((x - safe) * INV_KAPPA), axis=0)
-            m = m_new
-    msafe = tl.where(m == float("-inf"), 0.0, m)
-    inv_s = 1.0 / s
-    inv_sk = 1.0 / sk
-    # sparse entries: read their logits now (the dense pass may overwrite them in place) and merge
-    # duplicates per row in registers, comparing against the list in chunks of MC lanes
-    js = tl.arange(0, SP)
-    cols = tl.load(COLS + row * stride_c + js, mask=js < S, other=-1)
-    act = (cols >= 0) & valid
-    merged = tl.zeros([SP], dtype=tl.float32)
-    for c0 in tl.static_range(0, SP, MC):
-        jc = c0 + tl.arange(0, MC)
-        cc = tl.load(COLS + row * stride_c + jc, mask=jc < S, other=-1)
-        wc = tl.load(WTS + row * stride_w + jc, mask=(jc < S) & (cc >= 0), other=0.0) * g
-        merged += tl.sum(tl.where(cols[:, None] == cc[None, :], wc[None, :], 0.0), axis=1)
-    xs = tl.load(xrow + cols, mask=act, other=0.0).to(tl.float32)
-    tl.debug_barrier()
-    for start in range(0, shard, TILE):
-        offs = start + tl.arange(0, TILE)
-        real = offs < n_real
-        x = tl.load(xrow + offs, mask=real, other=float("-inf")).to(tl.float32)
-        val = tl.exp(x - msafe) * inv_s * a
+                sk = tl.load(LOCAL + row * stride_l + 3).to(tl.float32)
+            else:
+                sk = 1.0
+        else:  # a first pass, per-thread slots as in the statistics kernel
+            LOG2E: tl.constexpr = 1.4426950408889634
+            CK: tl.constexpr = INV_KAPPA * 1.4426950408889634
+            rel = tl.arange(0, NR)[:, None] * VEC + tl.arange(0, VEC)[None, :]
+            m_t = tl.full([NR], float("-inf"), tl.float32)
+            s_t = tl.zeros([NR], dtype=tl.float32)
+            sk_t = tl.zeros([NR], dtype=tl.float32)
+            for start in range(0, n_real, NR * VEC):
+                offs = start + rel
+                x = tl.load(xrow + offs, mask=offs < shard, other=float("-inf")).to(tl.float32)
+                if RAGGED:
+                    x = tl.where(offs < n_real, x, float("-inf"))
+                m_new = tl.maximum(m_t, tl.max(x, axis=1))
+                safe = tl.where(m_new == float("-inf"), 0.0, m_new)
+                s_t = s_t * tl.math.exp2((m_t - safe) * LOG2E) + \
+                    tl.sum(tl.math.exp2(x * LOG2E - (safe * LOG2E)[:, None]), axis=1)
+                if HAS_Q:
+                    sk_t = sk_t * tl.math.exp2((m_t - safe) * CK) + \
+                        tl.sum(tl.math.exp2(x * CK - (safe * CK)[:, None]), axis=1)
+                m_t = m_new
+            m = tl.max(m_t, axis=0)
+            ms = tl.where(m == float("-inf"), 0.0, m)
+            s = tl.sum(s_t * tl.exp(m_t - ms), axis=0)
+            sk = tl.sum(sk_t * tl.exp((m_t - ms) * INV_KAPPA), axis=0)
+        msafe = tl.where(m == float("-inf"), 0.0, m)
+        inv_s = 1.0 / s
+        inv_sk = 1.0 / sk
+        # sparse entries (distinct columns: the sampler merged duplicates; one label otherwise): read
+        # their logits now, the dense pass may overwrite them in place
+        js = tl.arange(0, SP)
+        cols = tl.load(COLS + row * stride_c + js, mask=js < S, other=-1)
+        act = cols >= 0
+        wc = tl.load(WTS + row * stride_w + js, mask=act, other=0.0) * g
+        xs = tl.load(xrow + cols, mask=act, other=0.0).to(tl.float32)
+        tl.debug_barrier()
+        for start in range(0, shard, TILE):
+            offs = start + tl.arange(0, TILE)
+            inb = offs < shard
+            x = tl.load(xrow + offs, mask=inb, other=float("-inf")).to(tl.float32)
+            val = tl.exp(x - msafe) * inv_s * a
+            if HAS_Q:
+                val += tl.exp((x - msafe) * INV_KAPPA) * inv_sk * b
+            if RAGGED:
+                val = tl.where(offs < n_real, val, 0.0)
+            tl.store(orow + offs, val.to(OUT.dtype.element_ty), mask=inb)
+        tl.debug_barrier()  # the dense values of this row are written; now the sparse columns
+        fix = tl.exp(xs - msafe) * inv_s * a
         if HAS_Q:
-            val += tl.exp((x - msafe) * INV_KAPPA) * inv_sk * b
-        val = tl.where(real & valid, val, 0.0)
-        tl.store(orow + offs, val.to(OUT.dtype.element_ty), mask=offs < shard)
-    tl.debug_barrier()  # the dense values of this row are written; now the sparse columns
-    fix = tl.exp(xs - msafe) * inv_s * a
-    if HAS_Q:
-        fix += tl.exp((xs - msafe) * INV_KAPPA) * inv_sk * b
-    fix += merged
-    tl.store(orow + cols, fix.to(OUT.dtype.element_ty), mask=act)
+            fix += tl.exp((xs - msafe) * INV_KAPPA) * inv_sk * b
+        fix += wc
+        tl.store(orow + cols, fix.to(OUT.dtype.element_ty), mask=act)
+    else:  # an ignored row: exactly 0, its logits are not read
+        for start in range(0, shard, TILE):
+            offs = start + tl.arange(0, TILE)
+            tl.store(orow + offs, tl.zeros([TILE], dtype=OUT.dtype.element_ty), mask=offs < shard)
 
 
 # --------------------------------------------------------------------------------------------
@@ -372,43 +483,65 @@ def _check_rows(name: str, t: torch.Tensor) -> None:
                          f"and strides {t.stride()}")
 
 
-def _tile(cols: int, gpu_elems: int, interpret: bool) -> int:
-    """Elements per tile: few, large tiles in the interpreter; on a GPU a size that keeps the
-    kernel near 80-110 registers at 8 warps (2-3 CTAs per SM; sm_90 numbers from triton_aot)."""
-    full = triton.next_power_of_2(max(cols, 1))
-    return min(full, _MAX_TILE if interpret else gpu_elems)
+def _vec_elems(elem_bytes: int) -> int:
+    """Elements of one 16-byte vector load."""
+    return max(1, 16 // elem_bytes)
+
+
+def _ragged(spec: Spec) -> bool:
+    """The shard holds vocabulary padding: loads stay masked on the shard, n_real via tl.where."""
+    return spec.n_real < spec.shard
 
 
 def stats_params(spec: Spec, elem_bytes: int, interpret: bool = INTERPRET) -> dict:
-    """Compile-time parameters of the statistics kernel for this call."""
+    """Compile-time parameters of the statistics kernel. GPU: 8 warps, each thread one slot (a block
+    of B ids for "sample", 2 x 16 bytes otherwise) per iteration. Interpreter: few, large tiles."""
     sample = spec.estimator == "sample"
+    vec = _vec_elems(elem_bytes)
     b = spec.block if sample else 1
-    if sample:  # the [TILE / B, B] tile and its pairwise tree: ~80 registers at these sizes
-        gpu = 4096 if b <= 16 else 2048
+    pv = min(b, vec)
+    warps = 8 if not sample or b <= 16 else 4
+    threads = 32 * warps
+    if interpret:
+        full = triton.next_power_of_2(max(spec.n_real, 1))
+        nb = max(1, min(full, _MAX_TILE) // b) if sample else 1
+        nr = max(1, min(full, _MAX_TILE) // vec)
     else:
-        gpu = 16384 // elem_bytes
-    return dict(SAMPLE=sample, EXPECTED=spec.estimator == "expected", B=b, LOG2B=b.bit_length() - 1,
-                TILE=max(_tile(spec.n_real, gpu, interpret), b),
-                EPI=min(triton.next_power_of_2(max(spec.n_blocks, 1)), 1024), PRECISE=not interpret, num_warps=8)
+        nb = threads
+        nr = 2 * threads
+    return dict(SAMPLE=sample, EXPECTED=spec.estimator == "expected", B=b, PV=pv, P=b // pv, LOGP=(b // pv).bit_length() - 1, LOGPV=pv.bit_length() - 1, NB=nb,
+                VEC=vec, NR=nr, RAGGED=_ragged(spec),
+                EPI=min(triton.next_power_of_2(max(spec.n_blocks, 1)), 1024), PRECISE=not interpret,
+                INTERP=interpret, num_warps=warps)
+
+
+MAX_K = 2048  # the sampler packs 53 random bits and the lane index into one 64-bit sort key
 
 
 def sample_params(spec: Spec, interpret: bool = INTERPRET) -> dict:
-    """Compile-time parameters of the sampler: KC lanes per step (all K in the interpreter; on a
-    GPU KC * B <= 1024 keeps the [KC, B] block tiles near 80-95 registers at 8 warps)."""
-    kc = triton.next_power_of_2(spec.k)
-    if not interpret:
-        kc = min(kc, max(16, 1024 // spec.block))
-    return dict(RANK=spec.rank, TP=spec.world, B=spec.block, KC=kc, NSTEP=spec.n_blocks.bit_length(),
-                PRECISE=not interpret, num_warps=8)
+    """Compile-time parameters of the sampler: KP >= K lanes at once; the owned lanes are processed
+    KC at a time (all K at tp=1; at tp > 1 about twice the expected share, KC * B <= 4096 keeping
+    the [KC, B] block tiles in registers)."""
+    kp = max(2, triton.next_power_of_2(spec.k))
+    # KC < KP (owned lanes KC at a time, gathered from the sorted keys) spills 8 bytes at tp=8, K=256
+    # in ptxas (the gather's local array): all lanes in one pass unless the [KP, B] tile is too big;
+    # a row with no owned lane still skips the heavy part (the loop runs zero times)
+    kc = kp if interpret else min(kp, max(16, 4096 // spec.block))
+    return dict(RANK=spec.rank, TP=spec.world, B=spec.block, KP=kp, KC=kc, LB=max(1, (kp - 1).bit_length()),
+                NSTEP=spec.n_blocks.bit_length(), RAGGED=_ragged(spec), PRECISE=not interpret, num_warps=8)
 
 
-def grad_params(shard: int, elem_bytes: int, s: int, interpret: bool = INTERPRET) -> dict:
-    sp = triton.next_power_of_2(max(s, 2))
-    return dict(SP=sp, MC=min(sp, 32), TILE=_tile(shard, 8192 // elem_bytes, interpret), num_warps=8)
+def grad_params(spec: Spec, elem_bytes: int, s: int, interpret: bool = INTERPRET) -> dict:
+    vec = _vec_elems(elem_bytes)
+    full = triton.next_power_of_2(max(spec.shard, 1))
+    tile = min(full, _MAX_TILE if interpret else 2048)
+    nr = max(1, min(full, _MAX_TILE) // vec) if interpret else 512
+    return dict(SP=triton.next_power_of_2(max(s, 2)), RAGGED=_ragged(spec), NR=nr, VEC=vec, TILE=tile,
+                num_warps=8)
 
 
 def _inv_kappa(spec: Spec) -> float:
-    """float32(1 / kappa), as the torch backend."""
+    """float32(1 / kappa), as the torch backend (rounded on the host: no tensor, no sync)."""
     return struct.unpack("<f", struct.pack("<f", 1.0 / spec.kappa))[0]
 
 
@@ -419,13 +552,28 @@ def _vec(t: torch.Tensor) -> torch.Tensor:
     return t.view(torch.uint8) if t.dtype == torch.bool else t
 
 
+def _key_mix(key_mix, device):
+    """(argument, MIX_PTR): a Python int (signed int64 value of `stream_key`) or a 0-dim int64 tensor
+    on the logits' device (a captured call with a device-tensor step); both draw the same samples."""
+    if isinstance(key_mix, torch.Tensor):
+        if key_mix.dim() != 0 or key_mix.dtype != torch.int64 or key_mix.device != device:
+            raise ValueError(f"key_mix must be a Python int or a 0-dim int64 tensor on {device}, got a tensor of "
+                             f"shape {tuple(key_mix.shape)}, dtype {key_mix.dtype} on {key_mix.device}")
+        return key_mix, True
+    if isinstance(key_mix, bool) or not isinstance(key_mix, int) or not -(2**63) <= key_mix < 2**63:
+        raise ValueError(f"key_mix must be a signed 64-bit int (core.random.stream_key) or a 0-dim int64 tensor, "
+                         f"got {key_mix!r}")
+    return key_mix, False
+
+
 def scratch(rows: int, cols: int, device):
     """The kernels need no workspace."""
     return None
 
 
 def local_stats(x, label_col, owns_label, valid, spec: Spec, stats_out, prefix_out, scratch=None):
-    """Per-rank statistics of a chunk of rows (see `core/contract.py`)."""
+    """Per-rank statistics of a chunk of rows (see `core/contract.py`); rows with ``valid`` False are
+    not read (stats -inf, 0, 0, 0, 0; prefix row 0)."""
     rows = x.size(0)
     _check_device(x)
     _check_rows("logits", x)
@@ -443,16 +591,25 @@ def local_stats(x, label_col, owns_label, valid, spec: Spec, stats_out, prefix_o
     if sample:
         _check_rows("prefix_out", prefix_out)
     LAST_LAUNCH["stats"] = _stats_kernel[(rows,)](
-        x, x.stride(0), _vec(label_col), _vec(owns_label), stats_out, stats_out.stride(0), prefix, prefix.stride(0),
-        spec.n_real, spec.n_blocks, INV_KAPPA=_inv_kappa(spec), KAPPA=float(spec.kappa),
+        x, x.stride(0), _vec(label_col), _vec(owns_label), _vec(valid), stats_out, stats_out.stride(0), prefix,
+        prefix.stride(0), spec.n_real, spec.shard, spec.n_blocks, INV_KAPPA=_inv_kappa(spec), KAPPA=float(spec.kappa),
         **stats_params(spec, x.element_size()))
 
 
 def sample(x, keys, key_mix, label_col, owns_label, ok, total, rank_cum, rank_scale, prefix, spec: Spec, partial_out,
            cols_out, weights_out, lanes_out=None, scratch=None):
-    """Hierarchical inverse-CDF draw of K samples per row (docs/sampling.md section 4)."""
+    """Hierarchical inverse-CDF draw of K samples per row (docs/sampling.md section 4). ``cols_out``
+    int32: duplicates merged (each owned column once, at the lowest lane that drew it, with the summed
+    weight); ``lanes_out`` (optional, int32): every lane's owned column in lane order, else -1."""
     rows = x.size(0)
     _check_device(x)
+    mix, mix_ptr = _key_mix(key_mix, x.device)
+    if spec.k > MAX_K:
+        raise ValueError(f"the Triton sampler draws at most {MAX_K} samples per token, got num_samples={spec.k}; "
+                         "use OTRConfig.backend='torch'")
+    for name, t in (("cols_out", cols_out), ("lanes_out", lanes_out)):
+        if t is not None and t.dtype != torch.int32:
+            raise ValueError(f"{name} must be int32 (contract v2), got {t.dtype}")
     if rows == 0:
         return
     if spec.n_blocks == 0:  # no real id on this rank: it owns no sample
@@ -465,20 +622,20 @@ def sample(x, keys, key_mix, label_col, owns_label, ok, total, rank_cum, rank_sc
     for name, t in (("logits", x), ("rank_cum", rank_cum), ("prefix", prefix), ("partial_out", partial_out),
                     ("cols_out", cols_out), ("weights_out", weights_out)):
         _check_rows(name, t)
+    lanes = lanes_out if lanes_out is not None else cols_out  # a dummy pointer when unused
+    _check_rows("lanes_out", lanes)
     LAST_LAUNCH["sample"] = _sample_kernel[(rows,)](
         x, x.stride(0), _vec(keys), _vec(label_col), _vec(owns_label), _vec(ok), _vec(total), rank_cum,
         rank_cum.stride(0), _vec(rank_scale), prefix, prefix.stride(0), partial_out, partial_out.stride(0),
-        cols_out, cols_out.stride(0), weights_out, weights_out.stride(0),
-        spec.n_real, spec.n_blocks, key_mix if not torch.is_tensor(key_mix) else 0,
-        key_mix if torch.is_tensor(key_mix) else keys, spec.k,
-        INV_KAPPA=_inv_kappa(spec), BETA=float(spec.beta), KEY_FROM_PTR=torch.is_tensor(key_mix),
-        **sample_params(spec))
-    if lanes_out is not None:  # this shim's sampler does not merge duplicates: cols are the lanes
-        lanes_out.copy_(cols_out)
+        cols_out, cols_out.stride(0), weights_out, weights_out.stride(0), lanes, lanes.stride(0),
+        spec.n_real, spec.n_blocks, mix, spec.k, INV_KAPPA=_inv_kappa(spec), BETA=float(spec.beta),
+        MIX_PTR=mix_ptr, HAS_LANES=lanes_out is not None, **sample_params(spec))
 
 
 def grad(x, out, g, coef_pi, coef_q, cols, weights, valid, spec: Spec, scratch=None, local=None):
-    """Gradient of a chunk of rows (see `core/contract.py`); one rounding to ``out.dtype``.
+    """Gradient of a chunk of rows (see `core/contract.py`); one rounding to ``out.dtype``. ``cols``
+    int32 with no duplicate column in a row (this backend's sampler merges them); rows with ``valid``
+    False are exactly 0 and not read.
 
     local: optional ``[R, >= 4]`` float64 rank-local statistics of these rows (columns STAT_MAX,
     STAT_SUMEXP, STAT_TMASS of `local_stats`, i.e. the forward's own row of the all-gather). With
@@ -492,22 +649,33 @@ def grad(x, out, g, coef_pi, coef_q, cols, weights, valid, spec: Spec, scratch=N
     _check_rows("logits", x)
     _check_rows("out", out)
     _check_rows("cols", cols)
+    if cols.dtype != torch.int32:
+        raise ValueError(f"cols must be int32 (contract v2), got {cols.dtype}")
     s = cols.size(1)
     has_q = coef_q is not None
     if local is not None and has_q and spec.estimator != "expected":
         local = None  # TMASS is the plain tempered sum only for "expected"
+    if spec.n_real == 0:
+        out.zero_()
+        return
     LAST_LAUNCH["grad"] = _grad_kernel[(rows,)](
         x, x.stride(0), out, out.stride(0), _vec(g), _vec(coef_pi), _vec(coef_q if has_q else coef_pi), cols,
         cols.stride(0), weights, weights.stride(0), _vec(valid), local if local is not None else g,
         local.stride(0) if local is not None else 0,
         spec.n_real, shard, s, INV_KAPPA=_inv_kappa(spec), HAS_Q=has_q, HAS_LOCAL=local is not None,
-        **grad_params(shard, x.element_size(), s))
+        **grad_params(spec, x.element_size(), s))
+
+
+def uniforms_from_key(keys: torch.Tensor, k: int, key_mix) -> torch.Tensor:
+    """The sampler's float64 uniforms ``[R, K]`` for a key_mix (int or 0-dim int64 tensor); test hook."""
+    out = torch.empty(keys.numel(), k, dtype=torch.float64, device=keys.device)
+    mix, mix_ptr = _key_mix(key_mix, keys.device)
+    if keys.numel():
+        _uniforms_kernel[(keys.numel(),)](keys.reshape(-1).to(torch.int64), out, mix, k,
+                                          KP=triton.next_power_of_2(k), MIX_PTR=mix_ptr)
+    return out
 
 
 def uniforms(keys: torch.Tensor, k: int, seed: int, step: int) -> torch.Tensor:
     """The sampler's float64 uniforms ``[R, K]`` (test hook: must equal `core.random.token_uniforms`)."""
-    out = torch.empty(keys.numel(), k, dtype=torch.float64, device=keys.device)
-    if keys.numel():
-        _uniforms_kernel[(keys.numel(),)](keys.reshape(-1).to(torch.int64), out, stream_key(seed, step), k,
-                                          KP=triton.next_power_of_2(k))
-    return out
+    return uniforms_from_key(keys, k, stream_key(seed, step))

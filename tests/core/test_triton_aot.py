@@ -23,7 +23,16 @@ def test_kernels_compile_for_sm90_without_spills():
     names = [r["variant"] for r in rows]
     for kind in ("stats sample", "stats expected", "stats sft", "sampler", "grad sample", "grad expected"):
         assert any(n.startswith(kind) for n in names), f"no {kind} variant compiled"
+    assert any("n_real=" in n for n in names), "no ragged-vocabulary variant compiled"
     for r in rows:
-        # <= 80 registers at 8 warps: 3 CTAs (24 warps) per SM for these memory-bound kernels
-        assert r["regs"] <= 80, r
-        assert r["spill_stores"] <= 16, r
+        # compiled with the run-time specialisation (divisibility 16), so this is what runs: no spills,
+        # <= 80 registers at 8 warps (3 CTAs, 24 warps, per SM), the dense loops <= 64
+        assert r["spill_stores"] == 0 and r["spill_loads"] == 0, r
+        if r["variant"].startswith("stats sample"):  # B >= 32 runs 4 warps: the same registers per SM
+            assert r["regs"] <= 80 * (8 // r["num_warps"]), r
+        elif r["variant"].startswith("sampler"):  # one short pass per row, not a streaming loop
+            assert r["regs"] <= 128, r
+        else:
+            assert r["regs"] <= 80, r
+        if r["variant"].startswith("grad") or r["variant"].startswith(("stats sft", "stats expected")):
+            assert r["regs"] <= 64, r

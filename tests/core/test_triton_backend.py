@@ -14,6 +14,8 @@ block boundary can move (on a GPU both backends call libdevice's expf: bit-equal
 
 from __future__ import annotations
 
+import dataclasses
+import inspect
 import math
 
 import pytest
@@ -59,13 +61,39 @@ def make_logits(n=8, v_pad=V_PAD, vocab=VOCAB, dtype=torch.bfloat16, seed=0, spe
     return x.to(dtype).to(DEV), y.to(DEV)
 
 
-STEP = 3  # the random key's step (contract v2: not part of Spec)
+SEED, STEP = 7, 3
 
 
-def spec_for(estimator, k=64, rank=0, world=1, shard=V_PAD, vocab=VOCAB, seed=7):
+def spec_for(estimator, k=64, rank=0, world=1, shard=V_PAD, vocab=VOCAB, seed=SEED, step=STEP):
+    """A Spec by field name (contract v2 drops `step`: passed only where the dataclass still has it)."""
     n_real = min(max(vocab - rank * shard, 0), shard)
     block = block_size(vocab, k, shard) if estimator == "sample" else 1
-    return Spec(estimator, KAPPA, BETA, k, seed, rank, world, shard, n_real, block)
+    fields = dict(estimator=estimator, kappa=KAPPA, beta=BETA, k=k, seed=seed, step=step, rank=rank, world=world,
+                  shard=shard, n_real=n_real, block=block)
+    names = {f.name for f in dataclasses.fields(Spec)}
+    return Spec(**{n: v for n, v in fields.items() if n in names})
+
+
+def _v2(fn) -> bool:
+    """Whether a backend entry point has the contract-v2 signature (the torch reference may still be v1
+    in a branch; the Triton backend is v2)."""
+    return "key_mix" in inspect.signature(fn).parameters or "valid" in list(inspect.signature(fn).parameters)[:4]
+
+
+def merge_duplicates(cols, weights):
+    """Reference merge of a lane-order sample list: each column once, at its lowest lane, weights summed."""
+    cols, weights = cols.cpu().long(), weights.cpu().double()
+    out_c = torch.full_like(cols, -1)
+    out_w = torch.zeros_like(weights)
+    for r in range(cols.size(0)):
+        for j in range(cols.size(1)):
+            c = int(cols[r, j])
+            if c < 0:
+                continue
+            first = int((cols[r] == c).nonzero()[0])
+            out_c[r, first] = c
+            out_w[r, first] += weights[r, j]
+    return out_c, out_w.float()
 
 
 def labels_on(spec, y):
@@ -81,7 +109,8 @@ def stats_of(backend, x, y, spec):
     stats = torch.full((n, spec.stat_columns), -7.0, dtype=torch.float64, device=DEV)
     prefix = (torch.full((n, spec.n_blocks), -7.0, dtype=torch.float64, device=DEV)
               if spec.estimator == "sample" else None)
-    backend.local_stats(x, col, owns, valid, spec, stats, prefix, backend.scratch(n, spec.n_real, DEV))
+    extra = (valid,) if _v2(backend.local_stats) else ()
+    backend.local_stats(x, col, owns, *extra, spec, stats, prefix, backend.scratch(n, spec.n_real, DEV))
     return stats, prefix
 
 
@@ -117,8 +146,19 @@ def assert_within_ulp(a, b, dtype, what, ulps=1):
 def test_uniforms_equal_core_random_bit_for_bit():
     keys = torch.tensor([0, 1, 2, 12345, -1, -(2**63), 2**63 - 1, 987654321012345], device=DEV)
     for seed, step in ((1234, 0), (-5, 2**40)):
-        got = trb.uniforms(keys, 37, seed, step)
-        assert torch.equal(got.cpu(), token_uniforms(keys.cpu(), 37, seed, step))
+        want = token_uniforms(keys.cpu(), 37, seed, step)
+        assert torch.equal(trb.uniforms(keys, 37, seed, step).cpu(), want)
+        # contract v2: key_mix as a 0-dim int64 device tensor (a captured call) draws the same
+        mix = torch.tensor(stream_key(seed, step), dtype=torch.int64, device=DEV)
+        assert torch.equal(trb.uniforms_from_key(keys, 37, mix).cpu(), want)
+
+
+def test_bad_key_mix_is_a_clear_error():
+    keys = torch.zeros(2, dtype=torch.int64, device=DEV)
+    with pytest.raises(ValueError, match="key_mix must be a Python int or a 0-dim int64 tensor"):
+        trb.uniforms_from_key(keys, 4, torch.zeros(1, dtype=torch.int64, device=DEV))
+    with pytest.raises(ValueError, match="key_mix must be a signed 64-bit int"):
+        trb.uniforms_from_key(keys, 4, 2**64)
 
 
 # --------------------------------------------------------------------------------------------
@@ -134,14 +174,34 @@ def test_local_stats_match_torch_backend(estimator, dtype):
     spec = spec_for(estimator)
     got, got_prefix = stats_of(trb, x, y, spec)
     ref, ref_prefix = stats_of(tb, x, y, spec)
-    assert torch.equal(got[:, 0].isnan().cpu(), torch.tensor([r in (2, 6) for r in range(x.size(0))]))
-    assert_close_nan(got, ref, 1e-6, f"{estimator} statistics")
+    valid = (y != -100).cpu()
+    # contract v2: ignored rows (1 and 6, a NaN row) are not read: -inf, 0, 0, 0, 0 and a zero prefix row
+    want = torch.zeros(spec.stat_columns, dtype=torch.float64)
+    want[0] = -math.inf
+    assert torch.equal(got[~valid].cpu(), want.expand(int((~valid).sum()), -1))
+    assert torch.equal(got[:, 0].isnan().cpu(), torch.tensor([r == 2 for r in range(x.size(0))]))
+    assert_close_nan(got[valid], ref[valid], 1e-6, f"{estimator} statistics")
     if estimator == "sample":
+        assert float(got_prefix[~valid].abs().sum()) == 0.0
         # rows with NaN/inf are not sampled; on finite rows the block prefix sums agree to fp32
         # exp rounding in the interpreter (bit-equal exps on a GPU)
-        assert_close_nan(got_prefix, ref_prefix, 1e-6 if trb.INTERPRET else 1e-12, "block prefix sums")
+        assert_close_nan(got_prefix[valid], ref_prefix[valid], 1e-6 if trb.INTERPRET else 1e-12, "block prefix sums")
         torch.testing.assert_close(got[:, STAT_TMASS], got_prefix[:, -1], rtol=0, atol=0, equal_nan=True,
                                    msg="the rank's mass is the last prefix value")
+
+
+@pytest.mark.parametrize("estimator", ["sft", "expected", "sample"])
+def test_local_stats_ragged_vocabulary(estimator):
+    """A real vocabulary that is not a multiple of 16 on a 16-aligned shard (e.g. 50257): the loads are
+    masked on the shard and the real ids applied in registers; padding (here huge logits) is ignored."""
+    x, y = make_logits(n=4, vocab=997, special=False, seed=9)
+    spec = spec_for(estimator, vocab=997, k=8)
+    got, got_prefix = stats_of(trb, x, y, spec)
+    ref, ref_prefix = stats_of(tb, x, y, spec)
+    valid = (y != -100).cpu()
+    assert_close_nan(got[valid], ref[valid], 1e-6, f"ragged {estimator} statistics")
+    if estimator == "sample":
+        assert_close_nan(got_prefix[valid], ref_prefix[valid], 1e-6 if trb.INTERPRET else 1e-12, "ragged prefix")
 
 
 def test_local_stats_rank_without_real_ids():
@@ -168,15 +228,25 @@ def sampler_inputs(x, y, spec):
     return keys, col, owns, ok, total, total[:, None].clone(), torch.ones_like(total), prefix
 
 
-def run_sampler(backend, x, spec, inputs):
+def run_sampler(backend, x, spec, inputs, key_mix=None):
+    """(partial, cols, weights, lanes) of one backend: lanes = every lane's owned column in lane order
+    (duplicates kept); cols/weights as the backend writes them (Triton: duplicates merged)."""
     n = x.size(0)
     partial = torch.full((n, 2), -7.0, dtype=torch.float64, device=DEV)
-    cols = torch.full((n, spec.k), -7, dtype=torch.int32, device=DEV)
-    weights = torch.full((n, spec.k), -7.0, dtype=torch.float32, device=DEV)
     keys, col, owns, ok, total, cum, scale, prefix = inputs
-    backend.sample(x, keys, stream_key(spec.seed, STEP), col, owns, ok, total, cum, scale, prefix, spec, partial, cols,
-                   weights, None)
-    return partial, cols, weights
+    mix = stream_key(SEED, STEP) if key_mix is None else key_mix
+    if _v2(backend.sample):
+        cols = torch.full((n, spec.k), -7, dtype=torch.int32, device=DEV)
+        weights = torch.full((n, spec.k), -7.0, dtype=torch.float32, device=DEV)
+        lanes = torch.full((n, spec.k), -7, dtype=torch.int32, device=DEV)
+        backend.sample(x, keys, mix, col, owns, ok, total, cum, scale, prefix, spec, partial, cols, weights, lanes)
+        if backend is tb:  # the torch path may leave duplicates in cols; its lanes are the draws
+            return partial, lanes.long(), weights, lanes.long()
+        return partial, cols.long(), weights, lanes.long()
+    cols = torch.full((n, spec.k), -7, dtype=torch.int64, device=DEV)  # the v1 torch reference
+    weights = torch.full((n, spec.k), -7.0, dtype=torch.float32, device=DEV)
+    backend.sample(x, keys, col, owns, ok, total, cum, scale, prefix, spec, partial, cols, weights, None)
+    return partial, cols, weights, cols
 
 
 @pytest.mark.parametrize("k", [1, 8, 64, 256])
@@ -189,18 +259,27 @@ def test_sampler_matches_torch_backend_and_float64_draw(k):
     ok = inputs[3]
     got = run_sampler(trb, x, spec, inputs)
     ref = run_sampler(tb, x, spec, inputs)
-    assert torch.equal(got[1], ref[1]), f"samples differ in {(got[1] != ref[1]).sum().item()} of {got[1].numel()}"
+    assert torch.equal(got[3], ref[3]), f"samples differ in {(got[3] != ref[3]).sum().item()} of {got[3].numel()}"
     assert torch.equal(got[0][:, 0], ref[0][:, 0]), "hit counts"
     # the torch backend rounds beta to fp32 in its reward (torch.where of two Python floats): 1e-8
     torch.testing.assert_close(got[0][:, 1], ref[0][:, 1], rtol=1e-7, atol=1e-9)
-    torch.testing.assert_close(got[2], ref[2], rtol=1e-7, atol=0)
+    # contract v2: the Triton list holds each column once, at its lowest lane, with the summed weight
+    want_c, want_w = merge_duplicates(ref[3], ref[2])
+    assert torch.equal(got[1].cpu(), want_c), "merged columns"
+    torch.testing.assert_close(got[2].cpu(), want_w, rtol=1e-6, atol=0)
     assert bool((got[1][~ok] == -1).all()) and float(got[2][~ok].abs().sum()) == 0.0, "skipped rows draw nothing"
     assert int(got[0][0, 0]) > 0, "the dominant label is hit"
+    if k > 1:
+        assert int((got[1][0] >= 0).sum()) < int((got[3][0] >= 0).sum()), "the dominant row's duplicates merge"
+    # key_mix as a 0-dim device tensor: identical samples
+    mix = torch.tensor(stream_key(SEED, STEP), dtype=torch.int64, device=DEV)
+    again = run_sampler(trb, x, spec, inputs, key_mix=mix)
+    assert all(torch.equal(a, b) for a, b in zip(got, again)), "key_mix tensor and int draw differently"
     # against the independent float64 single-device inverse-CDF draw (sorted: order within a
     # token is not part of the contract)
-    draw = ref_samples(x.double().cpu(), inputs[0].cpu(), k, KAPPA, spec.seed, STEP, vocab_size=VOCAB)
+    draw = ref_samples(x.double().cpu(), inputs[0].cpu(), k, KAPPA, SEED, STEP, vocab_size=VOCAB)
     okc = ok.cpu()
-    moved = (got[1].cpu()[okc].sort(-1).values != draw[okc].sort(-1).values).sum().item()
+    moved = (got[3].cpu()[okc].sort(-1).values != draw[okc].sort(-1).values).sum().item()
     assert moved <= max(1, int(1e-3 * okc.sum() * k)), f"{moved} samples differ from the float64 draw"
 
 
@@ -210,19 +289,18 @@ def test_sampler_matches_torch_backend_and_float64_draw(k):
 
 
 def simulate_tp(backend, x, y, estimator, tp, k=64):
-    """The loss's forward steps on `tp` shards in one process: `local_statistics` per rank, the
-    all-gather as a stack, `global_normalisers`, `draw_samples` per rank, the all-reduce as a sum,
-    `estimator_terms`. Returns (per-token loss, [N, K] global sample ids or None, hits)."""
+    """The loss's forward steps on `tp` shards in one process: the backend's statistics per rank, the
+    all-gather as a stack, `global_normalisers`, the backend's sampler per rank, the all-reduce as a
+    sum, `estimator_terms`. Returns (per-token loss, [N, K] global sample ids or None, hits)."""
     from otr_megatron.core import loss as L
 
-    cfg_like = dict(estimator=estimator, k=k)
     shard = x.size(1) // tp
-    specs = [spec_for(estimator, k=cfg_like["k"], rank=r, world=tp, shard=shard) for r in range(tp)]
+    specs = [spec_for(estimator, k=k, rank=r, world=tp, shard=shard) for r in range(tp)]
     shards = [x[:, r * shard:(r + 1) * shard].contiguous() for r in range(tp)]
     per_rank = []
     for spec, xs in zip(specs, shards):
-        valid, owns, col = L.label_columns(y, spec, -100)
-        per_rank.append((valid, owns, col) + L.local_statistics(backend, spec, xs, col, owns, x.size(0)))
+        valid, owns, col = labels_on(spec, y)
+        per_rank.append((valid, owns, col) + stats_of(backend, xs, y, spec))
     allstats = torch.stack([p[3] for p in per_rank])
     valid = per_rank[0][0]
     norms = [L.global_normalisers(allstats, spec, valid) for spec in specs]
@@ -231,12 +309,13 @@ def simulate_tp(backend, x, y, estimator, tp, k=64):
         return torch.where(norms[0].ok, terms.loss, math.nan), None, None
     partial = torch.zeros(x.size(0), 2, dtype=torch.float64, device=DEV)
     samples = torch.full((x.size(0), k), -1, dtype=torch.int64, device=DEV)
+    keys = torch.arange(x.size(0), device=DEV)
     for spec, xs, (_, owns, col, _, prefix), nm in zip(specs, shards, per_rank, norms):
-        part, cols, _ = L.draw_samples(backend, spec, xs, torch.arange(x.size(0), device=DEV), col, owns, nm, prefix,
-                                       stream_key(spec.seed, STEP))
+        inputs = (keys, col, owns, nm.ok, nm.total, nm.rank_cum, nm.rank_scale, prefix)
+        part, _, _, lanes = run_sampler(backend, xs, spec, inputs)
         partial += part
-        assert bool(((samples < 0) | (cols < 0)).all()), "two ranks own the same sample"
-        samples = torch.where(cols >= 0, cols + spec.rank * shard, samples)
+        assert bool(((samples < 0) | (lanes < 0)).all()), "two ranks own the same sample"
+        samples = torch.where(lanes >= 0, lanes + spec.rank * shard, samples)
     terms = L.estimator_terms(specs[0], norms[0], partial)
     return torch.where(norms[0].ok, terms.loss, math.nan), samples, partial[:, 0]
 
@@ -306,8 +385,13 @@ def test_grad_matches_torch_backend(case):
     ref = torch.full_like(x, 7.0)
     tb.grad(x, ref, g, coef_pi, coef_q, cols, weights, valid, spec, tb.scratch(x.size(0), spec.n_real, DEV))
     local = stats_of(trb, x, y, spec)[0] if use_local else None
+    if use_local:  # the forward's statistics of ignored rows are -inf/0 (not read): the kernel skips them too
+        local = torch.where(valid[:, None], local, torch.nan_to_num(local, neginf=0.0))
     out = x.clone() if inplace else torch.full_like(x, 7.0)
-    trb.grad(out if inplace else x, out, g, coef_pi, coef_q, cols, weights, valid, spec, None, local=local)
+    # contract v2: the Triton gradient gets int32 columns without duplicates (its sampler merged them)
+    mcols, mweights = merge_duplicates(cols, weights)
+    mcols, mweights = mcols.to(torch.int32).to(DEV), mweights.to(DEV)
+    trb.grad(out if inplace else x, out, g, coef_pi, coef_q, mcols, mweights, valid, spec, None, local=local)
     # fp32 output: the two backends' softmax formulas (exp((x - m) / kappa) vs exp(x / kappa - m / kappa))
     # differ by ~|x| * 2**-24 in the exponent, a few fp32 ulps; bf16/fp16 hide that
     assert_within_ulp(out, ref, dtype, case, ulps=32 if dtype == torch.float32 else 1)
@@ -321,7 +405,8 @@ def test_grad_of_a_rank_without_real_ids_is_zero():
     xs = x[:, : V_PAD // 2].contiguous()
     g, coef_pi, _, cols, weights, valid = grad_inputs(xs, spec_for("sft"), 1, False)
     out = torch.full_like(xs, 7.0)
-    trb.grad(xs, out, g, coef_pi, None, torch.full_like(cols, -1), torch.zeros_like(weights), valid, spec, None)
+    trb.grad(xs, out, g, coef_pi, None, torch.full_like(cols, -1, dtype=torch.int32), torch.zeros_like(weights),
+             valid, spec, None)
     assert float(out.float().abs().sum()) == 0.0
 
 
@@ -374,8 +459,8 @@ def test_cpu_logits_without_the_interpreter_raise_a_clear_error(monkeypatch):
     x = torch.zeros(2, 8)
     spec = spec_for("sft", shard=8, vocab=8)
     with pytest.raises(RuntimeError, match="needs CUDA logits, got logits on cpu.*backend='torch'"):
-        trb.local_stats(x, torch.zeros(2, dtype=torch.int64), torch.ones(2, dtype=torch.bool), torch.ones(2, dtype=torch.bool), spec,
-                        torch.empty(2, 3, dtype=torch.float64), None)
+        trb.local_stats(x, torch.zeros(2, dtype=torch.int64), torch.ones(2, dtype=torch.bool),
+                        torch.ones(2, dtype=torch.bool), spec, torch.empty(2, 3, dtype=torch.float64), None)
 
 
 @pytest.mark.slow
