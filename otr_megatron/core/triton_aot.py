@@ -76,6 +76,10 @@ def variants():
         types = {"X": _DTYPES[dt], "LABEL_COL": "*i64", "OWNS": "*u8", "VALID": "*u8", "STATS": "*fp64",
                  "PREFIX": "*fp64"}
         out.append((f"stats {est} {tag}", trb._stats_kernel, types, const, warps, div16))
+        if est == "sample" and shard == 16384 and k == 256:  # the opt-in variant: pairs kept in registers
+            nt = -(-spec.n_blocks // const["NB"])
+            out.append((f"stats {est} {tag} pairs in registers NT={nt}", trb._stats_kernel, types,
+                        {**const, "NT": nt}, warps, div16))
         if est == "sample":
             const = dict(INV_KAPPA=inv, BETA=-0.1, MIX_PTR=False, HAS_LANES=False,
                          **trb.sample_params(spec, interpret=False))

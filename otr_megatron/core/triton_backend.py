@@ -7,8 +7,9 @@ program per row (token):
 - `local_stats`: one read of the row. Online max (with an explicit NaN flag: `tl.max` drops NaN,
   `torch.max` does not), sum exp(x - m), for "expected" the tempered sum and mean, the label logit;
   for "sample" the per-block (bmax, bsum) pairs, parked bit-packed in the float64 prefix buffer
-  until the row max is known, then an epilogue turns them into the float64 block weights and
-  prefix sums in place (no extra memory).
+  until the row max is known (or, opt-in via NT_MAX, kept in registers over unrolled tiles), then an
+  epilogue turns them into the float64 block weights and prefix sums in place (no extra memory).
+  The prefix row of an ignored row is not written.
 - `sample`: K lanes per row. SplitMix64 uniforms computed in the kernel (bit-exact with
   `core/random.py`), owner rank by compare, block by binary search over the prefix sums, then
   the one block of B ids recomputed and searched (docs/sampling.md section 4, step 5's rescale).
@@ -93,18 +94,80 @@ def _max_nan(a, b):
 
 
 @triton.jit
+def _sample_tile(xrow, offs, shard, n_real, m_t, s_t, nanf, INV_KAPPA: tl.constexpr, P: tl.constexpr,
+                 NB: tl.constexpr, PV: tl.constexpr, LOGP: tl.constexpr, LOGPV: tl.constexpr,
+                 RAGGED: tl.constexpr, PRECISE: tl.constexpr, INTERP: tl.constexpr):
+    """One tile of the "sample" statistics: NB blocks of B = P * PV ids, one block per thread. Returns
+    the updated running slots and the tile's block (bmax, bsum) (docs/sampling.md section 2)."""
+    LOG2E: tl.constexpr = 1.4426950408889634
+    x = tl.load(xrow + offs, mask=offs < shard, other=float("-inf")).to(tl.float32)
+    if RAGGED:
+        x = tl.where(offs < n_real, x, float("-inf"))
+    if INTERP:
+        nanf = tl.maximum(nanf, tl.max(tl.max((x != x).to(tl.int32), axis=2), axis=0))
+        bmax = tl.max(tl.max(x, axis=2), axis=0)
+    else:
+        bmax = tl.reduce(tl.reduce(x, 2, _max_nan), 0, _max_nan)
+    m_new = _max_nan(m_t, bmax)
+    safe = tl.where(m_new == float("-inf"), 0.0, m_new)
+    alpha = tl.math.exp2((m_t - safe) * LOG2E)
+    p = tl.math.exp2(x * LOG2E - (safe * LOG2E)[None, :, None])
+    s_t = s_t * alpha + tl.sum(tl.sum(p, axis=2), axis=0)
+    # per block: bmax (fp32) and bsum = the pairwise-tree fp32 sum of exp((x - bmax) * INV_KAPPA)
+    # (docs/sampling.md section 2), all in this thread's registers
+    bsafe = tl.where(bmax == float("-inf"), 0.0, bmax)[None, :, None]
+    if PRECISE:  # libdevice's expf: the function torch's CUDA exp calls (bit-equal block sums)
+        e = libdevice.exp((x - bsafe) * INV_KAPPA)
+    else:
+        e = tl.exp((x - bsafe) * INV_KAPPA)
+    for lvl in tl.static_range(LOGP):  # e[i] + e[i + B/2], ... down to one piece
+        e = tl.sum(tl.reshape(e, (2, P >> (lvl + 1), NB, PV)), axis=0)
+    e = tl.reshape(e, (NB, PV))
+    for lvl in tl.static_range(LOGPV):  # then within the piece
+        e = tl.sum(tl.reshape(e, (NB, 2, PV >> (lvl + 1))), axis=1)
+    bsum = tl.reshape(e, (NB,))
+    return m_new, s_t, nanf, bmax, bsum
+
+
+@triton.jit
+def _block_prefix(prow, e0, n_blocks, bmax, bsum, m64, carry, valid, N: tl.constexpr, KAPPA: tl.constexpr,
+                  PRECISE: tl.constexpr):
+    """Float64 block weights w_b = bsum_b * exp((bmax_b - m) / kappa) of a chunk of consecutive blocks,
+    their prefix sums (the running total added to the chunk's first element before its scan, so the
+    interpreter's sequential scan reproduces torch's sequential cumsum exactly), stored; returns the
+    new running total."""
+    kappa = tl.full([], KAPPA, tl.float64)  # a bare float constant would be typed fp32
+    idx = e0 + tl.arange(0, N)
+    inb = idx < n_blocks
+    if PRECISE:
+        wb = libdevice.exp((bmax.to(tl.float64) - m64) / kappa) * bsum.to(tl.float64)
+    else:
+        wb = tl.exp((bmax.to(tl.float64) - m64) / kappa) * bsum.to(tl.float64)
+    wb = tl.where(inb, wb, 0.0)
+    wb = tl.where(idx == e0, wb + carry, wb)
+    c = tl.cumsum(wb, axis=0)
+    tl.store(prow + idx, c, mask=inb & valid)
+    return tl.sum(tl.where(idx == tl.minimum(e0 + N, n_blocks) - 1, c, 0.0), axis=0)
+
+
+@triton.jit
 def _stats_kernel(X, stride_x, LABEL_COL, OWNS, VALID, STATS, stride_s, PREFIX, stride_p,
                   n_real, shard, n_blocks, INV_KAPPA: tl.constexpr, KAPPA: tl.constexpr,
                   SAMPLE: tl.constexpr, EXPECTED: tl.constexpr, B: tl.constexpr, PV: tl.constexpr,
                   P: tl.constexpr, LOGP: tl.constexpr, LOGPV: tl.constexpr, NB: tl.constexpr, VEC: tl.constexpr,
-                  NR: tl.constexpr, RAGGED: tl.constexpr, EPI: tl.constexpr, PRECISE: tl.constexpr, INTERP: tl.constexpr):
+                  NR: tl.constexpr, RAGGED: tl.constexpr, EPI: tl.constexpr, NT: tl.constexpr,
+                  PRECISE: tl.constexpr, INTERP: tl.constexpr):
     # Every thread streams its own slots (a block of B ids for "sample", VEC ids otherwise) with
     # its own running max and sums: no cross-thread reduction, barrier or shared memory in the
     # loop; the slots are combined once at the end. Loads are masked on the shard (a multiple of
     # 16: vectorised) and the real vocabulary is applied with tl.where (RAGGED).
+    # "sample" with NT > 0 (the row is NT tiles): the tiles are unrolled and every block's
+    # (bmax, bsum) stays in its thread's registers until the row max is known (no round trip
+    # through memory); NT == 0 (long rows): they are parked bit-packed in the prefix buffer.
     row = tl.program_id(0).to(tl.int64)
     xrow = X + row * stride_x
     srow = STATS + row * stride_s
+    prow = PREFIX + row * stride_p
     valid = tl.load(VALID + row) != 0
     n_loop = tl.where(valid, n_real, 0)  # an ignored row is not read
     LOG2E: tl.constexpr = 1.4426950408889634
@@ -123,57 +186,50 @@ def _stats_kernel(X, stride_x, LABEL_COL, OWNS, VALID, STATS, stride_s, PREFIX, 
     sk_t = tl.zeros([NS], dtype=tl.float32)
     tk_t = tl.zeros([NS], dtype=tl.float32)
     nanf = tl.zeros([NS], dtype=tl.int32)  # interpreter only: its tl.max drops NaN as a GPU's does
-    for start in range(0, n_loop, TILE):
-        offs = start + rel
-        x = tl.load(xrow + offs, mask=offs < shard, other=float("-inf")).to(tl.float32)
-        if RAGGED:
-            x = tl.where(offs < n_real, x, float("-inf"))
-        if SAMPLE:
-            if INTERP:
-                nanf = tl.maximum(nanf, tl.max(tl.max((x != x).to(tl.int32), axis=2), axis=0))
-                bmax = tl.max(tl.max(x, axis=2), axis=0)
+    bm_all = ()
+    bs_all = ()
+    if SAMPLE and NT > 0:
+        lim = tl.where(valid, shard, 0)  # an ignored row is not read
+        # dep (always 0, opaque to the compiler: bsum >= 0 or NaN) makes each tile's loads wait for the
+        # previous tile, as a loop would: unrolled, ptxas hoists every tile's loads (255 registers)
+        dep = tl.zeros([NB], dtype=tl.int32)
+        for it in tl.static_range(NT):
+            m_t, s_t, nanf, bmax, bsum = _sample_tile(xrow + dep[None, :, None], it * TILE + rel, lim, n_real, m_t,
+                                                      s_t, nanf, INV_KAPPA, P, NB, PV, LOGP, LOGPV, RAGGED, PRECISE,
+                                                      INTERP)
+            dep = (bsum < 0.0).to(tl.int32) * 16
+            bm_all = bm_all + (bmax,)
+            bs_all = bs_all + (bsum,)
+    else:
+        for start in range(0, n_loop, TILE):
+            offs = start + rel
+            if SAMPLE:
+                m_t, s_t, nanf, bmax, bsum = _sample_tile(xrow, offs, shard, n_real, m_t, s_t, nanf, INV_KAPPA,
+                                                          P, NB, PV, LOGP, LOGPV, RAGGED, PRECISE, INTERP)
+                packed = (bmax.to(tl.uint32, bitcast=True).to(tl.uint64) << 32) | \
+                    bsum.to(tl.uint32, bitcast=True).to(tl.uint64)
+                blk = start // B + tl.arange(0, NB)
+                tl.store(prow + blk, packed.to(tl.float64, bitcast=True), mask=blk < n_blocks)
             else:
-                bmax = tl.reduce(tl.reduce(x, 2, _max_nan), 0, _max_nan)
-            m_new = _max_nan(m_t, bmax)
-            safe = tl.where(m_new == float("-inf"), 0.0, m_new)
-            alpha = tl.math.exp2((m_t - safe) * LOG2E)
-            p = tl.math.exp2(x * LOG2E - (safe * LOG2E)[None, :, None])
-            s_t = s_t * alpha + tl.sum(tl.sum(p, axis=2), axis=0)
-            m_t = m_new
-            # per block: bmax (fp32) and bsum = the pairwise-tree fp32 sum of exp((x - bmax) * INV_KAPPA)
-            # (docs/sampling.md section 2), all in this thread's registers
-            bsafe = tl.where(bmax == float("-inf"), 0.0, bmax)[None, :, None]
-            if PRECISE:  # libdevice's expf: the function torch's CUDA exp calls (bit-equal block sums)
-                e = libdevice.exp((x - bsafe) * INV_KAPPA)
-            else:
-                e = tl.exp((x - bsafe) * INV_KAPPA)
-            for lvl in tl.static_range(LOGP):  # e[i] + e[i + B/2], ... down to one piece
-                e = tl.sum(tl.reshape(e, (2, P >> (lvl + 1), NB, PV)), axis=0)
-            e = tl.reshape(e, (NB, PV))
-            for lvl in tl.static_range(LOGPV):  # then within the piece
-                e = tl.sum(tl.reshape(e, (NB, 2, PV >> (lvl + 1))), axis=1)
-            bsum = tl.reshape(e, (NB,))
-            packed = (bmax.to(tl.uint32, bitcast=True).to(tl.uint64) << 32) | \
-                bsum.to(tl.uint32, bitcast=True).to(tl.uint64)
-            blk = start // B + tl.arange(0, NB)
-            tl.store(PREFIX + row * stride_p + blk, packed.to(tl.float64, bitcast=True), mask=blk < n_blocks)
-        else:
-            if INTERP:
-                nanf = tl.maximum(nanf, tl.max((x != x).to(tl.int32), axis=1))
-                tmax = tl.max(x, axis=1)
-            else:
-                tmax = tl.reduce(x, 1, _max_nan)
-            m_new = _max_nan(m_t, tmax)
-            safe = tl.where(m_new == float("-inf"), 0.0, m_new)
-            alpha = tl.math.exp2((m_t - safe) * LOG2E)
-            s_t = s_t * alpha + tl.sum(tl.math.exp2(x * LOG2E - (safe * LOG2E)[:, None]), axis=1)
-            if EXPECTED:
-                alpha_k = tl.math.exp2((m_t - safe) * CK)
-                e = tl.math.exp2(x * CK - (safe * CK)[:, None])
-                sk_t = sk_t * alpha_k + tl.sum(e, axis=1)
-                # -inf ids have e = 0: clamp them so that 0 * x is 0, not NaN
-                tk_t = tk_t * alpha_k + tl.sum(e * tl.maximum(x, -3.0e38), axis=1)
-            m_t = m_new
+                x = tl.load(xrow + offs, mask=offs < shard, other=float("-inf")).to(tl.float32)
+                if RAGGED:
+                    x = tl.where(offs < n_real, x, float("-inf"))
+                if INTERP:
+                    nanf = tl.maximum(nanf, tl.max((x != x).to(tl.int32), axis=1))
+                    tmax = tl.max(x, axis=1)
+                else:
+                    tmax = tl.reduce(x, 1, _max_nan)
+                m_new = _max_nan(m_t, tmax)
+                safe = tl.where(m_new == float("-inf"), 0.0, m_new)
+                alpha = tl.math.exp2((m_t - safe) * LOG2E)
+                s_t = s_t * alpha + tl.sum(tl.math.exp2(x * LOG2E - (safe * LOG2E)[:, None]), axis=1)
+                if EXPECTED:
+                    alpha_k = tl.math.exp2((m_t - safe) * CK)
+                    e = tl.math.exp2(x * CK - (safe * CK)[:, None])
+                    sk_t = sk_t * alpha_k + tl.sum(e, axis=1)
+                    # -inf ids have e = 0: clamp them so that 0 * x is 0, not NaN
+                    tk_t = tk_t * alpha_k + tl.sum(e * tl.maximum(x, -3.0e38), axis=1)
+                m_t = m_new
     # combine the slots (float64)
     if INTERP:
         m = tl.max(m_t, axis=0)
@@ -195,31 +251,23 @@ def _stats_kernel(X, stride_x, LABEL_COL, OWNS, VALID, STATS, stride_s, PREFIX, 
         tl.store(srow + 3, sk)
         tl.store(srow + 4, tl.where(sk == 0, 0.0, tk / sk))
     if SAMPLE:
-        # epilogue: w_b = bsum_b * exp((bmax_b - m) / kappa) (float64), prefix sums in place; the
-        # running total is added to the first element before each chunk's scan, so the interpreter
-        # (a sequential scan) reproduces torch's sequential float64 cumsum exactly. An ignored row
-        # reads nothing and gets a zero prefix row.
-        tl.debug_barrier()  # the packed pairs were written by other threads of this program
+        # epilogue: w_b = bsum_b * exp((bmax_b - m) / kappa) (float64), prefix sums (docs/sampling.md
+        # section 3). The prefix row of an ignored row is not written (contract: unspecified).
         m64 = tl.where(m == float("-inf"), 0.0, m.to(tl.float64))
-        kappa = tl.full([], KAPPA, tl.float64)  # a bare float constant would be typed fp32
         carry = tl.full([], 0.0, tl.float64)
-        prow = PREFIX + row * stride_p
-        for e0 in range(0, n_blocks, EPI):
-            idx = e0 + tl.arange(0, EPI)
-            inb = idx < n_blocks
-            bits = tl.load(prow + idx, mask=inb & valid, other=0.0).to(tl.uint64, bitcast=True)
-            bmax = (bits >> 32).to(tl.uint32).to(tl.float32, bitcast=True)
-            bsum = (bits & 0xFFFFFFFF).to(tl.uint32).to(tl.float32, bitcast=True)
-            if PRECISE:
-                wb = libdevice.exp((bmax.to(tl.float64) - m64) / kappa) * bsum.to(tl.float64)
-            else:
-                wb = tl.exp((bmax.to(tl.float64) - m64) / kappa) * bsum.to(tl.float64)
-            wb = tl.where(inb & valid, wb, 0.0)
-            wb = tl.where(idx == e0, wb + carry, wb)
-            c = tl.cumsum(wb, axis=0)
-            tl.debug_barrier()  # every thread has read its pairs before any prefix overwrites them
-            tl.store(prow + idx, c, mask=inb)
-            carry = tl.sum(tl.where(idx == tl.minimum(e0 + EPI, n_blocks) - 1, c, 0.0), axis=0)
+        if NT > 0:
+            for it in tl.static_range(NT):
+                carry = _block_prefix(prow, it * NB, n_blocks, bm_all[it], bs_all[it], m64, carry, valid, NB, KAPPA,
+                                      PRECISE)
+        else:
+            tl.debug_barrier()  # the packed pairs were written by other threads of this program
+            for e0 in range(0, n_blocks, EPI):
+                idx = e0 + tl.arange(0, EPI)
+                bits = tl.load(prow + idx, mask=(idx < n_blocks) & valid, other=0.0).to(tl.uint64, bitcast=True)
+                bmax = (bits >> 32).to(tl.uint32).to(tl.float32, bitcast=True)
+                bsum = (bits & 0xFFFFFFFF).to(tl.uint32).to(tl.float32, bitcast=True)
+                tl.debug_barrier()  # every thread has read its pairs before any prefix overwrites them
+                carry = _block_prefix(prow, e0, n_blocks, bmax, bsum, m64, carry, valid, EPI, KAPPA, PRECISE)
         tl.store(srow + 3, carry)  # the rank's mass is exactly the last prefix value
 
 
@@ -493,9 +541,19 @@ def _ragged(spec: Spec) -> bool:
     return spec.n_real < spec.shard
 
 
+# "sample" rows of at most NT_MAX tiles can keep their block (bmax, bsum) pairs in registers over
+# unrolled tiles (no round trip through memory: 2.5 instead of 3.5 B/elem in the statistics kernel),
+# otherwise they are parked in the prefix buffer. Off by default: on sm_90 SASS (CPU proxies) the
+# unrolled path issues ~39 instead of ~32 instructions per element (loop + epilogue: one float64 scan
+# per tile) and needs 84-101 instead of 62 registers at B=16 (16 instead of 24 warps per SM), and
+# this kernel is instruction-bound; the GPU launch sweep should decide (e.g. NT_MAX = 8).
+NT_MAX = 0
+
+
 def stats_params(spec: Spec, elem_bytes: int, interpret: bool = INTERPRET) -> dict:
     """Compile-time parameters of the statistics kernel. GPU: 8 warps, each thread one slot (a block
-    of B ids for "sample", 2 x 16 bytes otherwise) per iteration. Interpreter: few, large tiles."""
+    of B ids for "sample", 2 x 16 bytes otherwise) per iteration. Interpreter: few, large tiles.
+    NT: the tiles of a "sample" row when they are unrolled with their pairs in registers, else 0."""
     sample = spec.estimator == "sample"
     vec = _vec_elems(elem_bytes)
     b = spec.block if sample else 1
@@ -509,10 +567,11 @@ def stats_params(spec: Spec, elem_bytes: int, interpret: bool = INTERPRET) -> di
     else:
         nb = threads
         nr = 2 * threads
+    nt = -(-spec.n_blocks // nb)
     return dict(SAMPLE=sample, EXPECTED=spec.estimator == "expected", B=b, PV=pv, P=b // pv, LOGP=(b // pv).bit_length() - 1, LOGPV=pv.bit_length() - 1, NB=nb,
                 VEC=vec, NR=nr, RAGGED=_ragged(spec),
-                EPI=min(triton.next_power_of_2(max(spec.n_blocks, 1)), 1024), PRECISE=not interpret,
-                INTERP=interpret, num_warps=warps)
+                EPI=min(triton.next_power_of_2(max(spec.n_blocks, 1)), 1024), NT=nt if sample and nt <= NT_MAX else 0,
+                PRECISE=not interpret, INTERP=interpret, num_warps=warps)
 
 
 MAX_K = 2048  # the sampler packs 53 random bits and the lane index into one 64-bit sort key
@@ -573,7 +632,8 @@ def scratch(rows: int, cols: int, device):
 
 def local_stats(x, label_col, owns_label, valid, spec: Spec, stats_out, prefix_out, scratch=None):
     """Per-rank statistics of a chunk of rows (see `core/contract.py`); rows with ``valid`` False are
-    not read (stats -inf, 0, 0, 0, 0; prefix row 0)."""
+    not read (stats -inf, 0, 0, 0, 0) and their prefix row is not written (unspecified: nobody reads it,
+    the sampler skips rows with ``ok`` False and ``ok`` implies ``valid``)."""
     rows = x.size(0)
     _check_device(x)
     _check_rows("logits", x)
