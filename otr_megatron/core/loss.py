@@ -22,6 +22,7 @@ most twice (the fingerprint check, and compacting the drawn samples when ``retur
 
 from __future__ import annotations
 
+import inspect
 import math
 import struct
 import zlib
@@ -42,7 +43,7 @@ from otr_megatron.core.contract import (
 )
 from otr_megatron.core.backends import get_backend
 from otr_megatron.core.config import OTRConfig
-from otr_megatron.core.random import splitmix64
+from otr_megatron.core.random import splitmix64, stream_key
 
 _FLOAT_DTYPES = (torch.float32, torch.bfloat16, torch.float16, torch.float64)
 _INT_DTYPES = (torch.int64, torch.int32)
@@ -194,7 +195,12 @@ def label_columns(labels: torch.Tensor, spec: Spec, ignore_index: int):
     return valid, owns, torch.where(owns, local, torch.zeros_like(local))
 
 
-def local_statistics(backend: Backend, spec: Spec, logits, label_col, owns_label, chunk: int):
+def _v2(backend: Backend) -> bool:
+    """Interim (torch-path branch): does this backend take contract v2's arguments (valid, key_mix)?"""
+    return "valid" in inspect.signature(backend.local_stats).parameters
+
+
+def local_statistics(backend: Backend, spec: Spec, logits, label_col, owns_label, chunk: int, valid=None):
     """Step 1: this rank's statistics, chunk by chunk. Returns (stats [N, C] float64, prefix
     [N, n_blocks] float64 or None), see `core/contract.py`."""
     n_tok = logits.size(0)
@@ -204,7 +210,8 @@ def local_statistics(backend: Backend, spec: Spec, logits, label_col, owns_label
     scratch = backend.scratch(min(chunk, n_tok), spec.n_real, logits.device)
     for lo in range(0, n_tok, chunk):
         hi = min(n_tok, lo + chunk)
-        backend.local_stats(logits[lo:hi], label_col[lo:hi], owns_label[lo:hi], spec, stats[lo:hi],
+        extra = (torch.ones_like(owns_label[lo:hi]) if valid is None else valid[lo:hi],) if _v2(backend) else ()
+        backend.local_stats(logits[lo:hi], label_col[lo:hi], owns_label[lo:hi], *extra, spec, stats[lo:hi],
                             prefix[lo:hi] if prefix is not None else None, scratch)
     return stats, prefix
 
@@ -256,9 +263,11 @@ def draw_samples(backend: Backend, spec: Spec, logits, keys, label_col, owns_lab
     n_tok = logits.size(0)
     dev = logits.device
     partial = torch.empty(n_tok, 2, dtype=torch.float64, device=dev)
-    cols = torch.empty(n_tok, spec.k, dtype=torch.int64, device=dev)
+    v2 = _v2(backend)
+    cols = torch.empty(n_tok, spec.k, dtype=torch.int32 if v2 else torch.int64, device=dev)
     weights = torch.empty(n_tok, spec.k, dtype=torch.float32, device=dev)
-    backend.sample(logits, keys, label_col, owns_label, norms.ok, norms.total, norms.rank_cum, norms.rank_scale,
+    key = (stream_key(spec.seed, spec.step),) if v2 else ()
+    backend.sample(logits, keys, *key, label_col, owns_label, norms.ok, norms.total, norms.rank_cum, norms.rank_scale,
                    prefix, spec, partial, cols, weights)
     return partial, cols, weights
 
@@ -315,7 +324,7 @@ class _VocabParallelOTR(torch.autograd.Function):
     @staticmethod
     def forward(ctx, logits, labels, keys, spec: Spec, backend: Backend, group, ignore_index, chunk, inplace):
         valid, owns_label, label_col = label_columns(labels, spec, ignore_index)
-        stats, prefix = local_statistics(backend, spec, logits, label_col, owns_label, chunk)
+        stats, prefix = local_statistics(backend, spec, logits, label_col, owns_label, chunk, valid)
         allstats = _all_gather(stats, group, spec.world)  # [tp, N, C]
         norms = global_normalisers(allstats, spec, valid)
         ok = norms.ok
@@ -445,5 +454,5 @@ def vocab_parallel_otr_loss(
         stats["reward_mean"] = per_token(reward_mean)
         # this rank's draws, one entry per sample (duplicates repeated): (flat token index, global id)
         tok, j = (cols >= 0).nonzero(as_tuple=True)  # the second (optional) host sync
-        stats["owned_samples"] = (tok, cols[tok, j] + rank * shard)
+        stats["owned_samples"] = (tok, cols[tok, j].long() + rank * shard)
     return loss, stats
