@@ -228,31 +228,24 @@ def sample(x, keys, key_mix, label_col, owns_label, ok, total, rank_cum, rank_sc
 def grad(x, out, g, coef_pi, coef_q, cols, weights, valid, spec: Spec, scratch):
     """Gradient of a chunk of rows (see `core/contract.py`); one rounding to ``out.dtype``.
 
-    Rows with ``valid`` False are made exactly 0 with ``fmin`` against a per-row bound (NaN for valid
-    rows, which fmin ignores; 0 for the others, which also replaces a NaN): one cheap pass in cache,
-    where a masked ``where`` would cost five. Without a tempered term the scaling is fused into the
-    rounding write, and the sparse entries are then recomputed and written over it."""
+    Ignored rows are made exactly 0 through their per-row factors (0 where ``valid`` is False) and
+    ``nan_to_num``: a softmax is NaN only on a row whose logits are not all finite, which the loss
+    gives a NaN coefficient (a NaN gradient, as asked) or, ignored, a zero one. Masking the rows
+    themselves (``where``/``masked_fill_`` over [rows, V]) would cost as much as the softmax."""
     rows, n = x.size(0), spec.n_real
     if n < x.size(1):
         out[:, n:].zero_()  # padded ids: not part of the softmax
     if n == 0:
         return
     a, p, spare = scratch.take(rows)
-    xf = x[:, :n] if x.dtype == torch.float32 else a.copy_(x[:, :n])
-    bound = torch.where(valid, math.nan, 0.0).unsqueeze(1)  # fp32 [R, 1]
-    gv = torch.where(valid, g, 0.0)  # a non-finite upstream value of an ignored row must not leak
-    idx = cols.clamp(min=0).long()  # col -1 = none: weight 0 there, at column 0
-    gw = weights * gv.unsqueeze(1)
-    torch.fmin(_softmax(xf, out=p), bound, out=p)
-    c = (coef_pi * gv).unsqueeze(1)  # local softmax x this rank's global share
-    dense = out[:, :n]
-    if coef_q is None:
-        torch.mul(p, c, out=dense)  # the one rounding of the dense part
-        # the sparse entries, exactly as p * c, then the scatter-add (duplicates accumulate), then rounded
-        p.scatter_(1, idx, p.gather(1, idx).mul_(c)).scatter_add_(1, idx, gw)
-        dense.scatter_(1, idx, p.gather(1, idx).to(out.dtype))
-        return
-    tempered = torch.mul(xf, _inv_kappa(spec), out=spare)
-    q = torch.fmin(_softmax(tempered, out=a), bound, out=a)  # a: the upcast copy (read), or idle
-    p.mul_(c).addcmul_(q, (coef_q * gv).unsqueeze(1)).scatter_add_(1, idx, gw)
-    dense.copy_(p)  # the one rounding to the input dtype
+    xf = x[:, :n] if x.dtype == torch.float32 else a.copy_(x[:, :n])  # fp32 input is only read
+    gv = torch.where(valid, g, 0.0)
+    # local softmax x this rank's global share
+    _softmax(xf, out=p).nan_to_num_(0.0).mul_(torch.where(valid, coef_pi * g, 0.0).unsqueeze(1))
+    if coef_q is not None:
+        tempered = torch.mul(xf, _inv_kappa(spec), out=spare)
+        q = _softmax(tempered, out=a).nan_to_num_(0.0)  # a: the upcast copy, read already (or idle)
+        p.addcmul_(q, torch.where(valid, coef_q * g, 0.0).unsqueeze(1))
+    # the sparse entries (col -1 = none, weight 0 there), duplicates accumulate in lane order
+    p.scatter_add_(1, cols.clamp(min=0).long(), weights * gv.unsqueeze(1))
+    out[:, :n].copy_(p)  # the one rounding to the output dtype
