@@ -41,15 +41,16 @@ class _Scratch:
     (about 20% of the loss time in the benchmark)."""
 
     def __init__(self, rows: int, cols: int, device):
-        self.bufs = torch.empty(3, rows, cols, dtype=torch.float32, device=device)
+        self.rows = rows
+        self.bufs = tuple(torch.empty(rows, cols, dtype=torch.float32, device=device) for _ in range(3))
         self.half = None
 
     def take(self, rows: int):
-        return tuple(t[:rows] for t in self.bufs)
+        return self.bufs if rows == self.rows else tuple(t[:rows] for t in self.bufs)
 
     def half_buf(self, rows: int, dtype: torch.dtype) -> torch.Tensor:
         if self.half is None or self.half.dtype != dtype:
-            self.half = torch.empty(self.bufs.shape[1:], dtype=dtype, device=self.bufs.device)
+            self.half = torch.empty_like(self.bufs[0], dtype=dtype)
         return self.half[:rows]
 
 
@@ -225,13 +226,14 @@ def sample(x, keys, key_mix, label_col, owns_label, ok, total, rank_cum, rank_sc
         lanes_out.copy_(cols_out)
 
 
-def grad(x, out, g, coef_pi, coef_q, cols, weights, valid, spec: Spec, scratch):
+def grad(x, out, g, coef_pi, coef_q, cols, weights, valid, spec: Spec, scratch, local=None):
     """Gradient of a chunk of rows (see `core/contract.py`); one rounding to ``out.dtype``.
 
     Ignored rows are made exactly 0 through their per-row factors (0 where ``valid`` is False) and
     ``nan_to_num``: a softmax is NaN only on a row whose logits are not all finite, which the loss
     gives a NaN coefficient (a NaN gradient, as asked) or, ignored, a zero one. Masking the rows
-    themselves (``where``/``masked_fill_`` over [rows, V]) would cost as much as the softmax."""
+    themselves (``where``/``masked_fill_`` over [rows, V]) would cost as much as the softmax. ``local``
+    (the forward's statistics) is not used: the fused softmax recomputes them in cache."""
     rows, n = x.size(0), spec.n_real
     if n < x.size(1):
         out[:, n:].zero_()  # padded ids: not part of the softmax
