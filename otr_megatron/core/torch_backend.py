@@ -201,13 +201,15 @@ def sample(x, keys, key_mix, label_col, owns_label, ok, total, rank_cum, rank_sc
         flat_blk = blk + torch.arange(lo * per_row, hi * per_row, per_row, device=dev).unsqueeze(1)
         xb = blocks.index_select(0, flat_blk.view(-1))  # [M = rows * K, B], input dtype
         # id-major ([B, M]) in the upcast: the max, the exps, the float64 prefix sums (sequential adds,
-        # as cumsum) and the search are then B contiguous vector ops instead of M tiny rows
+        # as cumsum) and the search are then contiguous vector ops instead of M tiny rows
         e = torch.empty(b, xb.size(0), dtype=torch.float32, device=dev).copy_(xb.T)
         if ragged:
             e.masked_fill_(in_block + blk.view(1, -1) * b >= spec.n_real, -math.inf)
         bmax = e.amax(0)
         e.sub_(bmax.masked_fill_(bmax == -math.inf, 0.0)).mul_(inv).exp_()
-        s = torch.cumsum(e, 0, dtype=torch.float64)
+        s = e.double()  # sequential float64 prefix sums in place: B vector adds (cumsum over dim 0 is a scalar loop)
+        for i in range(1, b):
+            s[i].add_(s[i - 1])
         # searchsorted(s, target, right=True), capped at the first id reaching the block total (the last
         # with positive mass): the count of prefix sums <= min(target, the float64 below the total)
         last = s[-1]
