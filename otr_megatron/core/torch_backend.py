@@ -208,8 +208,9 @@ def sample(x, keys, key_mix, label_col, owns_label, ok, total, rank_cum, rank_sc
         bmax = e.amax(0)
         e.sub_(bmax.masked_fill_(bmax == -math.inf, 0.0)).mul_(inv).exp_()
         s = e.double()  # sequential float64 prefix sums in place: B vector adds (cumsum over dim 0 is a scalar loop)
+        ids = s.unbind(0)
         for i in range(1, b):
-            s[i].add_(s[i - 1])
+            ids[i].add_(ids[i - 1])
         # searchsorted(s, target, right=True), capped at the first id reaching the block total (the last
         # with positive mass): the count of prefix sums <= min(target, the float64 below the total)
         last = s[-1]
