@@ -18,12 +18,21 @@ for the sampler against a real tp = 8 rank (which owns ~1/8 of the samples) and 
 
 Baselines load only where they import: megatron-core (fused and unfused vocab-parallel CE, on a
 world-size-1 process group), liger-kernel, Transformer Engine (`parallel_cross_entropy`); a missing
-one is listed with the reason.
+one is listed with the reason, and one named in ``--require-baselines`` fails the run (exit 3).
+
+Stages, each writing the JSON report as soon as it has a number (a run cut short keeps what it
+measured): the CUDA-graph check (forward + backward of `vocab_parallel_otr_loss` with a 0-dim int64
+device step, captured, replayed, compared with eager calls; on CPU the same calls without capture),
+a short sweep of each Triton kernel's launch settings (``num_warps`` and tile sizes, overriding what
+`stats_params` / `sample_params` / `grad_params` return; every candidate must reproduce the default's
+results, the fastest is picked and used for the benchmark), then the benchmark per V/tp.
 """
 
 from __future__ import annotations
 
 import argparse
+import dataclasses
+import inspect
 import json
 import math
 import os
@@ -38,6 +47,41 @@ TARGETS = {  # ratio to Megatron's fused CE, forward + backward (issue 10; gpu-k
 KERNEL_BW_TARGET = 0.5  # each kernel >= 50% of the measured copy bandwidth
 SAMPLER_SHARE_TARGET = 0.10  # sampler <= 10% of the sample estimator's time
 MEM_TARGET = {"sample": 0.30, "expected": 0.05, "sft": 0.05, "dft": 0.05}  # extra memory / logits
+BASELINE_MODULES = {"megatron": "megatron.core", "liger": "liger_kernel", "te": "transformer_engine"}
+BASELINE_NAMES = {"megatron": ("megatron fused CE", "megatron CE"), "liger": ("liger CE",),
+                  "te": ("TE parallel CE",)}
+
+
+class Report(dict):
+    """The JSON report, rewritten to disk after every measurement (a run cut short keeps its numbers)."""
+
+    def __init__(self, path, **fields):
+        super().__init__(fields)
+        self.path = path
+
+    def save(self):
+        tmp = f"{self.path}.tmp"
+        with open(tmp, "w") as f:
+            json.dump(self, f, indent=1, default=_json_default)
+        os.replace(tmp, self.path)
+
+
+def _json_default(o):
+    return None if isinstance(o, float) and math.isnan(o) else str(o)
+
+
+def _call(fn, **kwargs):
+    """Call a backend entry point with the arguments its signature names (contract v1 or v2)."""
+    params = inspect.signature(fn).parameters
+    return fn(**{k: v for k, v in kwargs.items() if k in params})
+
+
+def _spec(**fields):
+    """A `Spec` from the fields this version of the contract has (v2 has no ``step``)."""
+    from otr_megatron.core.contract import Spec
+
+    names = {f.name for f in dataclasses.fields(Spec)}
+    return Spec(**{k: v for k, v in fields.items() if k in names})
 
 
 def _parse(argv):
@@ -52,6 +96,13 @@ def _parse(argv):
     p.add_argument("--no-torch-backend", action="store_true", help="skip the (slow) torch path")
     p.add_argument("--dry-run", action="store_true",
                    help="CPU + Triton interpreter, tiny sizes, 1 repetition: checks the script, not speed")
+    p.add_argument("--require-baselines", nargs="*", default=[], choices=sorted(BASELINE_MODULES),
+                   help="baselines that must run: a missing one fails the run (exit 3) before any timing")
+    p.add_argument("--budget-s", type=float, default=290.0,
+                   help="wall-clock budget of the whole run; the sweep stops early to keep it")
+    p.add_argument("--sweep-s", type=float, default=100.0, help="budget of the launch-settings sweep")
+    p.add_argument("--no-sweep", action="store_true", help="skip the launch-settings sweep")
+    p.add_argument("--no-graph-check", action="store_true", help="skip the CUDA-graph check")
     a = p.parse_args(argv)
     if a.dry_run:
         a.tokens, a.shards, a.repeats, a.warmup, a.num_samples = 2, [256], 1, 0, 8
@@ -168,60 +219,324 @@ def _otr_methods(leaf, labels, mask, k, backends):
     return out
 
 
-def kernel_timings(x, k, timer, repeats, copy_bw):
-    """Each Triton kernel alone on the sample estimator's (and sft's) real inputs."""
-    import torch
+class KernelCase:
+    """Real inputs of each Triton kernel alone on bf16 logits ``x [N, V]`` (tp = 1): the statistics
+    of an estimator, the sampler on those statistics, the gradient with S sparse entries per row
+    (distinct columns, as the Triton sampler leaves them after merging duplicates)."""
 
-    from otr_megatron.core import triton_backend as trb
-    from otr_megatron.core.contract import STAT_TMASS, Spec, block_size
+    def __init__(self, x, k):
+        import torch
 
+        from otr_megatron.core import triton_backend as trb
+        from otr_megatron.core.contract import STAT_TMASS, block_size
+        from otr_megatron.core.random import stream_key
+
+        self.trb, self.x, self.k = trb, x, k
+        n, v = x.shape
+        dev = x.device
+        g = torch.Generator(device=dev).manual_seed(1)
+        self.labels = torch.randint(0, v, (n,), device=dev, generator=g)
+        self.owns = torch.ones(n, dtype=torch.bool, device=dev)
+        self.valid = torch.ones(n, dtype=torch.bool, device=dev)
+        self.keys = torch.arange(n, device=dev)
+        self.specs, self.stats, self.prefix = {}, {}, {}
+        for est in ("sample", "expected", "sft"):
+            blk = block_size(v, k, v) if est == "sample" else 1
+            spec = _spec(estimator=est, kappa=1.3, beta=-0.1, k=k, seed=1234, step=0, rank=0, world=1, shard=v,
+                         n_real=v, block=blk)
+            self.specs[est] = spec
+            self.stats[est] = torch.empty(n, spec.stat_columns, dtype=torch.float64, device=dev)
+            self.prefix[est] = (torch.empty(n, spec.n_blocks, dtype=torch.float64, device=dev)
+                                if est == "sample" else None)
+            self.run_stats(est)
+        self.key_mix = stream_key(1234, 0)
+        sample_params = inspect.signature(trb.sample).parameters
+        col_dtype = torch.int32 if "key_mix" in sample_params else torch.int64  # contract v2: int32 columns
+        self.total = self.stats["sample"][:, STAT_TMASS].contiguous()
+        self.cum = self.total[:, None].contiguous()
+        self.ok = torch.isfinite(self.total)
+        self.scale = torch.ones_like(self.total)
+        self.partial = torch.empty(n, 2, dtype=torch.float64, device=dev)
+        self.cols = torch.empty(n, k, dtype=col_dtype, device=dev)
+        self.weights = torch.empty(n, k, dtype=torch.float32, device=dev)
+        self.grad_in = {}
+        for est, s in (("sample", k), ("expected", 1), ("sft", 1)):
+            rows = torch.arange(n, device=dev)[:, None]
+            gcols = ((rows * 7919 + torch.arange(s, device=dev) * max(v // s, 1)) % v).to(col_dtype)
+            self.grad_in[est] = (gcols, torch.full((n, s), -1.0 / s, device=dev),
+                                 torch.rand(n, device=dev, generator=g), torch.rand(n, device=dev, generator=g),
+                                 torch.rand(n, device=dev, generator=g) if est == "expected" else None)
+        self.out = torch.empty_like(x)
+
+    def run_stats(self, est):
+        _call(self.trb.local_stats, x=self.x, label_col=self.labels, owns_label=self.owns, valid=self.valid,
+              spec=self.specs[est], stats_out=self.stats[est], prefix_out=self.prefix[est], scratch=None)
+        return self.stats[est], self.prefix[est]
+
+    def run_sample(self):
+        _call(self.trb.sample, x=self.x, keys=self.keys, key_mix=self.key_mix, label_col=self.labels,
+              owns_label=self.owns, ok=self.ok, total=self.total, rank_cum=self.cum, rank_scale=self.scale,
+              prefix=self.prefix["sample"], spec=self.specs["sample"], partial_out=self.partial, cols_out=self.cols,
+              weights_out=self.weights, lanes_out=None, scratch=None)
+        return self.partial, self.cols, self.weights
+
+    def run_grad(self, est, local=None):
+        gcols, gw, g, coef, cq = self.grad_in[est]
+        kw = {"local": local} if local is not None else {}
+        self.trb.grad(self.x, self.out, g, coef, cq, gcols, gw, self.valid, self.specs[est], None, **kw)
+        return self.out
+
+
+def kernel_timings(case: KernelCase, timer, repeats, copy_bw, rows=None, save=None):
+    """Each Triton kernel alone on the sample estimator's (and sft's) real inputs: appended to
+    ``rows`` (``save()`` after each)."""
+    x = case.x
     n, v = x.shape
     dev = x.device
-    g = torch.Generator(device=dev).manual_seed(1)
-    labels = torch.randint(0, v, (n,), device=dev, generator=g)
-    owns = torch.ones(n, dtype=torch.bool, device=dev)
-    rows = []
+    rows = [] if rows is None else rows
 
     def med(fn):
         if dev.type == "cuda":
             fn()  # compile
         return statistics.median(timer(fn) for _ in range(repeats))
 
+    def add(row):
+        rows.append(row)
+        if save is not None:
+            save()
+
     elem = x.element_size()
     for est in ("sample", "expected", "sft"):
-        blk = block_size(v, k, v) if est == "sample" else 1
-        spec = Spec(est, 1.3, -0.1, k, 1234, 0, 0, 1, v, v, blk)
-        stats = torch.empty(n, spec.stat_columns, dtype=torch.float64, device=dev)
-        prefix = torch.empty(n, spec.n_blocks, dtype=torch.float64, device=dev) if est == "sample" else None
-        t = med(lambda: trb.local_stats(x, labels, owns, spec, stats, prefix))
-        moved = n * v * elem + (n * spec.n_blocks * 8 * 3 if prefix is not None else 0)
-        rows.append(dict(kernel=f"stats [{est}]", ms=t * 1e3, bytes=moved, tbps=moved / t / 1e12,
-                         frac_copy=moved / t / copy_bw, regs=_regs("stats")))
+        spec = case.specs[est]
+        t = med(lambda: case.run_stats(est))
+        moved = n * v * elem + (n * spec.n_blocks * 8 * 3 if est == "sample" else 0)
+        add(dict(kernel=f"stats [{est}]", ms=t * 1e3, bytes=moved, tbps=moved / t / 1e12,
+                 frac_copy=moved / t / copy_bw, regs=_regs("stats")))
         if est == "sample":
-            total = stats[:, STAT_TMASS].contiguous()
-            cum = total[:, None].contiguous()
-            ok = torch.isfinite(total)
-            part = torch.empty(n, 2, dtype=torch.float64, device=dev)
-            cols = torch.empty(n, k, dtype=torch.int64, device=dev)
-            w = torch.empty(n, k, dtype=torch.float32, device=dev)
-            keys = torch.arange(n, device=dev)
-            t = med(lambda: trb.sample(x, keys, labels, owns, ok, total, cum, torch.ones_like(total), prefix, spec,
-                                       part, cols, w))
-            rows.append(dict(kernel="sampler", ms=t * 1e3, bytes=None, tbps=None, frac_copy=None,
-                             regs=_regs("sample")))
-        s = k if est == "sample" else 1
-        gcols = torch.randint(0, v, (n, s), device=dev, generator=g)
-        gw = torch.full((n, s), -1.0 / s, device=dev)
-        coef = torch.rand(n, device=dev, generator=g)
-        cq = torch.rand(n, device=dev, generator=g) if est == "expected" else None
-        out = torch.empty_like(x)
-        valid = torch.ones(n, dtype=torch.bool, device=dev)
-        for local in (None, stats):
-            t = med(lambda: trb.grad(x, out, coef, coef, cq, gcols, gw, valid, spec, None, local=local))
+            t = med(case.run_sample)
+            add(dict(kernel="sampler", ms=t * 1e3, bytes=None, tbps=None, frac_copy=None, regs=_regs("sample")))
+        for local in (None, case.stats[est]):
+            t = med(lambda: case.run_grad(est, local))
             moved = n * v * elem * (2 if local is not None else 3)
             tag = "one pass, local stats given" if local is not None else "two passes"
-            rows.append(dict(kernel=f"grad [{est}, {tag}]", ms=t * 1e3, bytes=moved, tbps=moved / t / 1e12,
-                             frac_copy=moved / t / copy_bw, regs=_regs("grad")))
+            add(dict(kernel=f"grad [{est}, {tag}]", ms=t * 1e3, bytes=moved, tbps=moved / t / 1e12,
+                     frac_copy=moved / t / copy_bw, regs=_regs("grad")))
+    return rows
+
+
+# --------------------------------------------------------------------------------------------
+# launch-settings sweep: override what the params functions return, keep the fastest correct one
+# --------------------------------------------------------------------------------------------
+
+PARAM_FUNCS = {"stats": "stats_params", "sampler": "sample_params", "grad": "grad_params"}
+TILE_KEYS = ("TILE", "NB", "NR", "KC")  # tile-size knobs a params dict may hold (per kernel version)
+
+
+class LaunchOverrides:
+    """Wraps `stats_params` / `sample_params` / `grad_params` of the Triton backend so their results
+    are updated with per-kernel overrides (the kernels read them as module globals at each call).
+    Keys: "stats [sample]", "stats [dense]" (expected, sft, dft), "sampler", "grad"."""
+
+    def __init__(self, trb):
+        self.trb = trb
+        self.orig = {name: getattr(trb, fn) for name, fn in PARAM_FUNCS.items()}
+        self.active: dict[str, dict] = {}
+        self.last: dict[str, dict] = {}  # the parameters of the last launch per key, overrides applied
+        for name, fn in PARAM_FUNCS.items():
+            setattr(trb, fn, self._wrap(name, self.orig[name]))
+
+    @staticmethod
+    def key(name, spec):
+        if name == "stats":
+            return "stats [sample]" if spec.estimator == "sample" else "stats [dense]"
+        return name
+
+    def _wrap(self, name, fn):
+        def params(spec, *args, **kwargs):
+            out = dict(fn(spec, *args, **kwargs))
+            key = self.key(name, spec)
+            out.update(self.active.get(key, {}))
+            self.last[key] = dict(out)
+            return out
+
+        params.__wrapped__ = fn
+        return params
+
+    def restore(self):
+        for name, fn in PARAM_FUNCS.items():
+            setattr(self.trb, fn, self.orig[name])
+
+
+def _candidates(default: dict, max_kc: int | None = None) -> list[dict]:
+    """num_warps halved and doubled, then each tile knob halved and doubled (powers of two)."""
+    out = []
+    w = default.get("num_warps", 8)
+    for nw in (w // 2, w * 2):
+        if 2 <= nw <= 16:
+            out.append({"num_warps": nw})
+    for key in TILE_KEYS:
+        if key not in default or not isinstance(default[key], int):
+            continue
+        for val in (default[key] // 2, default[key] * 2):
+            if val < 1 or (key == "KC" and max_kc is not None and val > max_kc):
+                continue
+            if key == "KC" and "KP" in default and default["KP"] % val:
+                continue
+            out.append({key: val})
+    return out
+
+
+def _same(a, b, rtol):
+    import torch
+
+    if a is None or b is None:
+        return a is b
+    if not a.is_floating_point():
+        return torch.equal(a, b)
+    return torch.allclose(a.double(), b.double(), rtol=rtol, atol=1e-30 if rtol == 0 else 1e-12, equal_nan=True)
+
+
+def sweep(case: KernelCase, timer, repeats, budget_s, report_entry, save):
+    """Times each kernel under each candidate override; a candidate counts only if it reproduces the
+    default's results (statistics and gradient to 1e-6 / one bf16 ulp, samples exactly). Returns
+    the picks {key: override} and fills ``report_entry`` (saved after every candidate)."""
+    import torch
+
+    trb = case.trb
+    ov = LaunchOverrides(trb)
+    t_end = time.perf_counter() + budget_s
+    picks = {}
+    jobs = [
+        ("stats [sample]", lambda: case.run_stats("sample"), 1e-6),
+        ("stats [dense]", lambda: case.run_stats("expected"), 1e-6),
+        ("sampler", case.run_sample, 0.0),
+        ("grad", lambda: case.run_grad("sample"), 2.0**-7),
+    ]
+    try:
+        for key, fn, rtol in jobs:
+            ov.active.pop(key, None)
+
+            def snapshot():
+                out = fn()
+                return tuple(t.clone() if isinstance(t, torch.Tensor) else t
+                             for t in (out if isinstance(out, tuple) else (out,)))
+
+            ref = snapshot()  # also records the default parameters of this launch
+            default = ov.last[key]
+            entry = report_entry.setdefault(key, {"default": {k: v for k, v in default.items()
+                                                               if isinstance(v, (int, bool, float))},
+                                                  "candidates": []})
+            base_ms = statistics.median(timer(fn) for _ in range(repeats)) * 1e3
+            entry["default_ms"] = base_ms
+            best, best_ms = {}, base_ms
+            save()
+            for cand in _candidates(default, max_kc=default.get("KP")):
+                if time.perf_counter() > t_end:
+                    entry["truncated"] = "sweep budget spent"
+                    break
+                ov.active[key] = cand
+                row = {"override": cand}
+                try:
+                    got = snapshot()
+                    row["matches_default"] = all(_same(a, b, rtol) for a, b in zip(got, ref))
+                    row["ms"] = statistics.median(timer(fn) for _ in range(repeats)) * 1e3
+                    if row["matches_default"] and row["ms"] < best_ms:
+                        best, best_ms = cand, row["ms"]
+                except Exception as e:  # noqa: BLE001 (a setting that does not compile or launch is not a pick)
+                    row["error"] = f"{type(e).__name__}: {str(e).splitlines()[0][:200] if str(e) else ''}"
+                entry["candidates"].append(row)
+                ov.active.pop(key, None)
+                save()
+            entry["pick"], entry["pick_ms"] = best, best_ms
+            picks[key] = best
+            save()
+    finally:
+        ov.restore()
+    return picks
+
+
+# --------------------------------------------------------------------------------------------
+# CUDA-graph check: forward + backward captured with a 0-dim int64 device step, replayed
+# --------------------------------------------------------------------------------------------
+
+
+def graph_check(device, n, v, k, backends):
+    """Per (estimator, backend): the loss and gradient of a replayed CUDA graph (captured with a
+    0-dim int64 device ``step``) equal eager calls with the int step, at two steps (the replay reads
+    the step tensor, it is not baked in). On CPU (dry run) the same tensor-step calls run eagerly."""
+    import torch
+
+    import otr_megatron as otr
+
+    cuda = device.type == "cuda"
+    g = torch.Generator(device=device).manual_seed(3)
+    x0 = (torch.randn(n, v, device=device, generator=g) * 2).to(torch.bfloat16)
+    labels = torch.randint(0, v, (n,), device=device, generator=g)
+    labels[::7] = -100
+    mask = (torch.rand(n, device=device, generator=g) > 0.1).float()
+    rows = []
+    for backend in backends:
+        for est in ("sample", "expected", "sft", "dft"):
+            row = {"estimator": est, "backend": backend, "captured": cuda}
+            try:
+                cfg = otr.OTRConfig(estimator=est, num_samples=k, backend=backend)
+
+                def eager(step):
+                    xe = x0.clone().requires_grad_()
+                    loss = otr.vocab_parallel_otr_loss(xe, labels, cfg, step=step)
+                    (loss * mask).sum().backward()
+                    return loss.detach(), xe.grad
+
+                step_t = torch.tensor(5, dtype=torch.int64, device=device)
+                xs = x0.clone().requires_grad_()
+
+                def body():
+                    loss = otr.vocab_parallel_otr_loss(xs, labels, cfg, step=step_t)
+                    (loss * mask).sum().backward()
+                    return loss
+
+                if cuda:
+                    side = torch.cuda.Stream()
+                    side.wait_stream(torch.cuda.current_stream())
+                    with torch.cuda.stream(side):  # warm-up outside the graph (compiles, allocates)
+                        for _ in range(2):
+                            body()
+                            xs.grad = None
+                    torch.cuda.current_stream().wait_stream(side)
+                    graph = torch.cuda.CUDAGraph()
+                    with torch.cuda.graph(graph):
+                        static_loss = body()
+                    static_grad = xs.grad
+
+                    def replay(step):
+                        step_t.fill_(step)
+                        graph.replay()
+                        torch.cuda.synchronize()
+                        return static_loss.clone(), static_grad.clone()
+                else:
+                    def replay(step):
+                        step_t.fill_(step)
+                        xs.grad = None
+                        loss = body()
+                        return loss.detach().clone(), xs.grad.clone()
+
+                for step in (5, 6):
+                    got_loss, got_grad = replay(step)
+                    ref_loss, ref_grad = eager(step)
+                    row[f"step{step}_loss_equal"] = bool(torch.equal(got_loss, ref_loss))
+                    row[f"step{step}_grad_equal"] = bool(torch.equal(got_grad, ref_grad))
+                    # the torch path's scatter-add of duplicate samples uses atomics on CUDA: a few ulps
+                    row[f"step{step}_grad_max_abs_diff"] = float((got_grad.float() - ref_grad.float()).abs().max())
+                    row[f"step{step}_grad_close"] = bool(torch.allclose(got_grad.float(), ref_grad.float(),
+                                                                        rtol=2.0**-7, atol=1e-7))
+                if hasattr(otr, "check_pending"):
+                    otr.check_pending()
+                row["ok"] = all(row[f"step{s}_loss_equal"] and (row[f"step{s}_grad_equal"] or
+                                (backend == "torch" and row[f"step{s}_grad_close"])) for s in (5, 6))
+            except Exception as e:  # noqa: BLE001 (recorded, and fails the run)
+                row["ok"] = False
+                row["error"] = f"{type(e).__name__}: {str(e).splitlines()[0][:300] if str(e) else ''}"
+            rows.append(row)
     return rows
 
 
@@ -234,7 +549,20 @@ def _regs(name):
     return {k: getattr(h, k, None) for k in ("n_regs", "n_spills", "shared")}
 
 
-def run(args) -> dict:
+def _missing_baselines(required) -> dict:
+    """{name: reason} for each required baseline whose package does not import."""
+    import importlib
+
+    out = {}
+    for name in required:
+        try:
+            importlib.import_module(BASELINE_MODULES[name])
+        except Exception as e:  # noqa: BLE001
+            out[name] = f"{type(e).__name__}: {e}"
+    return out
+
+
+def run(args) -> Report:
     if args.dry_run:
         os.environ.setdefault("TRITON_INTERPRET", "1")  # before triton_backend is imported
     import torch
@@ -244,9 +572,26 @@ def run(args) -> dict:
 
     from otr_megatron.distributed import free_port, teardown_parallel
 
+    t_start = time.perf_counter()
     device = torch.device("cuda") if torch.cuda.is_available() and not args.dry_run else torch.device("cpu")
     if device.type == "cpu" and not args.dry_run:
         raise SystemExit("bench_gpu needs a CUDA device (use --dry-run to check the script on CPU)")
+    report = Report(
+        args.out,
+        device=torch.cuda.get_device_name() if device.type == "cuda" else platform.processor() or "cpu",
+        dry_run=args.dry_run, python=platform.python_version(), torch=torch.__version__,
+        triton=triton.__version__, tokens=args.tokens, num_samples=args.num_samples,
+        repeats=args.repeats, warmup=args.warmup, dtype="bf16", shards=[], notes=[], errors=[],
+        required_baselines=list(args.require_baselines), baselines_missing={}, stage_seconds={},
+        launch_sweep={}, launch_picks={}, graph_check=None, complete=False,
+    )
+    report["baselines_missing"] = _missing_baselines(args.require_baselines)
+    report.save()
+    if report["baselines_missing"]:
+        for name, why in report["baselines_missing"].items():
+            report["errors"].append(f"required baseline {name} ({BASELINE_MODULES[name]}) does not import: {why}")
+        report.save()
+        return report
     timer = Timer(device)
     os.environ.setdefault("MASTER_ADDR", "127.0.0.1")
     os.environ.setdefault("MASTER_PORT", str(free_port()))
@@ -259,73 +604,127 @@ def run(args) -> dict:
         group = ps.get_tensor_model_parallel_group()
     except Exception as e:  # noqa: BLE001
         print(f"megatron-core unavailable ({type(e).__name__}: {e}); no Megatron baselines", flush=True)
-    report = {
-        "device": torch.cuda.get_device_name() if device.type == "cuda" else platform.processor() or "cpu",
-        "dry_run": args.dry_run, "python": platform.python_version(), "torch": torch.__version__,
-        "triton": triton.__version__, "tokens": args.tokens, "num_samples": args.num_samples,
-        "repeats": args.repeats, "warmup": args.warmup, "dtype": "bf16", "shards": [], "notes": [],
-    }
     n, k = args.tokens, args.num_samples
+    backends = ["triton"] + ([] if args.no_torch_backend else ["torch"])
+
+    def stage(name, t0):
+        report["stage_seconds"][name] = round(time.perf_counter() - t0, 2)
+        report.save()
+
+    t0 = time.perf_counter()
     biggest = n * max(args.shards) * 2
     report["copy_TBps"] = copy_bandwidth(device, biggest, args.repeats, timer) / 1e12
     print(f"{report['device']}: device-to-device copy {report['copy_TBps']:.2f} TB/s "
           f"(read + write, {biggest / 2**30:.2f} GiB)", flush=True)
-    backends = ["triton"] + ([] if args.no_torch_backend else ["torch"])
-    for v in args.shards:
-        gen = torch.Generator(device=device).manual_seed(0)
-        leaf = (torch.randn(n, v, device=device, generator=gen) * 2).to(torch.bfloat16).requires_grad_()
-        labels = torch.randint(0, v, (n,), device=device, generator=gen)
-        mask = (torch.rand(n, device=device, generator=gen) > 0.1).float()
-        logits_bytes = leaf.numel() * leaf.element_size()
-        methods = []
-        for name, fn, note in _baselines(leaf, labels, mask, group, device):
-            if fn is None:
-                report["notes"].append(f"V/tp={v}: {name} not run: {note}" if note else f"{name} not run")
-            else:
-                methods.append((name, fn, "baseline", None, note))
-        for name, fn, est, backend in _otr_methods(leaf, labels, mask, k, backends):
-            methods.append((name, fn, est, backend, ""))
-        for _, fn, *_ in methods:  # warm-up (compiles the kernels)
-            for _ in range(max(args.warmup, 1) if device.type == "cuda" else 1):
-                fn()
+    stage("copy bandwidth", t0)
+
+    if not args.no_graph_check:  # small shapes: the check is about capture, not speed
+        t0 = time.perf_counter()
+        gn, gv = (2, 256) if args.dry_run else (512, 16384)
+        report["graph_check"] = graph_check(device, gn, gv, k, backends)
+        for r in report["graph_check"]:
+            status = "PASS" if r["ok"] else "FAIL"
+            print(f"graph check [{r['estimator']}, {r['backend']}] {'captured + replayed' if r['captured'] else 'eager (CPU)'}"
+                  f": {status}{'  ' + r['error'] if 'error' in r else ''}", flush=True)
+            if not r["ok"]:
+                report["errors"].append(f"graph check failed: {r}")
+        stage("graph check", t0)
+
+    from otr_megatron.core import triton_backend as trb
+
+    overrides = LaunchOverrides(trb)
+    try:
+        for v in args.shards:
+            gen = torch.Generator(device=device).manual_seed(0)
+            leaf = (torch.randn(n, v, device=device, generator=gen) * 2).to(torch.bfloat16).requires_grad_()
+            labels = torch.randint(0, v, (n,), device=device, generator=gen)
+            mask = (torch.rand(n, device=device, generator=gen) > 0.1).float()
+            logits_bytes = leaf.numel() * leaf.element_size()
+            case = KernelCase(leaf.detach(), k)
+            picks = {}
+            if not args.no_sweep:
+                t0 = time.perf_counter()
+                left = args.budget_s - (t0 - t_start)
+                per_shard = min(args.sweep_s / len(args.shards), max(left - 60.0, 0.0))
+                entry = report["launch_sweep"].setdefault(str(v), {})
+                overrides.restore()
+                picks = sweep(case, timer, max(3, min(args.repeats, 7)), per_shard, entry, report.save)
+                overrides = LaunchOverrides(trb)
+                report["launch_picks"][str(v)] = picks
+                print(f"V/tp={v}: launch picks {picks or 'the defaults'}", flush=True)
+                stage(f"sweep V/tp={v}", t0)
+            overrides.active = dict(picks)  # the benchmark runs with the picks
+            t0 = time.perf_counter()
+            shard = dict(shard=v, logits_bytes=logits_bytes, launch_overrides=picks, methods=[], kernels=[])
+            report["shards"].append(shard)
+            methods = []
+            for name, fn, note in _baselines(leaf, labels, mask, group, device):
+                if fn is None:
+                    report["notes"].append(f"V/tp={v}: {name} not run: {note}" if note else f"{name} not run")
+                else:
+                    methods.append((name, fn, "baseline", None, note))
+            for name, fn, est, backend in _otr_methods(leaf, labels, mask, k, backends):
+                methods.append((name, fn, est, backend, ""))
+            for _, fn, *_ in methods:  # warm-up (compiles the kernels)
+                for _ in range(max(args.warmup, 1) if device.type == "cuda" else 1):
+                    fn()
+                    leaf.grad = None
+            times = {m[0]: [] for m in methods}
+            rows = shard["methods"]
+            for rep in range(args.repeats):  # round-robin: machine noise hits every method alike
+                for name, fn, *_ in methods:
+                    times[name].append(timer(fn))
+                    leaf.grad = None
+                rows[:] = _method_rows(methods, times, n, v, device)
+                shard["repeats_done"] = rep + 1
+                report.save()
+            for row, (name, fn, *_) in zip(rows, methods):
+                peak = _peak_extra(fn, device, logits_bytes)
                 leaf.grad = None
-        times = {m[0]: [] for m in methods}
-        for _ in range(args.repeats):  # round-robin: machine noise hits every method alike
-            for name, fn, *_ in methods:
-                times[name].append(timer(fn))
-                leaf.grad = None
-        rows = []
-        for name, fn, est, backend, note in methods:
-            peak = _peak_extra(fn, device, logits_bytes)
-            leaf.grad = None
-            rows.append(dict(method=name, estimator=est, backend=backend, ms=statistics.median(times[name]) * 1e3,
-                             peak_extra_bytes=peak, peak_extra_vs_logits=None if peak is None else peak / logits_bytes,
-                             note=note))
-        base = next((r["ms"] for r in rows if r["method"] == "megatron fused CE"), None)
-        for r in rows:
-            r["vs_megatron_fused"] = r["ms"] / base if base else None
-            r["eff_TBps_6B"] = 6 * n * v / (r["ms"] / 1e3) / 1e12
-            est = r["estimator"]
-            if device.type != "cuda":
-                continue  # interpreter timings say nothing about speed
-            if r["backend"] == "triton" and est in TARGETS and r["vs_megatron_fused"] is not None:
-                r["target"] = TARGETS[est]
-                r["meets_target"] = r["vs_megatron_fused"] <= TARGETS[est]
-            if r["backend"] == "triton" and r["peak_extra_vs_logits"] is not None and est in MEM_TARGET:
-                r["meets_memory_target"] = r["peak_extra_vs_logits"] <= MEM_TARGET[est]
-        kernels = kernel_timings(leaf.detach(), k, timer, args.repeats, report["copy_TBps"] * 1e12)
-        sample_ms = next((r["ms"] for r in rows if r["estimator"] == "sample" and r["backend"] == "triton"), None)
-        for kr in kernels:
-            if kr["frac_copy"] is not None and device.type == "cuda":
-                kr["meets_bw_target"] = kr["frac_copy"] >= KERNEL_BW_TARGET
-            if kr["kernel"] == "sampler" and sample_ms:
-                kr["share_of_sample_estimator"] = kr["ms"] / sample_ms
-                kr["meets_share_target"] = kr["share_of_sample_estimator"] <= SAMPLER_SHARE_TARGET
-        report["shards"].append(dict(shard=v, logits_bytes=logits_bytes, methods=rows, kernels=kernels))
-        _print_shard(n, v, rows, kernels)
-        del leaf
+                row["peak_extra_bytes"] = peak
+                row["peak_extra_vs_logits"] = None if peak is None else peak / logits_bytes
+                if row["backend"] == "triton" and peak is not None and row["estimator"] in MEM_TARGET:
+                    row["meets_memory_target"] = row["peak_extra_vs_logits"] <= MEM_TARGET[row["estimator"]]
+                report.save()
+            stage(f"methods V/tp={v}", t0)
+            t0 = time.perf_counter()
+            kernels = kernel_timings(case, timer, args.repeats, report["copy_TBps"] * 1e12, rows=shard["kernels"],
+                                     save=report.save)
+            sample_ms = next((r["ms"] for r in rows if r["estimator"] == "sample" and r["backend"] == "triton"), None)
+            for kr in kernels:
+                if kr["frac_copy"] is not None and device.type == "cuda":
+                    kr["meets_bw_target"] = kr["frac_copy"] >= KERNEL_BW_TARGET
+                if kr["kernel"] == "sampler" and sample_ms:
+                    kr["share_of_sample_estimator"] = kr["ms"] / sample_ms
+                    kr["meets_share_target"] = kr["share_of_sample_estimator"] <= SAMPLER_SHARE_TARGET
+            stage(f"kernels V/tp={v}", t0)
+            _print_shard(n, v, rows, kernels)
+            del leaf, case
+    finally:
+        overrides.restore()
     teardown_parallel()
+    report["stage_seconds"]["total"] = round(time.perf_counter() - t_start, 2)
+    report["complete"] = True
+    report.save()
     return report
+
+
+def _method_rows(methods, times, n, v, device):
+    rows = []
+    for name, fn, est, backend, note in methods:
+        rows.append(dict(method=name, estimator=est, backend=backend, ms=statistics.median(times[name]) * 1e3,
+                         peak_extra_bytes=None, peak_extra_vs_logits=None, note=note))
+    base = next((r["ms"] for r in rows if r["method"] == "megatron fused CE"), None)
+    for r in rows:
+        r["vs_megatron_fused"] = r["ms"] / base if base else None
+        r["eff_TBps_6B"] = 6 * n * v / (r["ms"] / 1e3) / 1e12
+        est = r["estimator"]
+        if device.type != "cuda":
+            continue  # interpreter timings say nothing about speed
+        if r["backend"] == "triton" and est in TARGETS and r["vs_megatron_fused"] is not None:
+            r["target"] = TARGETS[est]
+            r["meets_target"] = r["vs_megatron_fused"] <= TARGETS[est]
+    return rows
 
 
 def _fmt(x, spec):
@@ -353,14 +752,17 @@ def _print_shard(n, v, rows, kernels):
 
 
 def main(argv=None) -> int:
+    """Exit status: 0, 3 if a required baseline is missing, 4 if the CUDA-graph check failed."""
     args = _parse(argv)
     report = run(args)
-    with open(args.out, "w") as f:
-        json.dump(report, f, indent=1, default=lambda o: None if isinstance(o, float) and math.isnan(o) else str(o))
     for note in report["notes"]:
         print("note:", note)
+    for err in report["errors"]:
+        print("error:", err, flush=True)
     print(f"\nwrote {args.out}", flush=True)
-    return 0
+    if report["baselines_missing"]:
+        return 3
+    return 4 if report["errors"] else 0
 
 
 if __name__ == "__main__":

@@ -27,15 +27,15 @@ def _as_i64(c: int) -> int:
 
 def _shr(x: torch.Tensor, s: int) -> torch.Tensor:
     """Logical right shift on int64 (torch's >> is arithmetic)."""
-    return (x >> s) & ((1 << (64 - s)) - 1)
+    return (x >> s).bitwise_and_((1 << (64 - s)) - 1)
 
 
 def splitmix64(x: torch.Tensor) -> torch.Tensor:
     """SplitMix64 finaliser of (x + golden), elementwise on int64 tensors."""
-    z = x + _as_i64(_GOLDEN)
-    z = (z ^ _shr(z, 30)) * _as_i64(_MUL1)
-    z = (z ^ _shr(z, 27)) * _as_i64(_MUL2)
-    return z ^ _shr(z, 31)
+    z = x + _as_i64(_GOLDEN)  # a fresh tensor: the rest is in place
+    z.bitwise_xor_(_shr(z, 30)).mul_(_as_i64(_MUL1))
+    z.bitwise_xor_(_shr(z, 27)).mul_(_as_i64(_MUL2))
+    return z.bitwise_xor_(_shr(z, 31))
 
 
 def splitmix64_int(x: int) -> int:
@@ -52,25 +52,25 @@ def stream_key(seed: int, step: int) -> int:
 
 
 def stream_key_tensor(seed: int, step: torch.Tensor) -> torch.Tensor:
-    """`stream_key` for a 0-dim int64 device tensor ``step`` (a CUDA-graph-captured call): same value."""
+    """`stream_key` with the step a 0-dim integer tensor (e.g. on the GPU inside a captured CUDA graph):
+    a 0-dim int64 tensor on ``step``'s device holding the same value, with no host sync or copy."""
     return splitmix64(step.to(torch.int64) ^ _as_i64(splitmix64_int(seed & _MASK64)))
 
 
 def token_uniforms_from_key(token_keys: torch.Tensor, num_samples: int, key_mix) -> torch.Tensor:
-    """`token_uniforms` for a given call key ``key_mix`` (int or 0-dim int64 tensor)."""
+    """float64 uniforms in [0, 1) of shape [*token_keys.shape, num_samples], 53 random bits each.
+
+    ``key_mix`` is the call's stream key: a Python int (`stream_key`) or a 0-dim int64 tensor on the
+    keys' device (`stream_key_tensor`); both give the same bits. Token bases are a bijection of the
+    keys, so distinct keys never share a stream start; sample j of a token is the (j+1)-th element of
+    a Weyl sequence from that base, as SplitMix64 intends.
+    """
     base = splitmix64(token_keys.to(torch.int64) ^ key_mix)
-    j = torch.arange(1, num_samples + 1, dtype=torch.int64, device=token_keys.device)
-    bits = splitmix64(base.unsqueeze(-1) + j * _as_i64(_GOLDEN))
-    return _shr(bits, 11).to(torch.float64) * (2.0**-53)
+    j = torch.arange(1, num_samples + 1, dtype=torch.int64, device=token_keys.device).mul_(_as_i64(_GOLDEN))
+    bits = splitmix64(base.unsqueeze(-1) + j)
+    return _shr(bits, 11).to(torch.float64).mul_(2.0**-53)
 
 
 def token_uniforms(token_keys: torch.Tensor, num_samples: int, seed: int, step: int) -> torch.Tensor:
-    """float64 uniforms in [0, 1) of shape [*token_keys.shape, num_samples], 53 random bits each.
-
-    Token bases are a bijection of the keys, so distinct keys never share a stream start; sample j
-    of a token is the (j+1)-th element of a Weyl sequence from that base, as SplitMix64 intends.
-    """
-    base = splitmix64(token_keys.to(torch.int64) ^ stream_key(seed, step))
-    j = torch.arange(1, num_samples + 1, dtype=torch.int64, device=token_keys.device)
-    bits = splitmix64(base.unsqueeze(-1) + j * _as_i64(_GOLDEN))
-    return _shr(bits, 11).to(torch.float64) * (2.0**-53)
+    """`token_uniforms_from_key` with the key of (seed, step)."""
+    return token_uniforms_from_key(token_keys, num_samples, stream_key(seed, step))

@@ -1,8 +1,15 @@
 """Reference backend of the three compute steps in plain PyTorch (CPU and CUDA).
 
-Signatures, shapes and units are those documented in `core/contract.py`; the sampling arithmetic is
-docs/sampling.md. Nothing here synchronises with the host: no `.item()`, `nonzero`, boolean
-indexing or `bool(tensor)`; every fallback is an unconditional tensor op, every shape is static.
+Signatures, shapes and units are those documented in `core/contract.py` (contract v2); the sampling
+arithmetic is docs/sampling.md. Nothing here synchronises with the host, copies a Python value to the
+device, or takes a data-dependent shape (no `.item()`, `nonzero`, boolean indexing, `bool(tensor)`,
+`torch.tensor(list)`): every fallback is an unconditional tensor op, so a CUDA graph can capture it.
+
+CPU cost notes (measured with `python -m otr_megatron.bench`): a pass over a cache-resident fp32
+chunk costs ~0.1 ns per element, a masked `where`/`masked_fill_` over it ~0.6-0.9 ns, `torch.exp`
+~1.1 ns and a fused (log_)softmax ~0.6 ns. So the [rows, V] data is read from memory once per
+entry point, masks are applied to per-row numbers instead of to the rows, and the block statistics
+work on a block-element-major copy ([rows, B, n_blocks]) made in the upcast.
 """
 
 from __future__ import annotations
@@ -11,10 +18,12 @@ import math
 import struct
 
 import torch
-import torch.nn.functional as F
 
 from otr_megatron.core.contract import STAT_LABEL, STAT_MAX, STAT_SUMEXP, STAT_TMASS, STAT_TMEAN, Spec
 from otr_megatron.core.random import token_uniforms_from_key
+
+_F32_MIN = torch.finfo(torch.float32).min
+_BELOW_ONE = 1.0 - 2.0**-53  # x * _BELOW_ONE is the float64 just below x, for x >= 2**-1021
 
 
 def _softmax(x: torch.Tensor, out: torch.Tensor) -> torch.Tensor:
@@ -27,33 +36,22 @@ def _log_softmax(x: torch.Tensor, out: torch.Tensor) -> torch.Tensor:
 
 
 class _Scratch:
-    """Three fp32 [chunk, n_real] buffers reused by every chunk of one forward or backward.
-
-    Fresh per-chunk allocations page-fault on CPU (about 20% of the loss time in the benchmark).
-    """
+    """Three fp32 [chunk, n_real] buffers (and one of the input's 2-byte dtype, made on first use)
+    reused by every chunk of one forward or backward: fresh per-chunk allocations page-fault on CPU
+    (about 20% of the loss time in the benchmark)."""
 
     def __init__(self, rows: int, cols: int, device):
-        self.bufs = torch.empty(3, rows, cols, dtype=torch.float32, device=device)
-        self.zero = torch.zeros(1, 1, dtype=torch.float32, device=device)
+        self.rows = rows
+        self.bufs = tuple(torch.empty(rows, cols, dtype=torch.float32, device=device) for _ in range(3))
+        self.half = None
 
-    def views(self, x: torch.Tensor, keep_rows: torch.Tensor | None = None):
-        """(x as fp32, two scratch buffers): fp32 input is used as is and never written. With
-        ``keep_rows`` ([R] bool), other rows of the fp32 copy are 0, fused into the upcast."""
-        rows = x.size(0)
-        a, b, c = (t[:rows] for t in self.bufs)
-        if x.dtype == torch.float32:
-            return x, b, c
-        if keep_rows is None:
-            a.copy_(x)
-        elif x.dtype == torch.float64:
-            a.copy_(x).masked_fill_(~keep_rows[:, None], 0.0)
-        else:  # a [1, 1] fp32 operand promotes the select to fp32: an exact upcast, one pass
-            torch.where(keep_rows[:, None], x, self.zero, out=a)
-        return a, b, c
+    def take(self, rows: int):
+        return self.bufs if rows == self.rows else tuple(t[:rows] for t in self.bufs)
 
-    def free_after(self, xf: torch.Tensor) -> torch.Tensor:
-        """A buffer that may be overwritten once `xf` has been read for the last time."""
-        return self.bufs[0][: xf.size(0)]
+    def half_buf(self, rows: int, dtype: torch.dtype) -> torch.Tensor:
+        if self.half is None or self.half.dtype != dtype:
+            self.half = torch.empty_like(self.bufs[0], dtype=dtype)
+        return self.half[:rows]
 
 
 def scratch(rows: int, cols: int, device) -> _Scratch | None:
@@ -65,80 +63,85 @@ def _inv_kappa(spec: Spec) -> float:
     return struct.unpack("<f", struct.pack("<f", 1.0 / spec.kappa))[0]
 
 
-def _block_max(t: torch.Tensor, block: int) -> torch.Tensor:
-    """Max of each block of ``t [rows, n_blocks * block]`` -> ``[rows, n_blocks]`` (exact; NaN propagates)."""
-    return F.max_pool1d(t.unsqueeze(1), block, block).squeeze(1)
-
-
-def _tempered_exp(xb: torch.Tensor, bmax: torch.Tensor, inv_kappa: float, out: torch.Tensor) -> torch.Tensor:
-    """Blocks ``xb [..., B]`` (fp32, padding -inf) -> exp((x - bmax_b) * inv_kappa32) into ``out`` (any
-    strides, may be ``xb``). The one formula of both passes and both backends (docs/sampling.md 2)."""
-    safe = torch.where(bmax == -math.inf, 0.0, bmax)  # a block with no finite id: exp(-inf) = 0, not NaN
-    return torch.sub(xb, safe.unsqueeze(-1), out=out).mul_(inv_kappa).exp_()
-
-
-def _tree_sum(e: torch.Tensor, dim: int) -> torch.Tensor:
-    """Pairwise fp32 sum over ``dim`` (B -> B/2 -> ... -> 1, ``e[i] + e[i + width]``), in place: its
-    rounding depends on the block's values only, never on the batch around it."""
-    width = e.size(dim)
-    while width > 1:
-        width //= 2
-        e.narrow(dim, 0, width).add_(e.narrow(dim, width, width))
-    return e.select(dim, 0)
+def _blocks_major(x: torch.Tensor, rows: int, b: int, nb: int, out: torch.Tensor, sc: _Scratch) -> None:
+    """``out [rows, B, nb]`` (fp32) <- ``x [rows, nb * B]``, block-element-major, in one read of x:
+    element i of block j lands at ``out[:, i, j]``. 2-byte dtypes are transposed as int16 (a plain
+    copy kernel, ~1.5x faster than a converting strided copy), then upcast in cache."""
+    if x.element_size() == 2:
+        half = sc.half_buf(rows, x.dtype).view(rows, b, nb)
+        half.view(torch.int16).copy_(x.view(torch.int16).view(rows, nb, b).transpose(1, 2))
+        out.copy_(half)
+    else:
+        out.copy_(x.view(rows, nb, b).transpose(1, 2))
 
 
 def local_stats(x, label_col, owns_label, valid, spec: Spec, stats_out, prefix_out, scratch):
-    """Per-rank statistics of a chunk of rows (see `core/contract.py`)."""
+    """Per-rank statistics of a chunk of rows (see `core/contract.py`). Rows with ``valid`` False
+    get the skipped-row values (MAX -inf, the rest 0, prefix 0), as a backend that skips them."""
     rows, n = x.size(0), spec.n_real
-    stats_out[:, STAT_LABEL] = torch.where(owns_label, x.gather(1, label_col[:, None]).squeeze(1).double(), 0.0)
+    invalid = ~valid
+    stats_out[:, STAT_LABEL] = x.gather(1, label_col[:, None]).squeeze(1).masked_fill_(~owns_label, 0.0)
     if n == 0:
         stats_out[:, STAT_MAX].fill_(-math.inf)
-        stats_out[:, STAT_SUMEXP].zero_()
+        stats_out[:, STAT_SUMEXP:STAT_LABEL].zero_()
         if spec.tempered:
             stats_out[:, STAT_TMASS:].zero_()
+        if prefix_out is not None:
+            prefix_out.zero_()
         return
-    xf, buf, spare = scratch.views(x[:, :n])
-    m = xf.amax(-1)  # NaN if a logit is NaN
-    empty = m == -math.inf  # every real id masked: no mass here (log_softmax would give NaN)
-    # the sums are read off the fused kernels (an exp costs about as much as a whole softmax):
-    # at the argmax log_softmax(x) = -log sum exp(x - m), its largest value
-    _log_softmax(xf, out=buf)
+    a, buf, spare = scratch.take(rows)
+    sample = spec.estimator == "sample"
+    if sample:
+        b, nb = spec.block, spec.n_blocks
+        if nb * b == n:
+            at = a.view(rows, b, nb)
+            _blocks_major(x[:, :n], rows, b, nb, at, scratch)
+            row = a
+        else:  # the last real block ends in padding: a padded copy, padding -inf (exp gives 0)
+            at = torch.full((rows, b, nb), -math.inf, dtype=torch.float32, device=x.device)
+            full = (nb - 1) * b
+            at[:, :, : nb - 1].copy_(x[:, :full].view(rows, nb - 1, b).transpose(1, 2))
+            at[:, : n - full, nb - 1].copy_(x[:, full:n])
+            row = at.view(rows, nb * b)
+            buf = torch.empty_like(row)
+        bmax = at.amax(1)  # [rows, nb]: fp32 max of each block's real ids (NaN propagates)
+        m = bmax.amax(-1)  # the row's max is the max of its block maxima
+    else:
+        row = a.copy_(x[:, :n])
+        m = row.amax(-1)  # NaN if a logit is NaN
+    m.masked_fill_(invalid, -math.inf)
+    empty = m == -math.inf  # every real id masked (or a skipped row): no mass here
+    # the sum is read off the fused kernel (an exp costs about as much as a whole log_softmax): at
+    # the argmax log_softmax(x) = -log sum exp(x - m), its largest value. The row's order (block-major
+    # for "sample") changes only the rounding of this sum, never a sample.
+    lsm = _log_softmax(row, out=buf)
     stats_out[:, STAT_MAX] = m
-    stats_out[:, STAT_SUMEXP] = torch.where(empty, 0.0, torch.exp(-buf.amax(-1)))
+    stats_out[:, STAT_SUMEXP] = lsm.amax(-1).neg_().exp_().masked_fill_(empty, 0.0)
     inv = _inv_kappa(spec)
     if spec.estimator == "expected":
         # masked -inf logits would give 0 * -inf in the mean: clamp them (q is 0 there anyway)
-        y = torch.clamp(xf, min=torch.finfo(torch.float32).min, out=buf).mul_(inv)
+        y = torch.clamp(row, min=_F32_MIN, out=buf).mul_(inv)
         q = _softmax(y, out=spare)
-        stats_out[:, STAT_TMASS] = torch.where(empty, 0.0, 1.0 / q.amax(-1))  # q(argmax) = 1 / sum
-        mean = torch.matmul(q.unsqueeze(1), y.unsqueeze(2)).view(-1) * spec.kappa
-        stats_out[:, STAT_TMEAN] = torch.where(empty, 0.0, mean)
-    elif spec.estimator == "sample":
-        # per block of B real ids (docs/sampling.md section 2): bmax_b, and bsum_b, the pairwise-tree
-        # fp32 sum of exp((x - bmax_b) * inv_kappa32). Both depend on the block's values only.
-        b, nb = spec.block, spec.n_blocks
-        if nb * b == n:
-            xp = xf
-            e_t = buf.view(rows, b, nb)
-        else:  # the last real block ends in padding: pad it with -inf
-            xp = torch.full((rows, nb * b), -math.inf, dtype=torch.float32, device=x.device)
-            xp[:, :n] = xf
-            e_t = torch.empty(rows, b, nb, dtype=torch.float32, device=x.device)
-        bmax = _block_max(xp, b)
-        # the exponentials are written block-element-major ([rows, B, n_blocks]): the tree's adds are
-        # then whole contiguous rows (about 4x cheaper on CPU than adding runs of B/2, B/4, ... ids)
-        _tempered_exp(xp.view(rows, nb, b), bmax, inv, out=e_t.permute(0, 2, 1))
-        bsum = _tree_sum(e_t, 1)
-        # block weights in units of exp(m_r / kappa), float64 prefix sums; Z_r is the last one
-        m64 = torch.where(empty, 0.0, m.double())[:, None]
-        w = torch.exp((bmax.double() - m64) / spec.kappa).mul_(bsum.double())
+        stats_out[:, STAT_TMASS] = q.amax(-1).reciprocal_().masked_fill_(empty, 0.0)  # q(argmax) = 1 / sum
+        mean = torch.mul(q, y, out=a).sum(-1, dtype=torch.float64).mul_(spec.kappa)
+        stats_out[:, STAT_TMEAN] = mean.masked_fill_(empty, 0.0)
+    elif sample:
+        # per block of B real ids (docs/sampling.md section 2): bsum_b, the pairwise-tree fp32 sum of
+        # exp((x - bmax_b) * inv_kappa32), in place on the block-element-major copy, so the tree's adds
+        # are whole contiguous rows. Both bmax_b and bsum_b depend on the block's values only.
+        safe = bmax.masked_fill(bmax == -math.inf, 0.0)  # a block with no finite id: exp(-inf) = 0, not NaN
+        at.sub_(safe.unsqueeze(1)).mul_(inv).exp_()
+        width = b
+        while width > 1:
+            width //= 2
+            at.narrow(1, 0, width).add_(at.narrow(1, width, width))
+        bsum = at.select(1, 0)
+        # block weights in units of exp(m_r / kappa), float64 prefix sums; Z_r is the last one. The clamp
+        # stands in for m_r = -inf (then every bmax_b is -inf too and w_b = exp(-inf) * 0 = 0).
+        m64 = m.double().clamp_(min=-torch.finfo(torch.float64).max).unsqueeze(1)
+        w = bmax.double().sub_(m64).div_(spec.kappa).exp_().mul_(bsum).masked_fill_(invalid.unsqueeze(1), 0.0)
         torch.cumsum(w, -1, out=prefix_out)
         stats_out[:, STAT_TMASS] = prefix_out[:, -1]
-
-
-def _count_below(sorted_rows: torch.Tensor, value: torch.Tensor) -> torch.Tensor:
-    """searchsorted(rows, value) (left) for one value per row: the first index reaching it."""
-    return torch.searchsorted(sorted_rows, value.contiguous())
 
 
 def _sample_rows(spec: Spec, device) -> int:
@@ -149,9 +152,11 @@ def _sample_rows(spec: Spec, device) -> int:
     return max(1, target // (spec.k * spec.block))
 
 
-def sample(x, keys, key_mix, label_col, owns_label, ok, total, rank_cum, rank_scale, prefix, spec: Spec, partial_out,
-           cols_out, weights_out, lanes_out=None, scratch=None):
-    """Hierarchical inverse-CDF draw of K samples per row (docs/sampling.md section 4)."""
+def sample(x, keys, key_mix, label_col, owns_label, ok, total, rank_cum, rank_scale, prefix, spec: Spec,
+           partial_out, cols_out, weights_out, lanes_out=None, scratch=None):
+    """Hierarchical inverse-CDF draw of K samples per row (docs/sampling.md section 4). ``key_mix``: the
+    call's stream key, a Python int or a 0-dim int64 tensor on x's device (same draws). Duplicates are
+    left in ``cols_out`` (int32; the gradient accumulates them), so ``lanes_out`` is a copy of it."""
     n_tok, shard = x.shape
     k, b, nb = spec.k, spec.block, spec.n_blocks
     if nb == 0:  # no real id on this rank: it owns no sample
@@ -163,82 +168,89 @@ def sample(x, keys, key_mix, label_col, owns_label, ok, total, rank_cum, rank_sc
         return
     inv = _inv_kappa(spec)
     dev = x.device
-    blocks = x.view(n_tok * (shard // b), b)  # block (row, i) is row row * shard / B + i
-    in_block = torch.arange(b, device=dev)
+    per_row = shard // b
+    blocks = x.view(n_tok * per_row, b)  # block (row, i) is row row * shard / B + i
     ragged = spec.n_real % b != 0
+    in_block = torch.arange(b, device=dev).unsqueeze(1) if ragged else None
     step_rows = _sample_rows(spec, dev)
     for lo in range(0, n_tok, step_rows):
         hi = min(n_tok, lo + step_rows)
         rows = hi - lo
-        okr = ok[lo:hi]
+        okr = ok[lo:hi, None]
         # 1-2. global CDF position and the owning rank, identically on every rank
-        t = token_uniforms_from_key(keys[lo:hi], k, key_mix) * torch.where(okr, total[lo:hi], 0.0)[:, None]
+        t = token_uniforms_from_key(keys[lo:hi], k, key_mix).mul_(torch.where(ok[lo:hi], total[lo:hi], 0.0)[:, None])
         if spec.world == 1:  # one rank owns everything; its reference is the global one (t_r = t)
-            mine = okr[:, None].expand(rows, k)
-            t_r = t
+            mine = okr
         else:
             cum = rank_cum[lo:hi]
-            last_rank = _count_below(cum, cum[:, -1:])  # first rank reaching the total: last with mass
+            last_rank = torch.searchsorted(cum, cum[:, -1:].contiguous())  # first rank reaching the total: last with mass
             owner = torch.minimum(torch.searchsorted(cum, t, right=True), last_rank)
-            mine = (owner == spec.rank) & okr[:, None]
+            mine = (owner == spec.rank).logical_and_(okr)
             # 3. this rank's block, in units of its own reference exp(m_r / kappa)
-            before = cum[:, spec.rank - 1 : spec.rank] if spec.rank > 0 else torch.zeros_like(cum[:, :1])
-            t_r = ((t - before) / rank_scale[lo:hi, None]).clamp_(min=0.0)
+            if spec.rank > 0:
+                t.sub_(cum[:, spec.rank - 1 : spec.rank])
+            t.div_(rank_scale[lo:hi, None]).clamp_(min=0.0)
         pre = prefix[lo:hi]
-        last_blk = _count_below(pre, pre[:, -1:])  # last block with positive weight
-        blk = torch.minimum(torch.searchsorted(pre, t_r, right=True), last_blk).clamp_(max=nb - 1)
+        last_blk = torch.searchsorted(pre, pre[:, -1:].contiguous()).clamp_(max=nb - 1)  # last block with positive weight
+        blk = torch.minimum(torch.searchsorted(pre, t, right=True), last_blk)
         c_hi = pre.gather(1, blk)
         c_lo = torch.where(blk > 0, pre.gather(1, (blk - 1).clamp_(min=0)), 0.0)
         # 4. fraction of the way through the block (float64)
-        frac = ((t_r - c_lo) / (c_hi - c_lo)).clamp_(0.0, 1.0)
+        frac = t.sub_(c_lo).div_(c_hi.sub_(c_lo)).clamp_(0.0, 1.0)
         # 5. recompute that block's tempered masses (fp32), search their float64 prefix sums
-        row_ids = torch.arange(lo, hi, device=dev)[:, None] * (shard // b)
-        xb = blocks.index_select(0, (row_ids + blk).view(-1))  # [M = rows * K, B], input dtype
+        flat_blk = blk + torch.arange(lo * per_row, hi * per_row, per_row, device=dev).unsqueeze(1)
+        xb = blocks.index_select(0, flat_blk.view(-1))  # [M = rows * K, B], input dtype
+        # id-major ([B, M]) in the upcast: the max, the exps, the float64 prefix sums (sequential adds,
+        # as cumsum) and the search are then contiguous vector ops instead of M tiny rows
+        e = torch.empty(b, xb.size(0), dtype=torch.float32, device=dev).copy_(xb.T)
         if ragged:
-            real = (blk.view(-1, 1) * b + in_block) < spec.n_real
-            xb = xb.float().masked_fill_(~real, -math.inf)
-        bmax = _block_max(xb.reshape(1, -1), b).view(-1).float()
-        # exponentials written id-major ([B, M]): the float64 prefix sums and the searches are then
-        # B contiguous vector ops instead of M tiny rows (same values as cumsum: sequential adds)
-        e_t = torch.empty(b, xb.size(0), dtype=torch.float32, device=dev)
-        _tempered_exp(xb, bmax, inv, out=e_t.T)
-        s = torch.empty(b, xb.size(0), dtype=torch.float64, device=dev)
-        s[0] = e_t[0]
+            e.masked_fill_(in_block + blk.view(1, -1) * b >= spec.n_real, -math.inf)
+        bmax = e.amax(0)
+        e.sub_(bmax.masked_fill_(bmax == -math.inf, 0.0)).mul_(inv).exp_()
+        s = e.double()  # sequential float64 prefix sums in place: B vector adds (cumsum over dim 0 is a scalar loop)
+        ids = s.unbind(0)
         for i in range(1, b):
-            torch.add(s[i - 1], e_t[i], out=s[i])
-        target = frac.view(-1) * s[-1]
-        last_pos = (s < s[-1]).sum(0)  # first id reaching the block total: the last with positive mass
-        # searchsorted(s, target, right=True): the count of prefix sums <= target
-        pos = torch.minimum((s <= target).sum(0), last_pos).clamp_(max=b - 1)
-        col = blk * b + pos.view(rows, k)
-        logit = x.view(-1)[(row_ids * b + col).view(-1)].view(rows, k).double()  # xb is overwritten
-        hit = mine & (col == label_col[lo:hi, None]) & owns_label[lo:hi, None]
+            ids[i].add_(ids[i - 1])
+        # searchsorted(s, target, right=True), capped at the first id reaching the block total (the last
+        # with positive mass): the count of prefix sums <= min(target, the float64 below the total)
+        last = s[-1]
+        thr = torch.minimum(frac.view(-1).mul_(last), last * _BELOW_ONE)
+        pos = (s <= thr).view(torch.uint8).sum(0, dtype=torch.uint8).clamp_(max=b - 1).unsqueeze(1)
+        logit = xb.gather(1, pos.long()).view(rows, k).double()
+        col = pos.view(rows, k) + blk * b
+        hit = (col == label_col[lo:hi, None]).logical_and_(mine).logical_and_(owns_label[lo:hi, None])
         reward = torch.where(hit, 1.0, spec.beta)
         partial_out[lo:hi, 0] = hit.sum(-1)
         partial_out[lo:hi, 1] = torch.where(mine, reward * logit, 0.0).sum(-1)
-        cols_out[lo:hi] = torch.where(mine, col, -1)
-        weights_out[lo:hi] = torch.where(mine, -reward / k, 0.0)
-    if lanes_out is not None:  # duplicates are kept in cols_out, so it is the lane list
+        other = ~mine
+        cols_out[lo:hi] = col.masked_fill_(other, -1)
+        weights_out[lo:hi] = reward.div_(-k).masked_fill_(other, 0.0)
+    if lanes_out is not None:
         lanes_out.copy_(cols_out)
 
 
 def grad(x, out, g, coef_pi, coef_q, cols, weights, valid, spec: Spec, scratch, local=None):
-    """Gradient of a chunk of rows (see `core/contract.py`); one rounding to ``out.dtype``."""
+    """Gradient of a chunk of rows (see `core/contract.py`); one rounding to ``out.dtype``.
+
+    Ignored rows are made exactly 0 through their per-row factors (0 where ``valid`` is False) and
+    ``nan_to_num``: a softmax is NaN only on a row whose logits are not all finite, which the loss
+    gives a NaN coefficient (a NaN gradient, as asked) or, ignored, a zero one. Masking the rows
+    themselves (``where``/``masked_fill_`` over [rows, V]) would cost as much as the softmax. ``local``
+    (the forward's statistics) is not used: the fused softmax recomputes them in cache."""
     rows, n = x.size(0), spec.n_real
     if n < x.size(1):
         out[:, n:].zero_()  # padded ids: not part of the softmax
     if n == 0:
         return
-    # ignored rows are exactly 0 even for non-finite logits: zero them in the upcast (free), or after
-    xf, p, spare = scratch.views(x[:, :n], keep_rows=valid)
-    _softmax(xf, out=p).mul_((coef_pi * g)[:, None])  # local softmax x this rank's global share
+    a, p, spare = scratch.take(rows)
+    xf = x[:, :n] if x.dtype == torch.float32 else a.copy_(x[:, :n])  # fp32 input is only read
+    gv = torch.where(valid, g, 0.0)
+    # local softmax x this rank's global share
+    _softmax(xf, out=p).nan_to_num_(0.0).mul_(torch.where(valid, coef_pi * g, 0.0).unsqueeze(1))
     if coef_q is not None:
         tempered = torch.mul(xf, _inv_kappa(spec), out=spare)
-        q = scratch.free_after(xf)  # the upcast copy (or an idle buffer for fp32 input)
-        p.addcmul_(_softmax(tempered, out=q), (coef_q * g)[:, None])
-    # scatter-add of the sparse entries (duplicates accumulate; col -1 = none, weight 0 there)
-    flat = (torch.arange(rows, device=x.device)[:, None] * n + cols.clamp(min=0)).view(-1)
-    p.view(-1).index_add_(0, flat, (weights * g[:, None]).view(-1))
-    if xf.dtype == x.dtype:  # fp32 input was not copied: zero the ignored rows here
-        p.masked_fill_(~valid[:, None], 0.0)
-    out[:, :n].copy_(p)  # the one rounding to the input dtype
+        q = _softmax(tempered, out=a).nan_to_num_(0.0)  # a: the upcast copy, read already (or idle)
+        p.addcmul_(q, torch.where(valid, coef_q * g, 0.0).unsqueeze(1))
+    # the sparse entries (col -1 = none, weight 0 there), duplicates accumulate in lane order
+    p.scatter_add_(1, cols.clamp(min=0).long(), weights * gv.unsqueeze(1))
+    out[:, :n].copy_(p)  # the one rounding to the output dtype
