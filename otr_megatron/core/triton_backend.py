@@ -31,6 +31,7 @@ from __future__ import annotations
 
 import math
 import os
+import struct
 
 import torch
 import triton
@@ -96,33 +97,51 @@ def _max_nan(a, b):
 def _sample_tile(xrow, offs, shard, n_real, m_t, s_t, nanf, INV_KAPPA: tl.constexpr, P: tl.constexpr,
                  NB: tl.constexpr, PV: tl.constexpr, LOGP: tl.constexpr, LOGPV: tl.constexpr,
                  RAGGED: tl.constexpr, PRECISE: tl.constexpr, INTERP: tl.constexpr):
-    """One tile of the "sample" statistics: NB blocks of B = P * PV ids, one block per thread. Returns
-    the updated running slots and the tile's block (bmax, bsum) (docs/sampling.md section 2)."""
+    """One tile of the "sample" statistics: NB blocks of B = P * PV ids, one block per thread. `offs`
+    [NB, PV] are the first piece's ids; the block's P pieces of PV ids are separate loads with the
+    same layout, so a block stays in its thread (no shuffle, barrier or shared memory) and the first
+    tree levels are plain adds of whole pieces. Returns the updated running slots and the tile's block
+    (bmax, bsum) (docs/sampling.md section 2)."""
     LOG2E: tl.constexpr = 1.4426950408889634
-    x = tl.load(xrow + offs, mask=offs < shard, other=float("-inf")).to(tl.float32)
-    if RAGGED:
-        x = tl.where(offs < n_real, x, float("-inf"))
+    xs = ()
+    for p in tl.static_range(P):
+        o = offs + p * PV
+        xp = tl.load(xrow + o, mask=o < shard, other=float("-inf")).to(tl.float32)
+        if RAGGED:
+            xp = tl.where(o < n_real, xp, float("-inf"))
+        xs = xs + (xp,)
+    pm = xs[0]
+    for p in tl.static_range(1, P):
+        pm = tl.maximum(pm, xs[p], propagate_nan=tl.PropagateNan.ALL)
     if INTERP:
-        nanf = tl.maximum(nanf, tl.max(tl.max((x != x).to(tl.int32), axis=2), axis=0))
-        bmax = tl.max(tl.max(x, axis=2), axis=0)
+        nanf = tl.maximum(nanf, tl.max((pm != pm).to(tl.int32), axis=1))
+        bmax = tl.max(pm, axis=1)
     else:
-        bmax = tl.reduce(tl.reduce(x, 2, _max_nan), 0, _max_nan)
+        bmax = tl.reduce(pm, 1, _max_nan)
     m_new = _max_nan(m_t, bmax)
     safe = tl.where(m_new == float("-inf"), 0.0, m_new)
     alpha = tl.math.exp2((m_t - safe) * LOG2E)
-    p = tl.math.exp2(x * LOG2E - (safe * LOG2E)[None, :, None])
-    s_t = s_t * alpha + tl.sum(tl.sum(p, axis=2), axis=0)
+    sl = (safe * LOG2E)[:, None]
+    pe = tl.math.exp2(xs[0] * LOG2E - sl)
+    for p in tl.static_range(1, P):
+        pe += tl.math.exp2(xs[p] * LOG2E - sl)
+    s_t = s_t * alpha + tl.sum(pe, axis=1)
     # per block: bmax (fp32) and bsum = the pairwise-tree fp32 sum of exp((x - bmax) * INV_KAPPA)
     # (docs/sampling.md section 2), all in this thread's registers
-    bsafe = tl.where(bmax == float("-inf"), 0.0, bmax)[None, :, None]
-    if PRECISE:  # libdevice's expf: the function torch's CUDA exp calls (bit-equal block sums)
-        e = libdevice.exp((x - bsafe) * INV_KAPPA)
-    else:
-        e = tl.exp((x - bsafe) * INV_KAPPA)
+    bsafe = tl.where(bmax == float("-inf"), 0.0, bmax)[:, None]
+    es = ()
+    for p in tl.static_range(P):
+        if PRECISE:  # libdevice's expf: the function torch's CUDA exp calls (bit-equal block sums)
+            es = es + (libdevice.exp((xs[p] - bsafe) * INV_KAPPA),)
+        else:
+            es = es + (tl.exp((xs[p] - bsafe) * INV_KAPPA),)
     for lvl in tl.static_range(LOGP):  # e[i] + e[i + B/2], ... down to one piece
-        e = tl.sum(tl.reshape(e, (2, P >> (lvl + 1), NB, PV)), axis=0)
-    e = tl.reshape(e, (NB, PV))
-    for lvl in tl.static_range(LOGPV):  # then within the piece
+        nx = ()
+        for i in tl.static_range(P >> (lvl + 1)):
+            nx = nx + (es[i] + es[i + (P >> (lvl + 1))],)
+        es = nx
+    e = es[0]
+    for lvl in tl.static_range(LOGPV):  # then within the piece (in-thread registers)
         e = tl.sum(tl.reshape(e, (NB, 2, PV >> (lvl + 1))), axis=1)
     bsum = tl.reshape(e, (NB,))
     return m_new, s_t, nanf, bmax, bsum
@@ -174,8 +193,7 @@ def _stats_kernel(X, stride_x, LABEL_COL, OWNS, VALID, STATS, stride_s, PREFIX, 
     if SAMPLE:
         NS: tl.constexpr = NB
         TILE: tl.constexpr = NB * B
-        rel = (tl.arange(0, NB)[None, :, None] * B + tl.arange(0, P)[:, None, None] * PV
-               + tl.arange(0, PV)[None, None, :])  # [P, NB, PV]: block nb = its P pieces of PV ids
+        rel = tl.arange(0, NB)[:, None] * B + tl.arange(0, PV)[None, :]  # [NB, PV]: each block's first piece
     else:
         NS: tl.constexpr = NR
         TILE: tl.constexpr = NR * VEC
@@ -193,7 +211,7 @@ def _stats_kernel(X, stride_x, LABEL_COL, OWNS, VALID, STATS, stride_s, PREFIX, 
         # previous tile, as a loop would: unrolled, ptxas hoists every tile's loads (255 registers)
         dep = tl.zeros([NB], dtype=tl.int32)
         for it in tl.static_range(NT):
-            m_t, s_t, nanf, bmax, bsum = _sample_tile(xrow + dep[None, :, None], it * TILE + rel, lim, n_real, m_t,
+            m_t, s_t, nanf, bmax, bsum = _sample_tile(xrow + dep[:, None], it * TILE + rel, lim, n_real, m_t,
                                                       s_t, nanf, INV_KAPPA, P, NB, PV, LOGP, LOGPV, RAGGED, PRECISE,
                                                       INTERP)
             dep = (bsum < 0.0).to(tl.int32) * 16
@@ -600,7 +618,7 @@ def grad_params(spec: Spec, elem_bytes: int, s: int, interpret: bool = INTERPRET
 
 def _inv_kappa(spec: Spec) -> float:
     """float32(1 / kappa), as the torch backend."""
-    return float(torch.tensor(1.0 / spec.kappa, dtype=torch.float32))
+    return struct.unpack("<f", struct.pack("<f", 1.0 / spec.kappa))[0]
 
 
 def _vec(t: torch.Tensor) -> torch.Tensor:
