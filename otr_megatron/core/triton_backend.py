@@ -352,7 +352,12 @@ def _sample_kernel(X, stride_x, KEYS, LABEL_COL, OWNS, OK, TOTAL, CUM, stride_cu
     srt = tl.sort(tl.where(mine, (ub << LB) | j.to(tl.uint64), 0xFFFFFFFFFFFFFFFF))  # owned lanes first
     z_last = tl.load(prow + n_blocks - 1, mask=n_own > 0, other=0.0)
     ib = tl.arange(0, B)
-    cs_all = tl.full([KP], -1, tl.int32)  # column of each sorted position
+    # column of each sorted position, as [KP // KC, KC]: chunk q of the sorted lanes is row q (a
+    # chunk is selected and written back by row index, no gather: tl.gather's local array spills)
+    cs_all = tl.full([KP // KC, KC], -1, tl.int32)
+    rq = tl.arange(0, KP // KC)[:, None]
+    if KC < KP:
+        srt2 = tl.reshape(srt, (KP // KC, KC))
     hits = tl.full([], 0.0, tl.float64)
     wsum = tl.full([], 0.0, tl.float64)
     for c0 in range(0, n_own, KC):
@@ -360,8 +365,8 @@ def _sample_kernel(X, stride_x, KEYS, LABEL_COL, OWNS, OK, TOTAL, CUM, stride_cu
         live = q < n_own
         if KC == KP:
             kq = srt
-        else:
-            kq = tl.gather(srt, tl.minimum(q, KP - 1), 0)
+        else:  # sorted ascending: srt[c0 + i] is row c0 // KC of srt2
+            kq = tl.max(tl.where(rq == c0 // KC, srt2, 0), axis=0)
         tq = (kq >> LB).to(tl.float64) * 1.1102230246251565e-16 * total
         # 3. block: min(#{C_b <= t_r}, #{C_b < C_last}) by one branchless binary search; the last
         # accepted and rejected prefix values are the block's bounds (no second gather)
@@ -407,14 +412,10 @@ def _sample_kernel(X, stride_x, KEYS, LABEL_COL, OWNS, OK, TOTAL, CUM, stride_cu
         wsum += tl.sum(tl.where(live, reward * logit, 0.0), axis=0)
         if HAS_LANES:  # every draw in lane order, duplicates kept (return_stats)
             tl.store(LANES + row * stride_l + (kq & LMASK).to(tl.int32), col, mask=live)
-        if KC == KP:
-            cs_all = tl.where(live, col, -1)
-        else:
-            pa = tl.arange(0, KP)
-            here = (pa >= c0) & (pa < c0 + KC)
-            cs_all = tl.where(here, tl.gather(col, tl.minimum(tl.maximum(pa - c0, 0), KC - 1), 0), cs_all)
+        cs_all = tl.where(rq == c0 // KC, tl.where(live, col, -1)[None, :], cs_all)
     # merge duplicates: a run of equal columns ends where the next sorted column differs; its
     # weight (sum of its lanes' -R/K) goes to its lowest lane, the other lanes keep -1 / 0
+    cs_all = tl.reshape(cs_all, (KP,))
     pa = tl.arange(0, KP)
     alive = pa < n_own
     ln_all = (srt & LMASK).to(tl.int32)
@@ -595,16 +596,19 @@ MAX_K = 2048  # the sampler packs 53 random bits and the lane index into one 64-
 
 
 def sample_params(spec: Spec, interpret: bool = INTERPRET) -> dict:
-    """Compile-time parameters of the sampler: KP >= K lanes at once; the owned lanes are processed
-    KC at a time (all K at tp=1; at tp > 1 about twice the expected share, KC * B <= 4096 keeping
-    the [KC, B] block tiles in registers)."""
+    """Compile-time parameters of the sampler: KP >= K lanes at once (uniforms, owners, sort, merge);
+    the owned lanes, sorted first, go through the heavy part (block search and recompute) KC at a
+    time, so a rank's work there grows with the samples it owns: all K at tp=1, else about twice the
+    expected share K / tp (at least 16), with KC * B <= 4096 keeping the [KC, B] block tiles in
+    registers. Same rule in the interpreter, so the CPU tests run the chunked path. A chunked
+    sampler runs on fewer warps (16 block ids per thread), so a row's total work shrinks too: at tp=8,
+    K=256, B=16, 2 warps x 3080 SASS instead of 8 x 1936 (sm_90, static counts)."""
     kp = max(2, triton.next_power_of_2(spec.k))
-    # KC < KP (owned lanes KC at a time, gathered from the sorted keys) spills 8 bytes at tp=8, K=256
-    # in ptxas (the gather's local array): all lanes in one pass unless the [KP, B] tile is too big;
-    # a row with no owned lane still skips the heavy part (the loop runs zero times)
-    kc = kp if interpret else min(kp, max(16, 4096 // spec.block))
+    share = kp if spec.world == 1 else max(16, triton.next_power_of_2(-(-2 * spec.k // spec.world)))
+    kc = min(kp, share, max(16, 4096 // spec.block))
     return dict(RANK=spec.rank, TP=spec.world, B=spec.block, KP=kp, KC=kc, LB=max(1, (kp - 1).bit_length()),
-                NSTEP=spec.n_blocks.bit_length(), RAGGED=_ragged(spec), PRECISE=not interpret, num_warps=8)
+                NSTEP=spec.n_blocks.bit_length(), RAGGED=_ragged(spec), PRECISE=not interpret,
+                num_warps=8 if kc == kp else max(2, min(8, kc * spec.block // 512)))
 
 
 def grad_params(spec: Spec, elem_bytes: int, s: int, interpret: bool = INTERPRET) -> dict:

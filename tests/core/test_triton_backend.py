@@ -365,6 +365,27 @@ def test_tensor_parallel_layouts_match_torch_backend_and_tp1(tp, closed_form):
     assert_close_nan(got, simulate_tp(tb, x, y, closed_form, tp)[0], 1e-6, f"{closed_form} loss at tp={tp}")
 
 
+def test_sampler_chunks_the_owned_lanes_when_one_rank_owns_most_samples():
+    """At tp > 1 the sampler's heavy part runs KC < K owned lanes at a time: rows whose mass sits on
+    one rank (a dominant id on rank 0, another on rank 3) make that rank own most of the K lanes,
+    i.e. several chunks; samples, hits and losses still equal the torch backend and TP=1."""
+    tp, k = 4, 256
+    spec = spec_for("sample", k=k, rank=0, world=tp, shard=V_PAD // tp)
+    assert trb.sample_params(spec)["KC"] < k, "the test must run several chunks"
+    x, y = make_logits(n=6, seed=9, special=False)
+    x[0, 3] = 12.0  # rank 0 holds about all of the mass
+    x[1, 3 * (V_PAD // tp) + 5] = 12.0  # rank 3
+    x[2, 40] = 6.0  # rank 0, a large share
+    loss, samples, hits = simulate_tp(trb, x, y, "sample", tp, k=k)
+    ref_loss, ref_samples_, ref_hits = simulate_tp(tb, x, y, "sample", tp, k=k)
+    assert torch.equal(samples, ref_samples_) and torch.equal(hits, ref_hits)
+    assert_close_nan(loss, ref_loss, 1e-6, "sample loss")
+    one_loss, one_samples, _ = simulate_tp(trb, x, y, "sample", 1, k=k)
+    assert torch.equal(samples, one_samples), "the draw depends on the TP layout"
+    owned0 = ((samples[0] >= 0) & (samples[0] < V_PAD // tp)).sum()
+    assert int(owned0) > trb.sample_params(spec)["KC"], "rank 0 owns several chunks of row 0"
+
+
 # --------------------------------------------------------------------------------------------
 # kernel 3: the gradient
 # --------------------------------------------------------------------------------------------
