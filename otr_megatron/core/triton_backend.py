@@ -4,15 +4,19 @@ Same entry points, shapes, units and arithmetic as the reference `core/torch_bac
 (contract: `core/contract.py`; sampling: docs/sampling.md), in three kernels whose grid is one
 program per row (token):
 
-- `local_stats`: one read of the row. Online max (with an explicit NaN flag: `tl.max` drops NaN,
-  `torch.max` does not), sum exp(x - m), for "expected" the tempered sum and mean, the label logit;
-  for "sample" the per-block (bmax, bsum) pairs, parked bit-packed in the float64 prefix buffer
+- `local_stats`: one read of the row; every thread streams its own slots with its own running max
+  and sums (no cross-thread work in the loop). Online max (with an explicit NaN flag: `tl.max` drops
+  NaN, `torch.max` does not), sum exp(x - m), for "expected" the tempered sum and mean, the label
+  logit; for "sample" one block of B ids per thread (its P pieces of 16 bytes loaded separately with
+  one layout, so the block tree is plain register adds) and the per-block (bmax, bsum) pairs, parked bit-packed in the float64 prefix buffer
   until the row max is known (or, opt-in via NT_MAX, kept in registers over unrolled tiles), then an
   epilogue turns them into the float64 block weights and prefix sums in place (no extra memory).
   The prefix row of an ignored row is not written.
 - `sample`: K lanes per row. SplitMix64 uniforms computed in the kernel (bit-exact with
-  `core/random.py`), owner rank by compare, block by binary search over the prefix sums, then
-  the one block of B ids recomputed and searched (docs/sampling.md section 4, step 5's rescale).
+  `core/random.py`), owner rank by compare, the owned lanes sorted first; then, KC owned lanes at a
+  time (KC ~ 2K/tp: a rank's work grows with the samples it owns), block by binary search over the
+  prefix sums and the one block of B ids recomputed and searched (docs/sampling.md section 4, step
+  5's rescale); duplicates merged by one segmented scan over the sorted lanes.
 - `grad`: dense g * (coef_pi * softmax(x) [+ coef_q * softmax(x / kappa)]) written once, then,
   after a CTA barrier, the sparse entries of the row rewritten with their duplicates merged in
   registers (no atomics); the logits at those columns are read before the dense pass, so it
@@ -561,10 +565,11 @@ def _ragged(spec: Spec) -> bool:
 
 # "sample" rows of at most NT_MAX tiles can keep their block (bmax, bsum) pairs in registers over
 # unrolled tiles (no round trip through memory: 2.5 instead of 3.5 B/elem in the statistics kernel),
-# otherwise they are parked in the prefix buffer. Off by default: on sm_90 SASS (CPU proxies) the
-# unrolled path issues ~39 instead of ~32 instructions per element (loop + epilogue: one float64 scan
-# per tile) and needs 84-101 instead of 62 registers at B=16 (16 instead of 24 warps per SM), and
-# this kernel is instruction-bound; the GPU launch sweep should decide (e.g. NT_MAX = 8).
+# otherwise they are parked in the prefix buffer. Off by default: on sm_90 SASS (CPU proxies, bf16,
+# B=16, V/tp=32768) the unrolled path issues 33.4 instead of 30.4 instructions per element over the
+# whole kernel (one float64 scan per tile instead of per 1024 blocks), at 64 instead of 61 registers;
+# the round trip it saves is mostly L2 traffic (the prefix row is rewritten while it is likely still
+# cached) and this kernel is instruction-bound, so the GPU launch sweep should decide (e.g. NT_MAX = 8).
 NT_MAX = 0
 
 

@@ -213,6 +213,52 @@ def test_sample_stats_pairs_in_registers_or_parked_agree(monkeypatch, ragged):
     assert_close_nan(kept[0][valid], ref[valid], 1e-6, "statistics")
 
 
+def _exp32(t):
+    """The float32 exp the kernels use: numpy's in the interpreter, libdevice's (torch's CUDA exp) on a GPU."""
+    if trb.INTERPRET:
+        import numpy as np
+        return torch.from_numpy(np.exp(t.cpu().numpy()))
+    return torch.exp(t)
+
+
+@pytest.mark.parametrize("dtype,vocab", [(torch.bfloat16, VOCAB), (torch.float32, VOCAB), (torch.bfloat16, 997)])
+def test_sample_block_sums_are_the_pairwise_tree_bit_for_bit(dtype, vocab):
+    """Blocks of B = 32 ids (K = 1): several 16-byte pieces per block (bf16: 4 of 8 ids, fp32: 8 of 4),
+    so the tree's piece levels and in-thread levels both run. The prefix sums equal, bit for bit, an
+    independent computation of docs/sampling.md sections 2-3 with the kernels' own float32 exp:
+    e[i] + e[i + B/2], ... down to one value, then float64 weights and a sequential cumsum."""
+    x, y = make_logits(vocab=vocab, dtype=dtype, seed=12, special=False)
+    x[3, 64:80] = -math.inf  # half a block masked
+    x[5, 96:128] = -math.inf  # a whole block masked
+    spec = spec_for("sample", vocab=vocab, k=1)
+    params = trb.stats_params(spec, x.element_size())
+    assert spec.block == 32 and params["P"] > 1 and params["PV"] > 1, params
+    _, got = stats_of(trb, x, y, spec)
+    n, bsz, nb = x.size(0), spec.block, spec.n_blocks
+    xb = torch.full((n, nb * bsz), -math.inf, dtype=torch.float32, device=x.device)
+    xb[:, : spec.n_real] = x[:, : spec.n_real].float()
+    xb = xb.view(n, nb, bsz)
+    bmax = xb.amax(-1)
+    bsafe = torch.where(bmax == -math.inf, 0.0, bmax)
+    e = _exp32((xb - bsafe[..., None]) * trb._inv_kappa(spec)).to(x.device)
+    width = bsz
+    while width > 1:
+        width //= 2
+        e = e[..., :width] + e[..., width: 2 * width]
+    m = bmax.amax(-1, keepdim=True).double()
+    m = torch.where(m == -math.inf, 0.0, m)
+    w = torch.exp((bmax.double() - m) / KAPPA) * e[..., 0].double()
+    if trb.INTERPRET:
+        import numpy as np
+        w = torch.from_numpy(np.exp(((bmax.double() - m) / KAPPA).cpu().numpy())) * e[..., 0].double().cpu()
+    want = torch.cumsum(w.cpu(), dim=1)
+    valid = (y != -100).cpu()
+    if trb.INTERPRET:  # a sequential scan, as numpy's cumsum
+        assert torch.equal(got.cpu()[valid], want[valid]), "block prefix sums differ from the pairwise tree"
+    else:  # the GPU scan is parallel: float64 rounding only
+        torch.testing.assert_close(got.cpu()[valid], want[valid], rtol=1e-13, atol=0)
+
+
 @pytest.mark.parametrize("estimator", ["sft", "expected", "sample"])
 def test_local_stats_ragged_vocabulary(estimator):
     """A real vocabulary that is not a multiple of 16 on a 16-aligned shard (e.g. 50257): the loads are
