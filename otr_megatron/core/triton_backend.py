@@ -4,15 +4,19 @@ Same entry points, shapes, units and arithmetic as the reference `core/torch_bac
 (contract: `core/contract.py`; sampling: docs/sampling.md), in three kernels whose grid is one
 program per row (token):
 
-- `local_stats`: one read of the row. Online max (with an explicit NaN flag: `tl.max` drops NaN,
-  `torch.max` does not), sum exp(x - m), for "expected" the tempered sum and mean, the label logit;
-  for "sample" the per-block (bmax, bsum) pairs, parked bit-packed in the float64 prefix buffer
+- `local_stats`: one read of the row; every thread streams its own slots with its own running max
+  and sums (no cross-thread work in the loop). Online max (with an explicit NaN flag: `tl.max` drops
+  NaN, `torch.max` does not), sum exp(x - m), for "expected" the tempered sum and mean, the label
+  logit; for "sample" one block of B ids per thread (its P pieces of 16 bytes loaded separately with
+  one layout, so the block tree is plain register adds) and the per-block (bmax, bsum) pairs, parked bit-packed in the float64 prefix buffer
   until the row max is known (or, opt-in via NT_MAX, kept in registers over unrolled tiles), then an
   epilogue turns them into the float64 block weights and prefix sums in place (no extra memory).
   The prefix row of an ignored row is not written.
 - `sample`: K lanes per row. SplitMix64 uniforms computed in the kernel (bit-exact with
-  `core/random.py`), owner rank by compare, block by binary search over the prefix sums, then
-  the one block of B ids recomputed and searched (docs/sampling.md section 4, step 5's rescale).
+  `core/random.py`), owner rank by compare, the owned lanes sorted first; then, KC owned lanes at a
+  time (KC ~ 2K/tp: a rank's work grows with the samples it owns), block by binary search over the
+  prefix sums and the one block of B ids recomputed and searched (docs/sampling.md section 4, step
+  5's rescale); duplicates merged by one segmented scan over the sorted lanes.
 - `grad`: dense g * (coef_pi * softmax(x) [+ coef_q * softmax(x / kappa)]) written once, then,
   after a CTA barrier, the sparse entries of the row rewritten with their duplicates merged in
   registers (no atomics); the logits at those columns are read before the dense pass, so it
@@ -97,33 +101,51 @@ def _max_nan(a, b):
 def _sample_tile(xrow, offs, shard, n_real, m_t, s_t, nanf, INV_KAPPA: tl.constexpr, P: tl.constexpr,
                  NB: tl.constexpr, PV: tl.constexpr, LOGP: tl.constexpr, LOGPV: tl.constexpr,
                  RAGGED: tl.constexpr, PRECISE: tl.constexpr, INTERP: tl.constexpr):
-    """One tile of the "sample" statistics: NB blocks of B = P * PV ids, one block per thread. Returns
-    the updated running slots and the tile's block (bmax, bsum) (docs/sampling.md section 2)."""
+    """One tile of the "sample" statistics: NB blocks of B = P * PV ids, one block per thread. `offs`
+    [NB, PV] are the first piece's ids; the block's P pieces of PV ids are separate loads with the
+    same layout, so a block stays in its thread (no shuffle, barrier or shared memory) and the first
+    tree levels are plain adds of whole pieces. Returns the updated running slots and the tile's block
+    (bmax, bsum) (docs/sampling.md section 2)."""
     LOG2E: tl.constexpr = 1.4426950408889634
-    x = tl.load(xrow + offs, mask=offs < shard, other=float("-inf")).to(tl.float32)
-    if RAGGED:
-        x = tl.where(offs < n_real, x, float("-inf"))
+    xs = ()
+    for p in tl.static_range(P):
+        o = offs + p * PV
+        xp = tl.load(xrow + o, mask=o < shard, other=float("-inf")).to(tl.float32)
+        if RAGGED:
+            xp = tl.where(o < n_real, xp, float("-inf"))
+        xs = xs + (xp,)
+    pm = xs[0]
+    for p in tl.static_range(1, P):
+        pm = tl.maximum(pm, xs[p], propagate_nan=tl.PropagateNan.ALL)
     if INTERP:
-        nanf = tl.maximum(nanf, tl.max(tl.max((x != x).to(tl.int32), axis=2), axis=0))
-        bmax = tl.max(tl.max(x, axis=2), axis=0)
+        nanf = tl.maximum(nanf, tl.max((pm != pm).to(tl.int32), axis=1))
+        bmax = tl.max(pm, axis=1)
     else:
-        bmax = tl.reduce(tl.reduce(x, 2, _max_nan), 0, _max_nan)
+        bmax = tl.reduce(pm, 1, _max_nan)
     m_new = _max_nan(m_t, bmax)
     safe = tl.where(m_new == float("-inf"), 0.0, m_new)
     alpha = tl.math.exp2((m_t - safe) * LOG2E)
-    p = tl.math.exp2(x * LOG2E - (safe * LOG2E)[None, :, None])
-    s_t = s_t * alpha + tl.sum(tl.sum(p, axis=2), axis=0)
+    sl = (safe * LOG2E)[:, None]
+    pe = tl.math.exp2(xs[0] * LOG2E - sl)
+    for p in tl.static_range(1, P):
+        pe += tl.math.exp2(xs[p] * LOG2E - sl)
+    s_t = s_t * alpha + tl.sum(pe, axis=1)
     # per block: bmax (fp32) and bsum = the pairwise-tree fp32 sum of exp((x - bmax) * INV_KAPPA)
     # (docs/sampling.md section 2), all in this thread's registers
-    bsafe = tl.where(bmax == float("-inf"), 0.0, bmax)[None, :, None]
-    if PRECISE:  # libdevice's expf: the function torch's CUDA exp calls (bit-equal block sums)
-        e = libdevice.exp((x - bsafe) * INV_KAPPA)
-    else:
-        e = tl.exp((x - bsafe) * INV_KAPPA)
+    bsafe = tl.where(bmax == float("-inf"), 0.0, bmax)[:, None]
+    es = ()
+    for p in tl.static_range(P):
+        if PRECISE:  # libdevice's expf: the function torch's CUDA exp calls (bit-equal block sums)
+            es = es + (libdevice.exp((xs[p] - bsafe) * INV_KAPPA),)
+        else:
+            es = es + (tl.exp((xs[p] - bsafe) * INV_KAPPA),)
     for lvl in tl.static_range(LOGP):  # e[i] + e[i + B/2], ... down to one piece
-        e = tl.sum(tl.reshape(e, (2, P >> (lvl + 1), NB, PV)), axis=0)
-    e = tl.reshape(e, (NB, PV))
-    for lvl in tl.static_range(LOGPV):  # then within the piece
+        nx = ()
+        for i in tl.static_range(P >> (lvl + 1)):
+            nx = nx + (es[i] + es[i + (P >> (lvl + 1))],)
+        es = nx
+    e = es[0]
+    for lvl in tl.static_range(LOGPV):  # then within the piece (in-thread registers)
         e = tl.sum(tl.reshape(e, (NB, 2, PV >> (lvl + 1))), axis=1)
     bsum = tl.reshape(e, (NB,))
     return m_new, s_t, nanf, bmax, bsum
@@ -175,8 +197,7 @@ def _stats_kernel(X, stride_x, LABEL_COL, OWNS, VALID, STATS, stride_s, PREFIX, 
     if SAMPLE:
         NS: tl.constexpr = NB
         TILE: tl.constexpr = NB * B
-        rel = (tl.arange(0, NB)[None, :, None] * B + tl.arange(0, P)[:, None, None] * PV
-               + tl.arange(0, PV)[None, None, :])  # [P, NB, PV]: block nb = its P pieces of PV ids
+        rel = tl.arange(0, NB)[:, None] * B + tl.arange(0, PV)[None, :]  # [NB, PV]: each block's first piece
     else:
         NS: tl.constexpr = NR
         TILE: tl.constexpr = NR * VEC
@@ -194,7 +215,7 @@ def _stats_kernel(X, stride_x, LABEL_COL, OWNS, VALID, STATS, stride_s, PREFIX, 
         # previous tile, as a loop would: unrolled, ptxas hoists every tile's loads (255 registers)
         dep = tl.zeros([NB], dtype=tl.int32)
         for it in tl.static_range(NT):
-            m_t, s_t, nanf, bmax, bsum = _sample_tile(xrow + dep[None, :, None], it * TILE + rel, lim, n_real, m_t,
+            m_t, s_t, nanf, bmax, bsum = _sample_tile(xrow + dep[:, None], it * TILE + rel, lim, n_real, m_t,
                                                       s_t, nanf, INV_KAPPA, P, NB, PV, LOGP, LOGPV, RAGGED, PRECISE,
                                                       INTERP)
             dep = (bsum < 0.0).to(tl.int32) * 16
@@ -335,7 +356,12 @@ def _sample_kernel(X, stride_x, KEYS, LABEL_COL, OWNS, OK, TOTAL, CUM, stride_cu
     srt = tl.sort(tl.where(mine, (ub << LB) | j.to(tl.uint64), 0xFFFFFFFFFFFFFFFF))  # owned lanes first
     z_last = tl.load(prow + n_blocks - 1, mask=n_own > 0, other=0.0)
     ib = tl.arange(0, B)
-    cs_all = tl.full([KP], -1, tl.int32)  # column of each sorted position
+    # column of each sorted position, as [KP // KC, KC]: chunk q of the sorted lanes is row q (a
+    # chunk is selected and written back by row index, no gather: tl.gather's local array spills)
+    cs_all = tl.full([KP // KC, KC], -1, tl.int32)
+    rq = tl.arange(0, KP // KC)[:, None]
+    if KC < KP:
+        srt2 = tl.reshape(srt, (KP // KC, KC))
     hits = tl.full([], 0.0, tl.float64)
     wsum = tl.full([], 0.0, tl.float64)
     for c0 in range(0, n_own, KC):
@@ -343,8 +369,8 @@ def _sample_kernel(X, stride_x, KEYS, LABEL_COL, OWNS, OK, TOTAL, CUM, stride_cu
         live = q < n_own
         if KC == KP:
             kq = srt
-        else:
-            kq = tl.gather(srt, tl.minimum(q, KP - 1), 0)
+        else:  # sorted ascending: srt[c0 + i] is row c0 // KC of srt2
+            kq = tl.max(tl.where(rq == c0 // KC, srt2, 0), axis=0)
         tq = (kq >> LB).to(tl.float64) * 1.1102230246251565e-16 * total
         # 3. block: min(#{C_b <= t_r}, #{C_b < C_last}) by one branchless binary search; the last
         # accepted and rejected prefix values are the block's bounds (no second gather)
@@ -390,14 +416,10 @@ def _sample_kernel(X, stride_x, KEYS, LABEL_COL, OWNS, OK, TOTAL, CUM, stride_cu
         wsum += tl.sum(tl.where(live, reward * logit, 0.0), axis=0)
         if HAS_LANES:  # every draw in lane order, duplicates kept (return_stats)
             tl.store(LANES + row * stride_l + (kq & LMASK).to(tl.int32), col, mask=live)
-        if KC == KP:
-            cs_all = tl.where(live, col, -1)
-        else:
-            pa = tl.arange(0, KP)
-            here = (pa >= c0) & (pa < c0 + KC)
-            cs_all = tl.where(here, tl.gather(col, tl.minimum(tl.maximum(pa - c0, 0), KC - 1), 0), cs_all)
+        cs_all = tl.where(rq == c0 // KC, tl.where(live, col, -1)[None, :], cs_all)
     # merge duplicates: a run of equal columns ends where the next sorted column differs; its
     # weight (sum of its lanes' -R/K) goes to its lowest lane, the other lanes keep -1 / 0
+    cs_all = tl.reshape(cs_all, (KP,))
     pa = tl.arange(0, KP)
     alive = pa < n_own
     ln_all = (srt & LMASK).to(tl.int32)
@@ -543,10 +565,11 @@ def _ragged(spec: Spec) -> bool:
 
 # "sample" rows of at most NT_MAX tiles can keep their block (bmax, bsum) pairs in registers over
 # unrolled tiles (no round trip through memory: 2.5 instead of 3.5 B/elem in the statistics kernel),
-# otherwise they are parked in the prefix buffer. Off by default: on sm_90 SASS (CPU proxies) the
-# unrolled path issues ~39 instead of ~32 instructions per element (loop + epilogue: one float64 scan
-# per tile) and needs 84-101 instead of 62 registers at B=16 (16 instead of 24 warps per SM), and
-# this kernel is instruction-bound; the GPU launch sweep should decide (e.g. NT_MAX = 8).
+# otherwise they are parked in the prefix buffer. Off by default: on sm_90 SASS (CPU proxies, bf16,
+# B=16, V/tp=32768) the unrolled path issues 33.4 instead of 30.4 instructions per element over the
+# whole kernel (one float64 scan per tile instead of per 1024 blocks), at 64 instead of 61 registers;
+# the round trip it saves is mostly L2 traffic (the prefix row is rewritten while it is likely still
+# cached) and this kernel is instruction-bound, so the GPU launch sweep should decide (e.g. NT_MAX = 8).
 NT_MAX = 0
 
 
@@ -578,16 +601,19 @@ MAX_K = 2048  # the sampler packs 53 random bits and the lane index into one 64-
 
 
 def sample_params(spec: Spec, interpret: bool = INTERPRET) -> dict:
-    """Compile-time parameters of the sampler: KP >= K lanes at once; the owned lanes are processed
-    KC at a time (all K at tp=1; at tp > 1 about twice the expected share, KC * B <= 4096 keeping
-    the [KC, B] block tiles in registers)."""
+    """Compile-time parameters of the sampler: KP >= K lanes at once (uniforms, owners, sort, merge);
+    the owned lanes, sorted first, go through the heavy part (block search and recompute) KC at a
+    time, so a rank's work there grows with the samples it owns: all K at tp=1, else about twice the
+    expected share K / tp (at least 16), with KC * B <= 4096 keeping the [KC, B] block tiles in
+    registers. Same rule in the interpreter, so the CPU tests run the chunked path. A chunked
+    sampler runs on fewer warps (16 block ids per thread), so a row's total work shrinks too: at tp=8,
+    K=256, B=16, 2 warps x 3080 SASS instead of 8 x 1936 (sm_90, static counts)."""
     kp = max(2, triton.next_power_of_2(spec.k))
-    # KC < KP (owned lanes KC at a time, gathered from the sorted keys) spills 8 bytes at tp=8, K=256
-    # in ptxas (the gather's local array): all lanes in one pass unless the [KP, B] tile is too big;
-    # a row with no owned lane still skips the heavy part (the loop runs zero times)
-    kc = kp if interpret else min(kp, max(16, 4096 // spec.block))
+    share = kp if spec.world == 1 else max(16, triton.next_power_of_2(-(-2 * spec.k // spec.world)))
+    kc = min(kp, share, max(16, 4096 // spec.block))
     return dict(RANK=spec.rank, TP=spec.world, B=spec.block, KP=kp, KC=kc, LB=max(1, (kp - 1).bit_length()),
-                NSTEP=spec.n_blocks.bit_length(), RAGGED=_ragged(spec), PRECISE=not interpret, num_warps=8)
+                NSTEP=spec.n_blocks.bit_length(), RAGGED=_ragged(spec), PRECISE=not interpret,
+                num_warps=8 if kc == kp else max(2, min(8, kc * spec.block // 512)))
 
 
 def grad_params(spec: Spec, elem_bytes: int, s: int, interpret: bool = INTERPRET) -> dict:
@@ -600,7 +626,7 @@ def grad_params(spec: Spec, elem_bytes: int, s: int, interpret: bool = INTERPRET
 
 
 def _inv_kappa(spec: Spec) -> float:
-    """float32(1 / kappa), as the torch backend (rounded on the host: no tensor, no sync)."""
+    """float32(1 / kappa), as the torch backend."""
     return struct.unpack("<f", struct.pack("<f", 1.0 / spec.kappa))[0]
 
 

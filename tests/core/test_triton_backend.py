@@ -213,6 +213,52 @@ def test_sample_stats_pairs_in_registers_or_parked_agree(monkeypatch, ragged):
     assert_close_nan(kept[0][valid], ref[valid], 1e-6, "statistics")
 
 
+def _exp32(t):
+    """The float32 exp the kernels use: numpy's in the interpreter, libdevice's (torch's CUDA exp) on a GPU."""
+    if trb.INTERPRET:
+        import numpy as np
+        return torch.from_numpy(np.exp(t.cpu().numpy()))
+    return torch.exp(t)
+
+
+@pytest.mark.parametrize("dtype,vocab", [(torch.bfloat16, VOCAB), (torch.float32, VOCAB), (torch.bfloat16, 997)])
+def test_sample_block_sums_are_the_pairwise_tree_bit_for_bit(dtype, vocab):
+    """Blocks of B = 32 ids (K = 1): several 16-byte pieces per block (bf16: 4 of 8 ids, fp32: 8 of 4),
+    so the tree's piece levels and in-thread levels both run. The prefix sums equal, bit for bit, an
+    independent computation of docs/sampling.md sections 2-3 with the kernels' own float32 exp:
+    e[i] + e[i + B/2], ... down to one value, then float64 weights and a sequential cumsum."""
+    x, y = make_logits(vocab=vocab, dtype=dtype, seed=12, special=False)
+    x[3, 64:80] = -math.inf  # half a block masked
+    x[5, 96:128] = -math.inf  # a whole block masked
+    spec = spec_for("sample", vocab=vocab, k=1)
+    params = trb.stats_params(spec, x.element_size())
+    assert spec.block == 32 and params["P"] > 1 and params["PV"] > 1, params
+    _, got = stats_of(trb, x, y, spec)
+    n, bsz, nb = x.size(0), spec.block, spec.n_blocks
+    xb = torch.full((n, nb * bsz), -math.inf, dtype=torch.float32, device=x.device)
+    xb[:, : spec.n_real] = x[:, : spec.n_real].float()
+    xb = xb.view(n, nb, bsz)
+    bmax = xb.amax(-1)
+    bsafe = torch.where(bmax == -math.inf, 0.0, bmax)
+    e = _exp32((xb - bsafe[..., None]) * trb._inv_kappa(spec)).to(x.device)
+    width = bsz
+    while width > 1:
+        width //= 2
+        e = e[..., :width] + e[..., width: 2 * width]
+    m = bmax.amax(-1, keepdim=True).double()
+    m = torch.where(m == -math.inf, 0.0, m)
+    w = torch.exp((bmax.double() - m) / KAPPA) * e[..., 0].double()
+    if trb.INTERPRET:
+        import numpy as np
+        w = torch.from_numpy(np.exp(((bmax.double() - m) / KAPPA).cpu().numpy())) * e[..., 0].double().cpu()
+    want = torch.cumsum(w.cpu(), dim=1)
+    valid = (y != -100).cpu()
+    if trb.INTERPRET:  # a sequential scan, as numpy's cumsum
+        assert torch.equal(got.cpu()[valid], want[valid]), "block prefix sums differ from the pairwise tree"
+    else:  # the GPU scan is parallel: float64 rounding only
+        torch.testing.assert_close(got.cpu()[valid], want[valid], rtol=1e-13, atol=0)
+
+
 @pytest.mark.parametrize("estimator", ["sft", "expected", "sample"])
 def test_local_stats_ragged_vocabulary(estimator):
     """A real vocabulary that is not a multiple of 16 on a 16-aligned shard (e.g. 50257): the loads are
@@ -363,6 +409,27 @@ def test_tensor_parallel_layouts_match_torch_backend_and_tp1(tp, closed_form):
     assert bool((samples[~ok] == -1).all())
     got = simulate_tp(trb, x, y, closed_form, tp)[0]
     assert_close_nan(got, simulate_tp(tb, x, y, closed_form, tp)[0], 1e-6, f"{closed_form} loss at tp={tp}")
+
+
+def test_sampler_chunks_the_owned_lanes_when_one_rank_owns_most_samples():
+    """At tp > 1 the sampler's heavy part runs KC < K owned lanes at a time: rows whose mass sits on
+    one rank (a dominant id on rank 0, another on rank 3) make that rank own most of the K lanes,
+    i.e. several chunks; samples, hits and losses still equal the torch backend and TP=1."""
+    tp, k = 4, 256
+    spec = spec_for("sample", k=k, rank=0, world=tp, shard=V_PAD // tp)
+    assert trb.sample_params(spec)["KC"] < k, "the test must run several chunks"
+    x, y = make_logits(n=4, seed=9, special=False)  # row 1 is ignored
+    x[0, 3] = 12.0  # rank 0 holds about all of the mass
+    x[2, 40] = 6.0  # rank 0, a large share
+    x[3, 2 * (V_PAD // tp) + 5] = 12.0  # rank 2
+    loss, samples, hits = simulate_tp(trb, x, y, "sample", tp, k=k)
+    ref_loss, ref_samples_, ref_hits = simulate_tp(tb, x, y, "sample", tp, k=k)
+    assert torch.equal(samples, ref_samples_) and torch.equal(hits, ref_hits)
+    assert_close_nan(loss, ref_loss, 1e-6, "sample loss")
+    one_loss, one_samples, _ = simulate_tp(trb, x, y, "sample", 1, k=k)
+    assert torch.equal(samples, one_samples), "the draw depends on the TP layout"
+    owned0 = ((samples[0] >= 0) & (samples[0] < V_PAD // tp)).sum()
+    assert int(owned0) > trb.sample_params(spec)["KC"], "rank 0 owns several chunks of row 0"
 
 
 # --------------------------------------------------------------------------------------------
