@@ -20,6 +20,9 @@ same call fail (or hang, on NCCL) before a deferred check can name it; use "eage
 
 from __future__ import annotations
 
+import atexit
+import sys
+import threading
 from collections import deque
 
 import torch
@@ -78,6 +81,7 @@ class _Record:
 
 _PENDING: deque = deque()  # records of calls not yet checked, oldest first
 _CAPTURED: list = []  # records of captured calls: checked at every check_pending()
+_LOCK = threading.Lock()  # calls from several threads share the queue
 
 
 def problem(rows: list, vocab_size: int, ignore_index: int, examples: list | None = None,
@@ -108,11 +112,21 @@ def problem(rows: list, vocab_size: int, ignore_index: int, examples: list | Non
     return None
 
 
-def _raise_if(record: _Record) -> None:
+def _message(record: _Record) -> str | None:
     gathered, local = record.rows()
-    msg = problem(gathered, record.vocab_size, record.ignore_index, local=local)
-    if msg:
-        raise ValueError(msg)
+    return problem(gathered, record.vocab_size, record.ignore_index, local=local)
+
+
+def _check_queue(wait: bool) -> None:
+    """Check pending records oldest first (all of them if ``wait``, else those whose copy has
+    arrived). On the first problem the queue is emptied before raising, so a caught error never
+    resurfaces later inside an unrelated call."""
+    with _LOCK:
+        while _PENDING and (wait or _PENDING[0].ready()):
+            msg = _message(_PENDING.popleft())
+            if msg:
+                _PENDING.clear()
+                raise ValueError(msg)
 
 
 def _reads_now(device: torch.device) -> bool:
@@ -151,21 +165,22 @@ def check_ready() -> None:
     first problem found. Called at the start of every call; a no-op during graph capture."""
     if torch.cuda.is_available() and torch.cuda.is_initialized() and torch.cuda.is_current_stream_capturing():
         return
-    while _PENDING and _PENDING[0].ready():
-        _raise_if(_PENDING.popleft())
+    _check_queue(wait=False)
 
 
 def check_pending() -> None:
     """Raise the first problem of any call not yet checked (the error names its step), waiting for
     their copies to arrive; then nothing is pending. The integrations call this once per step; call it
     yourself after the last step of a loop of your own. Under CUDA-graph capture it does nothing; after
-    a replay it reads every captured call's fingerprints (one blocking copy each)."""
+    a replay it reads every captured call's fingerprints (one blocking copy each): those of the latest
+    replay, so a graph replayed several times per step needs a check_pending() after each replay."""
     if torch.cuda.is_available() and torch.cuda.is_initialized() and torch.cuda.is_current_stream_capturing():
         return
-    while _PENDING:
-        _raise_if(_PENDING.popleft())
+    _check_queue(wait=True)
     for record in _CAPTURED:
-        _raise_if(record)
+        msg = _message(record)
+        if msg:
+            raise ValueError(msg)
 
 
 def clear_captured() -> None:
@@ -176,3 +191,16 @@ def clear_captured() -> None:
 def pending_count() -> int:
     """Calls whose fingerprints have not been checked yet (captured calls not included)."""
     return len(_PENDING)
+
+
+@atexit.register
+def _report_at_exit() -> None:
+    """A run whose last calls were never checked (a training loop without a final check_pending())
+    still reports their input errors: on stderr, at interpreter exit, never silently dropped."""
+    try:
+        check_pending()
+    except ValueError as e:
+        print(f"otr_megatron: a deferred input check failed after the last check_pending(): {e}", file=sys.stderr)
+    except Exception:  # the process is ending (e.g. CUDA already torn down): nothing more to say
+        pass
+

@@ -148,7 +148,9 @@ def make_spec(cfg: OTRConfig, rank: int, world: int, shard: int, vocab_size: int
 
 def _chunks(n_tok: int, chunk: int):
     """Row ranges of the chunks; None for one chunk of every row (no slicing: fewer host ops)."""
-    return None if chunk >= n_tok else [(lo, min(n_tok, lo + chunk)) for lo in range(0, n_tok, chunk)]
+    if 0 < n_tok <= chunk:
+        return None
+    return [(lo, min(n_tok, lo + chunk)) for lo in range(0, n_tok, chunk)]  # [] for no rows: nothing to do
 
 
 def local_statistics(backend: Backend, spec: Spec, logits, label_col, owns_label, chunk: int, valid=None):

@@ -33,7 +33,11 @@ _INDEX_HASHES: dict = {}  # (n, device) -> [2, n] SplitMix64(arange(n) + salt) f
 
 def _index_hashes(n: int, device) -> torch.Tensor:
     key = (n, str(device))
-    h = _INDEX_HASHES.get(key)
+    capturing = torch.device(device).type == "cuda" and torch.cuda.is_current_stream_capturing()
+    h = None if capturing else _INDEX_HASHES.get(key)
+    if capturing:  # a graph must own its buffers: a cached tensor may be evicted (freed) after capture
+        idx = torch.arange(n, dtype=torch.int64, device=device)
+        return splitmix64(torch.stack([idx + FP_LABEL_SALT, idx + FP_KEY_SALT]))
     if h is None:
         if len(_INDEX_HASHES) >= 8:
             _INDEX_HASHES.clear()
@@ -74,10 +78,14 @@ def prologue(labels, keys, step, spec: Spec, ignore_index: int, vocab_size: int,
     step_t = step if torch.is_tensor(step) else torch.full((), step, dtype=torch.int64, device=dev)
     bad = valid & ((labels < 0) | (labels >= vocab_size))
     n_bad = bad.sum()
-    first = torch.argmax(bad.to(torch.uint8))  # the first maximum: the first bad position (if any)
-    bad_values = torch.where(bad, labels, 0)
+    if n:
+        first = torch.argmax(bad.to(torch.uint8))  # the first maximum: the first bad position (if any)
+        bad_values = torch.where(bad, labels, 0)
+        high, low = bad_values.amax(), bad_values.amin()
+    else:  # no tokens (a shape known on the host): no reduction over an empty tensor
+        first = high = low = torch.zeros((), dtype=torch.int64, device=dev)
     prints = torch.cat([torch.stack(consts + [step_t]), sequence_hashes(labels, keys),
-                        torch.stack([n_bad, torch.where(n_bad > 0, n - first, 0), bad_values.amax(), bad_values.amin()])])
+                        torch.stack([n_bad, torch.where(n_bad > 0, n - first, 0), high, low])])
     out.prints = prints
     return out
 

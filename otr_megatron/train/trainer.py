@@ -265,8 +265,8 @@ class Trainer:
             micro_batch_size=self.cfg.micro_batch_size,
             forward_only=False,
         )
+        check_pending()  # once per step, before the update: this step's deferred input checks
         ok, grad_norm, _ = self.optimizer.step()
-        check_pending()  # once per step: this step's deferred input checks
         if not ok:
             raise FloatingPointError(f"iteration {it}: optimizer step skipped (non-finite gradients)")
         means = report_means(self._reduce_reports(reports, REPORT_NAMES))

@@ -173,6 +173,56 @@ def test_deferred_check_on_cpu_raises_in_the_call_and_eager_gives_examples(backe
         otr.vocab_parallel_otr_loss(X, Y, otr.OTRConfig(num_samples=4, backend=backend), step=torch.tensor(-2))
 
 
+def test_a_raised_deferred_check_empties_the_queue(monkeypatch):
+    """Two bad calls pending: the first raises, the second is dropped with it, so a caught error never
+    resurfaces inside a later, unrelated call."""
+    from otr_megatron.core import checks
+
+    otr.check_pending()
+    monkeypatch.setattr(checks, "_reads_now", lambda device: False)
+    monkeypatch.setattr(checks._Record, "ready", lambda self: False)  # copies still in flight (as on a GPU)
+    bad = torch.tensor([1, 2, 16, 0])
+    for step in (3, 4):
+        otr.vocab_parallel_otr_loss(X, bad, CFG, step=step)
+    assert checks.pending_count() == 2
+    with pytest.raises(ValueError, match="at step 3: labels must be"):
+        otr.check_pending()
+    assert checks.pending_count() == 0
+    otr.vocab_parallel_otr_loss(X, Y, CFG, step=5)
+    otr.check_pending()
+
+
+def test_unchecked_deferred_errors_are_reported_at_exit(tmp_path):
+    """A loop that ends without a last check_pending() still reports its calls' input errors (stderr)."""
+    import subprocess
+    import sys
+
+    script = (
+        "import torch, otr_megatron as otr\n"
+        "from otr_megatron.core import checks\n"
+        "checks._reads_now = lambda device: False\n"
+        "otr.vocab_parallel_otr_loss(torch.randn(4, 16), torch.tensor([1, 2, 16, 0]), "
+        "otr.OTRConfig(num_samples=4, backend='torch'), step=9)\n"
+    )
+    r = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=120)
+    assert "otr_megatron: a deferred input check failed after the last check_pending(): " in r.stderr, r.stderr
+    assert "at step 9: labels must be token ids" in r.stderr, r.stderr
+
+
+@pytest.mark.parametrize("backend", ["torch", "triton"])
+@pytest.mark.parametrize("estimator", ["sample", "expected", "sft", "dft"])
+@pytest.mark.parametrize("check_inputs", ["deferred", "eager", "off"])
+def test_a_call_with_no_tokens_returns_empty_loss_and_gradient(backend, estimator, check_inputs):
+    cfg = otr.OTRConfig(num_samples=4, estimator=estimator, backend=backend, check_inputs=check_inputs)
+    x = torch.randn(0, 16, requires_grad=True)
+    loss = otr.vocab_parallel_otr_loss(x, torch.zeros(0, dtype=torch.long), cfg)
+    loss.sum().backward()
+    assert loss.shape == (0,) and x.grad.shape == (0, 16)
+    loss, stats = otr.vocab_parallel_otr_loss(torch.randn(2, 0, 16), torch.zeros(2, 0, dtype=torch.long), cfg,
+                                              return_stats=True)
+    assert loss.shape == (2, 0) and stats["valid"].shape == (2, 0)
+
+
 def test_check_inputs_off_sends_no_fingerprint():
     from otr_megatron.core import checks, torch_combine
 
