@@ -18,7 +18,7 @@ import time
 from otr_megatron.distributed import free_port, teardown_parallel
 from otr_megatron.train.config import LOSSES, ConfigError, TrainConfig, dump_yaml, load_config
 from otr_megatron.train.errors import NothingToDo, as_user_error, error_line, exit_code, user_errors
-from otr_megatron.train.rundir import existing_results, prepare_output_dir, vocab_size
+from otr_megatron.train.rundir import existing_results, pid_alive, prepare_output_dir, vocab_size
 
 LOCK_HELD_ENV = "OTR_MEGATRON_TRAIN_LOCK_HELD"  # set for torchrun children of a launcher that holds the lock
 
@@ -274,35 +274,21 @@ def _descendants(pids: list[int]) -> list[int]:
     return out
 
 
-def _alive(pid: int) -> bool:
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:
-        return True
-    try:  # a zombie (exited, not yet reaped by its parent) is no longer running
-        with open(f"/proc/{pid}/stat", encoding="utf-8") as f:
-            return f.read().rsplit(")", 1)[1].split()[0] != "Z"
-    except (OSError, IndexError):
-        return True
-
-
 def stop_processes(pids: list[int], grace_s: float = WORKER_GRACE_S, sig: int = signal.SIGTERM) -> None:
     """Send `sig` to `pids` (each unwinds like Ctrl-C: handlers installed by `_worker`), wait up to
     `grace_s` for them, then SIGKILL them and anything they started that is still running."""
-    tree = _descendants([p for p in pids if _alive(p)])
+    tree = _descendants([p for p in pids if pid_alive(p)])
     for p in pids:
         try:
             os.kill(p, sig)
         except ProcessLookupError:
             pass
     deadline = time.monotonic() + grace_s
-    while time.monotonic() < deadline and any(_alive(p) for p in pids):
+    while time.monotonic() < deadline and any(pid_alive(p) for p in pids):
         time.sleep(0.1)
-    tree += [c for c in _descendants([p for p in pids if _alive(p)]) if c not in tree]
+    tree += [c for c in _descendants([p for p in pids if pid_alive(p)]) if c not in tree]
     for p in tree:
-        if _alive(p):
+        if pid_alive(p):
             try:
                 os.kill(p, signal.SIGKILL)
             except ProcessLookupError:

@@ -39,14 +39,19 @@ def _proc_start(pid: int) -> str | None:
         return None
 
 
-def _pid_alive(pid: int) -> bool:
+def pid_alive(pid: int) -> bool:
+    """Whether process `pid` is running: it exists and is not a zombie (exited, not yet reaped)."""
     try:
         os.kill(pid, 0)
     except ProcessLookupError:
         return False
     except PermissionError:
         return True
-    return True
+    try:
+        with open(f"/proc/{pid}/stat", encoding="utf-8") as f:
+            return f.read().rsplit(")", 1)[1].split()[0] != "Z"
+    except (OSError, IndexError):
+        return True
 
 
 def _command_line() -> str:
@@ -87,7 +92,7 @@ class RunLock:
         if rec.get("host") != socket.gethostname() or not isinstance(rec.get("pid"), int):
             return False
         pid = rec["pid"]
-        if not _pid_alive(pid):
+        if not pid_alive(pid):
             return True
         then, now = rec.get("proc_start"), _proc_start(pid)
         return then is not None and now is not None and then != now  # the pid was reused
