@@ -41,9 +41,10 @@ if resume:  # an arm: must find the copied warm-start checkpoint, complete, and 
     manifest = json.load(open(os.path.join(ck, "otr_manifest.json")))
     assert manifest["files"] == {{k: len(v) for k, v in FILES.items()}}
     assert all(open(os.path.join(ck, k), "rb").read() == v for k, v in FILES.items())
-    assert open(os.path.join(out, "metrics.jsonl")).read() == '{{"iteration": 30}}\n'
-    with open(os.path.join(out, "metrics.jsonl"), "a") as f:
-        f.write(json.dumps({{"iteration": 31, "loss": cfg["loss"]}}) + "\n")
+    lines = open(os.path.join(out, "metrics.jsonl")).read().splitlines(keepends=True)
+    assert lines[0] == '{{"iteration": 30}}\n', lines
+    with open(os.path.join(out, "metrics.jsonl"), "w") as f:  # the job keeps the rows up to its checkpoint
+        f.write(lines[0] + json.dumps({{"iteration": 31, "loss": cfg["loss"]}}) + "\n")
 else:
     os.makedirs(ck, exist_ok=True)
     for k, v in FILES.items():
