@@ -10,6 +10,8 @@ A crash mid-save therefore never moves ``latest``, and a checkpoint damaged late
 shard, a deleted ``.metadata``) is recognised before loading. `--resume` falls back from a damaged
 ``latest`` to the newest complete checkpoint and says so. The trainer only saves parameters it has
 checked to be finite (`Trainer.check_params`), so ``latest`` never names diverged weights.
+Another run that starts from a checkpoint (compare's arms) gets a copy from `copy_checkpoint`, which
+also moves ``latest`` last (`point_latest`), so a copy killed midway is never resumed.
 """
 
 from __future__ import annotations
