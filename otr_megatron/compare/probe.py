@@ -120,13 +120,7 @@ def _prompt_of(ds, tokenizer, i: int) -> str:
 def _checkpoint_of(run_dir: str) -> str:
     from otr_megatron.train import checkpoint as ck
 
-    root = os.path.join(run_dir, "checkpoints")
-    if hasattr(ck, "select_checkpoint"):
-        return ck.select_checkpoint(root)[0]
-    path = ck.latest_checkpoint(root)
-    if path is None:
-        raise FileNotFoundError(f"no checkpoint under {root}")
-    return path
+    return ck.select_checkpoint(os.path.join(run_dir, "checkpoints"))[0]
 
 
 def run_probe(spec: dict) -> dict:

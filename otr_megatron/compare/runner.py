@@ -6,7 +6,8 @@ second invocation skips it when the hash matches and refuses (naming the run) wh
 changed. An arm starts by copying its warm start's final checkpoint (and metrics) into its own
 directory and continuing it with ``--resume`` and its own loss: every arm of a seed starts from
 bit-identical weights, optimizer state and data position; an interrupted arm continues from its
-newest checkpoint. Tasks run ``--jobs`` at a time (threads = cores / jobs each); a failed task is
+newest checkpoint. The train job owns the checkpoint layout: the copy and its ``latest`` are made by
+`train.checkpoint.copy_checkpoint` (atomic, so an arm killed mid-copy starts the copy over). Tasks run ``--jobs`` at a time (threads = cores / jobs each); a failed task is
 reported with the tail of its log and only the tasks depending on it are skipped.
 
 A task counts as finished only with its result on disk: `summary.json` with a final evaluation after
@@ -31,6 +32,7 @@ from concurrent.futures import FIRST_COMPLETED, ThreadPoolExecutor, wait
 from dataclasses import dataclass, field
 
 from otr_megatron.compare.grid import Plan, Run, WarmStart, config_hash, dump_config, run_identity
+from otr_megatron.train import checkpoint as ckpt
 
 DONE = "compare_done.json"
 OK = ("done", "skipped-done")
@@ -59,14 +61,6 @@ def _write_json(path: str, obj) -> None:
     with open(tmp, "w", encoding="utf-8") as f:
         json.dump(obj, f, indent=1)
     os.replace(tmp, path)
-
-
-def _latest_name(run_dir: str) -> str | None:
-    p = os.path.join(run_dir, "checkpoints", "latest")
-    if not os.path.isfile(p):
-        return None
-    with open(p, encoding="utf-8") as f:
-        return f.read().strip() or None
 
 
 @dataclass
@@ -224,21 +218,19 @@ class Runner:
                     shutil.rmtree(p)
                 elif os.path.exists(p):
                     os.remove(p)
-        elif t.kind == "arm" and _latest_name(t.dir) is None:
-            # Start from a copy of the warm start's final checkpoint (and its metrics, so the arm's
-            # curves include the warm start). Any partial state is replaced.
-            name = _latest_name(t.warm.dir)
-            if name is None:
-                raise CompareError(f"warm start {t.warm.dir} has no checkpoint (checkpoints/latest missing)")
-            ck = os.path.join(t.dir, "checkpoints")
-            if os.path.isdir(ck):
-                shutil.rmtree(ck)
-            shutil.copytree(os.path.join(t.warm.dir, "checkpoints", name), os.path.join(ck, name))
-            with open(os.path.join(ck, "latest"), "w", encoding="utf-8") as f:
-                f.write(name + "\n")
+        elif t.kind == "arm" and ckpt.read_latest(os.path.join(t.dir, "checkpoints")) is None:
+            # Start from a copy of the warm start's final checkpoint and its metrics (so the arm's
+            # curves include the warm start). The metrics first: ``latest`` is what marks the copy
+            # finished, and copy_checkpoint moves it last; any partial state is replaced.
             src = os.path.join(t.warm.dir, "metrics.jsonl")
             if os.path.isfile(src):
-                shutil.copyfile(src, os.path.join(t.dir, "metrics.jsonl"))
+                dst = os.path.join(t.dir, "metrics.jsonl")
+                shutil.copyfile(src, dst + ".tmp")
+                os.replace(dst + ".tmp", dst)
+            try:
+                ckpt.copy_checkpoint(os.path.join(t.warm.dir, "checkpoints"), os.path.join(t.dir, "checkpoints"))
+            except ckpt.CheckpointError as e:
+                raise CompareError(f"warm start {t.warm.dir}: {e}") from None
         elif t.kind == "probe":
             ok = [tt for tt in t.deps if tt.kind == "arm" and tt.status in OK]
             t.key = self._probe_key(t.warm, ok)  # a partial probe is redone once the missing arms finish

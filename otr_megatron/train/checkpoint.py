@@ -10,6 +10,8 @@ A crash mid-save therefore never moves ``latest``, and a checkpoint damaged late
 shard, a deleted ``.metadata``) is recognised before loading. `--resume` falls back from a damaged
 ``latest`` to the newest complete checkpoint and says so. The trainer only saves parameters it has
 checked to be finite (`Trainer.check_params`), so ``latest`` never names diverged weights.
+Another run that starts from a checkpoint (compare's arms) gets a copy from `copy_checkpoint`, which
+also moves ``latest`` last (`point_latest`), so a copy killed midway is never resumed.
 """
 
 from __future__ import annotations
@@ -321,6 +323,59 @@ def select_checkpoint(root: str) -> tuple[str, str | None]:
     raise CheckpointError(f"--resume: {note}; and no other complete checkpoint under {root} to fall back to")
 
 
+def read_latest(root: str) -> str | None:
+    """The directory name ``root/latest`` holds, or None when it is missing or empty."""
+    try:
+        with open(os.path.join(root, LATEST), encoding="utf-8") as f:
+            return f.read().strip() or None
+    except FileNotFoundError:
+        return None
+
+
+def point_latest(root: str, name: str) -> None:
+    """Make ``root/latest`` name `name` by an atomic rename: a crash leaves the old one (or none),
+    never a half-written one."""
+    tmp = os.path.join(root, LATEST + ".tmp")
+    with open(tmp, "w", encoding="utf-8") as f:
+        f.write(name + "\n")
+        f.flush()
+        os.fsync(f.fileno())
+    os.replace(tmp, os.path.join(root, LATEST))
+
+
+def copy_checkpoint(src_root: str, dst_root: str) -> str:
+    """Copy the checkpoint ``src_root/latest`` names into `dst_root` and point ``dst_root/latest`` at
+    it (another run continues from identical weights, optimizer state and data position).
+
+    The copy is made under ``<name>.partial`` (never a resume candidate), checked complete, renamed to
+    ``<name>``, and only then is ``latest`` moved: a copy killed at any point leaves no ``latest``
+    naming a partial checkpoint, and calling this again starts over. `dst_root` must not have a
+    ``latest`` yet; anything else in it is what an interrupted copy left, and is removed. Returns the
+    copied checkpoint's path; raises CheckpointError when the source has no complete checkpoint."""
+    name = read_latest(src_root)
+    if name is None:
+        raise CheckpointError(f"no checkpoint to copy under {src_root} ({LATEST} is missing or empty)")
+    src = os.path.join(src_root, name)
+    problem = checkpoint_problem(src, legacy_ok=True)
+    if problem is not None:
+        raise CheckpointError(f"cannot copy checkpoint {src} ({os.path.join(src_root, LATEST)} names it): {problem}")
+    if read_latest(dst_root) is not None:
+        raise CheckpointError(f"{dst_root} already has a {LATEST} checkpoint; copying {src} over it is refused")
+    if os.path.isdir(dst_root):
+        shutil.rmtree(dst_root)
+    os.makedirs(dst_root)
+    partial = os.path.join(dst_root, name + ".partial")
+    shutil.copytree(src, partial)
+    problem = checkpoint_problem(partial, legacy_ok=True) or (
+        None if _list_files(partial) == _list_files(src) else "its files or sizes differ from the source's")
+    if problem is not None:  # e.g. the source was overwritten while it was copied
+        raise CheckpointError(f"the copy of checkpoint {src} in {partial} is incomplete: {problem}")
+    dst = os.path.join(dst_root, name)
+    os.rename(partial, dst)
+    point_latest(dst_root, name)
+    return dst
+
+
 def save_checkpoint(trainer, iteration: int) -> str:
     """Save all ranks' shards, then the manifest, then move ``latest`` (rank 0, atomic rename)."""
     from megatron.core import dist_checkpointing
@@ -345,10 +400,7 @@ def save_checkpoint(trainer, iteration: int) -> str:
         _barrier()
         if _rank0():
             write_manifest(path, iteration, {"job": job_record(trainer.cfg), "data": data_position(trainer.cfg, iteration)})
-            tmp = os.path.join(trainer.ckpt_root, LATEST + ".tmp")
-            with open(tmp, "w", encoding="utf-8") as f:
-                f.write(name + "\n")
-            os.replace(tmp, os.path.join(trainer.ckpt_root, LATEST))
+            point_latest(trainer.ckpt_root, name)
     except checkpoint_errors() as e:
         if not is_disk_full(e, path):
             raise  # not the user's to fix: keep the traceback

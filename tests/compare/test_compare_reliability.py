@@ -182,3 +182,80 @@ def test_interrupting_compare_is_one_line_and_stops_its_tasks(tmp_path, sig):
         with pytest.raises(ProcessLookupError):
             os.kill(pid, 0)
     assert not list(out.rglob(DONE))  # nothing interrupted is marked done
+
+
+KILL_DRIVER = r'''
+import functools, os, shutil, signal, sys
+from otr_megatron.compare import cli, runner
+from otr_megatron.train import checkpoint as ckpt
+where = sys.argv[3]
+calls = []
+
+def dying_copy(src, dst, **kw):  # the harness dies (SIGKILL) halfway through the second file
+    calls.append(src)
+    if where == "mid-file" and len(calls) == 2:
+        with open(src, "rb") as f, open(dst, "wb") as g:
+            g.write(f.read()[: os.path.getsize(src) // 2])
+        os.kill(os.getpid(), signal.SIGKILL)
+    return shutil.copy2(src, dst, **kw)
+
+def dying_point(root, name):  # the harness dies after the rename, before `latest` moves
+    os.kill(os.getpid(), signal.SIGKILL)
+
+shutil.copytree = functools.partial(shutil.copytree, copy_function=dying_copy)
+if where == "before-latest":
+    ckpt.point_latest = dying_point
+runner.Runner = functools.partial(runner.Runner, python=sys.argv[1])
+sys.exit(cli.main(["--quick", "-o", sys.argv[2], "-j", "1"]))
+'''
+
+
+def _results(study) -> dict:
+    """Every run's results and checkpoints by path inside the study, and the report's tables (logs,
+    markers, configs and the report's header, which name the study's directory or the time, left out)."""
+    out = {"panels": json.load(open(study / "results.json"))["panels"]}
+    for p in sorted(study.glob("seed*/**/*")):
+        if p.is_file() and p.name not in ("run.log", DONE, "config.yaml", "spec.json"):
+            out[str(p.relative_to(study))] = p.read_bytes()
+    return out
+
+
+@pytest.mark.parametrize("where", ["mid-file", "before-latest"])
+def test_an_arm_killed_while_copying_its_warm_start_is_copied_again_on_the_rerun(tmp_path, monkeypatch, where):
+    """SIGKILL of the harness in the middle of copying a warm-start checkpoint into an arm: no
+    ``latest`` names the partial copy (and the train job's --resume finds nothing to continue there),
+    and the rerun finishes the study exactly as an uninterrupted one."""
+    from otr_megatron.train import checkpoint as ckpt
+    from otr_megatron.train.errors import CheckpointError
+
+    python, log = _fake(tmp_path, monkeypatch)
+    out = tmp_path / "study"
+    env = dict(os.environ, PYTHONPATH=ROOT)
+    r = subprocess.run([sys.executable, "-W", "ignore", "-c", KILL_DRIVER, python, str(out), where], env=env,
+                       capture_output=True, text=True, timeout=300)
+    assert r.returncode == -signal.SIGKILL, r.stderr
+    roots = [d / "checkpoints" for d in out.glob("seed*/*") if (d / "checkpoints").is_dir()]
+    killed = [c for c in roots if ckpt.read_latest(str(c)) is None]
+    assert len(killed) == 1 and "warm_start" not in str(killed[0]), roots  # the first arm, mid-copy
+    left = sorted(p.name for p in killed[0].iterdir())
+    warm = killed[0].parent.parent / "warm_start" / "checkpoints" / "iter_0000030"
+    if where == "mid-file":
+        assert left == ["iter_0000030.partial"]
+        sizes = {p.name: p.stat().st_size for p in (killed[0] / "iter_0000030.partial").iterdir()}
+        assert any(sizes[k] < (warm / k).stat().st_size for k in sizes)  # a file was cut halfway
+        with pytest.raises(CheckpointError, match="no checkpoint"):
+            ckpt.select_checkpoint(str(killed[0]))  # --resume would not continue a partial copy
+    else:
+        assert left == ["iter_0000030"]  # renamed complete, not yet named by latest
+        assert ckpt.checkpoint_problem(str(killed[0] / "iter_0000030")) is None
+    assert not (killed[0].parent / DONE).exists()
+
+    assert _run_cli(monkeypatch, python, out) == 0
+    for c in roots:
+        assert ckpt.read_latest(str(c)) == "iter_0000030" and ckpt.checkpoint_problem(str(c / "iter_0000030")) is None
+    assert not list(out.rglob("*.partial")) and not list(out.rglob("latest.tmp"))
+    ref = tmp_path / "reference"
+    assert _run_cli(monkeypatch, python, ref) == 0
+    got, want = _results(out), _results(ref)
+    assert sorted(got) == sorted(want) and got == want
+    assert any(k.endswith("probe.json") for k in got) and len([k for k in got if k.endswith("summary.json")]) == 6

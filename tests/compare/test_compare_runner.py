@@ -32,14 +32,27 @@ if "bad" in json.dumps(cfg["data"]["train"]) and cfg["finetune_iters"] > 0:
     print("config error: data.train: no such file", file=sys.stderr)
     sys.exit(2)
 resume = "--resume" in args
-if resume:  # an arm: must find the copied warm-start checkpoint
+ck = os.path.join(out, "checkpoints", "iter_0000030")
+# a checkpoint as the train job writes it: shards, then otr_manifest.json (files and sizes), then latest
+FILES = {{"common.pt": b"c" * 100, "__0_0.distcp": bytes(range(256)) * 64, "__0_1.distcp": b"s" * 9000,
+          ".metadata": b"m" * 10}}
+if resume:  # an arm: must find the copied warm-start checkpoint, complete, and the warm start's metrics
     assert open(os.path.join(out, "checkpoints", "latest")).read().strip() == "iter_0000030"
-    assert os.path.isfile(os.path.join(out, "metrics.jsonl"))
-os.makedirs(os.path.join(out, "checkpoints", "iter_0000030"), exist_ok=True)
-open(os.path.join(out, "checkpoints", "iter_0000030", "w.bin"), "w").write("weights")
-if not resume:
+    manifest = json.load(open(os.path.join(ck, "otr_manifest.json")))
+    assert manifest["files"] == {{k: len(v) for k, v in FILES.items()}}
+    assert all(open(os.path.join(ck, k), "rb").read() == v for k, v in FILES.items())
+    lines = open(os.path.join(out, "metrics.jsonl")).read().splitlines(keepends=True)
+    assert lines[0] == '{{"iteration": 30}}\n', lines
+    with open(os.path.join(out, "metrics.jsonl"), "w") as f:  # the job keeps the rows up to its checkpoint
+        f.write(lines[0] + json.dumps({{"iteration": 31, "loss": cfg["loss"]}}) + "\n")
+else:
+    os.makedirs(ck, exist_ok=True)
+    for k, v in FILES.items():
+        open(os.path.join(ck, k), "wb").write(v)
+    json.dump({{"iteration": 30, "files": {{k: len(v) for k, v in FILES.items()}}}},
+              open(os.path.join(ck, "otr_manifest.json"), "w"))
     open(os.path.join(out, "checkpoints", "latest"), "w").write("iter_0000030\n")
-    open(os.path.join(out, "metrics.jsonl"), "w").write("{{}}\n")
+    open(os.path.join(out, "metrics.jsonl"), "w").write('{{"iteration": 30}}\n')
 value = {{"sft": 0.6, "otr": 0.7}}.get(cfg["loss"], 0.1) if resume else 0.2
 value += 0.01 * cfg["seed"]
 if os.environ.get("FAKE_NO_FINAL_EVAL") and resume:  # a resume with nothing to do, as train 6fb6c36 did

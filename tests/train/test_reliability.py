@@ -12,7 +12,8 @@ import sys
 import pytest
 import torch
 
-from otr_megatron.train.checkpoint import LATEST, MANIFEST, checkpoint_problem, select_checkpoint, write_manifest
+from otr_megatron.train.checkpoint import (LATEST, MANIFEST, checkpoint_problem, copy_checkpoint, point_latest,
+                                          read_latest, select_checkpoint, write_manifest)
 from otr_megatron.train.config import ConfigError, TrainConfig, load_config
 from otr_megatron.train.errors import CheckpointError, DivergenceError, RunDirError
 from otr_megatron.train.main import main
@@ -215,6 +216,34 @@ def test_damaged_latest_with_nothing_to_fall_back_to(tmp_path):
         select_checkpoint(str(tmp_path))
     with pytest.raises(CheckpointError, match="no checkpoint under"):
         select_checkpoint(str(tmp_path / "none"))
+
+
+def test_copy_checkpoint_copies_what_latest_names_and_points_latest_at_it(tmp_path):
+    src = tmp_path / "warm"
+    _fake_ckpt(src, 1, latest=False)
+    p = _fake_ckpt(src, 2)
+    dst = tmp_path / "arm" / "checkpoints"
+    (dst / "iter_0000002.partial").mkdir(parents=True)  # what an interrupted copy left: replaced
+    (dst / "iter_0000002.partial" / "__0_0.distcp").write_bytes(b"w" * 10)
+    assert copy_checkpoint(str(src), str(dst)) == str(dst / "iter_0000002")
+    assert sorted(os.listdir(dst)) == ["iter_0000002", LATEST]  # only the named one, no partial or .tmp
+    assert read_latest(str(dst)) == "iter_0000002" and checkpoint_problem(str(dst / "iter_0000002")) is None
+    assert all((dst / "iter_0000002" / f).read_bytes() == (p / f).read_bytes() for f in os.listdir(p))
+    with pytest.raises(CheckpointError, match="already has a latest checkpoint"):  # never over a run's own
+        copy_checkpoint(str(src), str(dst))
+    point_latest(str(dst), "iter_0000009")
+    assert (dst / LATEST).read_text() == "iter_0000009\n" and not (dst / (LATEST + ".tmp")).exists()
+
+
+def test_copy_checkpoint_refuses_a_damaged_or_missing_source(tmp_path):
+    src = tmp_path / "warm"
+    (_fake_ckpt(src, 2) / "__0_0.distcp").write_bytes(b"w")
+    with pytest.raises(CheckpointError, match=r"cannot copy checkpoint .*iter_0000002.*__0_0.distcp has 1 bytes"):
+        copy_checkpoint(str(src), str(tmp_path / "dst"))
+    assert not (tmp_path / "dst").exists()
+    with pytest.raises(CheckpointError, match="no checkpoint to copy under .*latest is missing"):
+        copy_checkpoint(str(tmp_path / "none"), str(tmp_path / "dst"))
+    assert read_latest(str(tmp_path / "none")) is None
 
 
 def test_resume_without_checkpoint_is_one_line(tmp_path, capsys):
