@@ -141,9 +141,9 @@ def main(argv: list[str] | None = None) -> int:
         return 0
     import fiddle as fdl
 
-    from otr_megatron.nemo.cpu import enable_nemo_cpu
+    from otr_megatron.nemo.cpu import enable_cpu_mode
 
-    enable_nemo_cpu()
+    enable_cpu_mode()
     task = fdl.build(recipe)
     task()
     metrics = task.keywords["model"].otr_metrics() if hasattr(task, "keywords") else {}
