@@ -46,7 +46,7 @@ def bridge_probe(hf_in: str, save_dir: str, tokens_path: str, out_path: str, exp
 
     from otr_megatron.bridge import cpu
 
-    cpu.enable()
+    cpu.enable_cpu_mode()
     from megatron.bridge import AutoBridge
     from megatron.bridge.training.model_load_save import temporary_distributed_context
     from megatron.core import tensor_parallel

@@ -42,7 +42,7 @@ def main(argv=None):
     if cuda:
         torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", 0)))
     else:
-        mcore.enable_cpu_backend()  # lets megatron-core run without CUDA (tests, laptops)
+        mcore.enable_cpu_mode()  # lets megatron-core run without CUDA (tests, laptops)
     dist.init_process_group("nccl" if cuda else "gloo", rank=int(os.environ.get("RANK", 0)),
                             world_size=int(os.environ.get("WORLD_SIZE", 1)))
     from megatron.core import parallel_state as ps

@@ -238,6 +238,11 @@ def _usage() -> str:
 
 
 def main(argv: list[str] | None = None) -> int:
+    """The `otr-megatron` command; `argv` None means the real command line (then the console is made quiet)."""
+    if argv is None:
+        from otr_megatron import console
+
+        console.install()  # megatron-core's "not installed" warnings: one line (otr_megatron/console.py)
     argv = list(sys.argv[1:] if argv is None else argv)
     if not argv or argv[0] in ("-h", "--help"):
         print(_usage())

@@ -26,9 +26,9 @@ def _worker(rank: int, world_size: int, port: int, outdir: str, fn: Callable, ar
     os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), RANK=str(rank),
                       WORLD_SIZE=str(world_size), LOCAL_RANK=str(rank))
     torch.set_num_threads(1)
-    from otr_megatron.mcore.cpu_backend import enable_cpu_backend
+    from otr_megatron.mcore.cpu_backend import enable_cpu_mode
 
-    enable_cpu_backend()
+    enable_cpu_mode()
     import datetime
 
     torch.distributed.init_process_group("gloo", rank=rank, world_size=world_size,

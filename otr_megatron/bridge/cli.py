@@ -214,7 +214,7 @@ class BridgeAPI:
         try:
             from otr_megatron.bridge import cpu
 
-            cpu.enable()
+            cpu.enable_cpu_mode()
             from megatron.bridge.training.finetune import finetune
             from megatron.bridge.training.pretrain import pretrain
             from megatron.bridge.training.utils.omegaconf_utils import process_config_with_overrides
@@ -423,4 +423,7 @@ def main(argv: list[str] | None = None) -> int:
 
 
 if __name__ == "__main__":
+    from otr_megatron import console
+
+    console.install()  # megatron-core's "not installed" warnings: one line
     sys.exit(main())

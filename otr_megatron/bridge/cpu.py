@@ -1,6 +1,6 @@
 """CPU mode for `otr-megatron bridge`: the real Megatron-Bridge loop on a machine without a GPU.
 
-`enable()` does nothing when `torch.cuda.is_available()` is True, so GPU runs are never altered.
+`enable_cpu_mode()` does nothing when `torch.cuda.is_available()` is True, so GPU runs are never altered.
 Otherwise it applies what Bridge 0.6.2 with megatron-core 0.19.2 needs on CPU (gloo), each item
 found by a real failure, without editing any installed file:
 
@@ -15,7 +15,7 @@ training API is being imported, and only when the real name is missing. They nev
   3. `megatron.training.models.gpt` / `.hybrid` get `typing` with `override` from
      `typing_extensions` (Python < 3.12 only: `typing.override` is a 3.12 API).
 
-Runtime patches, after `otr_megatron.mcore.enable_cpu_backend()`:
+Runtime patches, after `otr_megatron.mcore.enable_cpu_mode()`:
   4. `megatron.bridge.training.setup.initialize_megatron` is called with `allow_no_cuda=True`
      (otherwise it asserts CUDA).
   5. `megatron.bridge.training.initialize.compile_helpers` is a no-op: the wheel ships the prebuilt
@@ -24,7 +24,9 @@ Runtime patches, after `otr_megatron.mcore.enable_cpu_backend()`:
      reporting 1: otherwise it never seeds Megatron's model-parallel RNG tracker and weight init
      fails with "model-parallel-rng is not added".
 
-`enable()` logs one line naming all of them (`describe()`).
+`enable_cpu_mode()` logs one line naming all of them (`describe()`). The same name exists in each
+layer (`otr_megatron.mcore.enable_cpu_mode`, `otr_megatron.nemo.cpu.enable_cpu_mode`); `enable` is
+the deprecated old name.
 """
 
 from __future__ import annotations
@@ -36,6 +38,7 @@ import importlib.util
 import os
 import sys
 import types
+import warnings
 from typing import Callable, Optional
 
 _STATE = {"enabled": False}
@@ -144,10 +147,10 @@ def describe(shims: Optional[list[str]] = None) -> str:
     """The one log line naming what CPU mode applied."""
     names = sorted(set(shims)) if shims is not None else [n for _, _, n in IMPORT_SHIMS.values()]
     return (f"otr-megatron bridge: CPU mode (no CUDA device): scoped import shims [{', '.join(names) or 'none'}]; "
-            f"enable_cpu_backend(); Bridge patches [{'; '.join(RUNTIME_PATCHES)}]")
+            f"mcore.enable_cpu_mode(); Bridge patches [{'; '.join(RUNTIME_PATCHES)}]")
 
 
-def enable(force: bool = False) -> Optional[str]:
+def enable_cpu_mode(force: bool = False) -> Optional[str]:
     """Apply CPU mode if there is no CUDA device (or `force`, or OTR_FORCE_CPU=1); returns the log
     line, or None on a GPU machine.
 
@@ -158,12 +161,12 @@ def enable(force: bool = False) -> Optional[str]:
 
     if _STATE["enabled"]:
         return _STATE["line"]
-    force = force or os.environ.get("OTR_FORCE_CPU", "") == "1"  # as enable_cpu_backend
+    force = force or os.environ.get("OTR_FORCE_CPU", "") == "1"  # as mcore.enable_cpu_mode
     if torch.cuda.is_available() and not force:
         return None
-    from otr_megatron.mcore import enable_cpu_backend
+    from otr_megatron.mcore.cpu_backend import enable_cpu_mode as enable_mcore_cpu_mode
 
-    enable_cpu_backend(force=True)  # before Bridge loads, so nothing captures the CUDA functions first
+    enable_mcore_cpu_mode(force=True)  # before Bridge loads, so nothing captures the CUDA functions first
     with import_shims() as used:
         import megatron.bridge.training.finetune  # noqa: F401  (pulls in pretrain, models, peft)
         import megatron.bridge.training.pretrain  # noqa: F401
@@ -173,3 +176,10 @@ def enable(force: bool = False) -> Optional[str]:
     if os.environ.get("RANK", "0") == "0":  # one line per job, not per rank
         print(line, flush=True)
     return line
+
+
+def enable(force: bool = False) -> Optional[str]:
+    """Deprecated name of `enable_cpu_mode` (used by scripts written before the CPU modes shared one name)."""
+    warnings.warn("otr_megatron.bridge.cpu.enable is deprecated; use enable_cpu_mode", DeprecationWarning,
+                  stacklevel=2)
+    return enable_cpu_mode(force)

@@ -538,4 +538,7 @@ def main(argv: list[str] | None = None) -> int:
 
 
 if __name__ == "__main__":
+    from otr_megatron import console
+
+    console.install()  # megatron-core's "not installed" warnings: one line
     sys.exit(main())

@@ -9,10 +9,17 @@ Importing this package does not import megatron-core; the submodules import it w
 - `OTR_REPORTS`, the one table of reports; `reduce_reports`                       (metrics.py)
 - `forward_step`, `loss_func`, `prepare_batch`, `slice_batch_for_cp`              (training.py)
 - `build_gpt_model`, `build_model_chunks`, `GPTBuildConfig`, `layout_invariant_init_` (model.py)
-- `enable_cpu_backend`                                                            (cpu_backend.py)
+- `enable_cpu_mode` / `cpu_mode_enabled` (deprecated old names: `enable_cpu_backend`,
+  `cpu_backend_enabled`)                                                          (cpu_backend.py)
 """
 
-from otr_megatron.mcore.cpu_backend import SPTorchNorm, cpu_backend_enabled, enable_cpu_backend
+from otr_megatron.mcore.cpu_backend import (
+    SPTorchNorm,
+    cpu_backend_enabled,
+    cpu_mode_enabled,
+    enable_cpu_backend,
+    enable_cpu_mode,
+)
 from otr_megatron.mcore.hook import (
     OTRBatchContext,
     OTRLossHook,
@@ -49,7 +56,8 @@ from otr_megatron.mcore.training import forward_step, loss_func, prepare_batch, 
 __all__ = [
     "GPTBuildConfig", "NEGATIVE_REPORTS", "OTRBatchContext", "OTRLossHook", "OTR_REPORTS", "REPORT_NAMES",
     "Report", "SPTorchNorm", "batch_token_keys", "build_gpt_model", "build_model_chunks", "cp_zigzag_positions",
-    "cpu_backend_enabled", "disable_otr", "enable_cpu_backend", "enable_otr", "fallback_sample_ids",
+    "cpu_backend_enabled", "cpu_mode_enabled", "disable_otr", "enable_cpu_backend", "enable_cpu_mode",
+    "enable_otr", "fallback_sample_ids",
     "forward_step", "get_otr_hook", "layout_invariant_init_", "loss_func", "make_output_processor",
     "make_transformer_config", "otr_report", "output_processor_supported", "pop_otr_stats", "prepare_batch",
     "reduce_reports", "report_means", "set_iteration", "set_otr_context", "slice_batch_for_cp", "te_available",

@@ -1,7 +1,7 @@
 """Run megatron-core (0.15 ... 0.19+) on a CPU-only machine with the gloo backend.
 
 Megatron-Core assumes CUDA in a handful of places that have nothing to do with the math (device
-placement of scratch buffers, stream bookkeeping, RNG state trackers). `enable_cpu_backend()`
+placement of scratch buffers, stream bookkeeping, RNG state trackers). `enable_cpu_mode()`
 redirects exactly those calls to the CPU so that the *unmodified* megatron-core code paths
 (tensor/sequence/pipeline/data parallelism, DDP, schedules, distributed checkpoints) run under
 gloo. Each patch below was found by a real failure; see `shared/reference/megatron.md`:
@@ -32,6 +32,7 @@ import functools
 import logging
 import os
 import threading
+import warnings
 
 import torch
 
@@ -39,8 +40,8 @@ _LOCK = threading.Lock()
 _STATE = {"enabled": False}
 
 
-def cpu_backend_enabled() -> bool:
-    """True once `enable_cpu_backend` has patched this process."""
+def cpu_mode_enabled() -> bool:
+    """True once `enable_cpu_mode` has patched this process."""
     return bool(_STATE["enabled"])
 
 
@@ -202,10 +203,12 @@ def _patch_megatron() -> None:
     _patch_megatron_grad_clip()
 
 
-def enable_cpu_backend(force: bool = False) -> bool:
+def enable_cpu_mode(force: bool = False) -> bool:
     """Patch torch/megatron so that megatron-core runs on the CPU.
 
-    Returns True when the CPU backend is active after the call. Does nothing (returns False) when
+    The same name in each layer: `otr_megatron.bridge.cpu.enable_cpu_mode` and
+    `otr_megatron.nemo.cpu.enable_cpu_mode` call this one first, then patch their framework.
+    Returns True when CPU mode is active after the call. Does nothing (returns False) when
     CUDA is available and `force` is False, so GPU runs are never altered. Safe to call many times.
     Also honoured: environment variable `OTR_FORCE_CPU=1` acts like `force=True`.
     """
@@ -260,6 +263,20 @@ def enable_cpu_backend(force: bool = False) -> bool:
         _STATE["enabled"] = True
         _patch_megatron()
         return True
+
+
+def enable_cpu_backend(force: bool = False) -> bool:
+    """Deprecated name of `enable_cpu_mode` (the public name before the three CPU modes shared one)."""
+    warnings.warn("otr_megatron.mcore.enable_cpu_backend is deprecated; use enable_cpu_mode",
+                  DeprecationWarning, stacklevel=2)
+    return enable_cpu_mode(force)
+
+
+def cpu_backend_enabled() -> bool:
+    """Deprecated name of `cpu_mode_enabled`."""
+    warnings.warn("otr_megatron.mcore.cpu_backend_enabled is deprecated; use cpu_mode_enabled",
+                  DeprecationWarning, stacklevel=2)
+    return cpu_mode_enabled()
 
 
 def with_one_cuda_device(fn):

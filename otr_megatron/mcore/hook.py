@@ -49,6 +49,8 @@ from typing import Callable, Optional
 
 import torch
 
+from otr_megatron.core.loss import vocab_parallel_otr_loss
+
 _HOOK_ATTR = "_otr_hook"
 
 
@@ -108,15 +110,6 @@ class OTRBatchContext:
 
         return OTRBatchContext(self.step, move(self.token_keys), move(self.loss_mask), move(self.loss_weights),
                                move(self.sequence_starts))
-
-
-def _default_loss_fn():
-    import otr_megatron as otr
-
-    fn = getattr(otr, "vocab_parallel_otr_loss", None)
-    if fn is None:
-        raise ImportError("otr_megatron.vocab_parallel_otr_loss is not available (core loss missing)")
-    return fn
 
 
 def _tp_group_of(model):
@@ -235,7 +228,7 @@ class OTRLossHook:
                                  f"{tuple(labels.shape)}")
             eff = labels.masked_fill(ctx.loss_mask == 0, self.ignore_index)
         cfg = self.cfg if mtp_depth is None else self._cfg_for_mtp(mtp_depth)
-        fn = self.loss_fn or _default_loss_fn()
+        fn = self.loss_fn or vocab_parallel_otr_loss
         loss, stats = fn(
             logits, eff.t(), cfg, tp_group=group if tp > 1 else None, step=int(ctx.step),
             vocab_size=self.vocab_size, token_keys=ctx.token_keys.t(), ignore_index=self.ignore_index,
@@ -253,7 +246,7 @@ def enable_otr(model, cfg, *, vocab_size: Optional[int] = None, mtp_loss: str = 
     """Make `model` (a GPTModel chunk, possibly wrapped, or a list of chunks) compute OTR.
 
     cfg: an `otr_megatron.OTRConfig`. vocab_size: the real vocabulary (default: the value the
-    builder stored on the model). loss_fn: override of `otr_megatron.vocab_parallel_otr_loss`
+    builder stored on the model). loss_fn: override of `otr_megatron.core.loss.vocab_parallel_otr_loss`
     (same signature; the tests pass Megatron's cross entropy). Returns the hook (or list of hooks).
     """
     if isinstance(model, (list, tuple)):

@@ -4,7 +4,7 @@
     from otr_megatron.nemo import otr_recipe
     recipe = otr_recipe(llm.llama3_70b.finetune_recipe(num_nodes=4, peft_scheme=None), num_samples=256)
 
-On a machine without a GPU, `otr_megatron.nemo.cpu.enable_nemo_cpu()` lets the real loop run over
+On a machine without a GPU, `otr_megatron.nemo.cpu.enable_cpu_mode()` lets the real loop run over
 gloo, and `otr_megatron.nemo.recipes.tiny_gpt_cpu_recipe()` is a recipe small enough for a laptop
 (`otr-megatron nemo` runs both). OTRGPTModel logs every OTR report each step ("lm loss" =
 label cross entropy, "otr loss" = the backpropagated surrogate, "otr hit rate", "otr mean reward").

@@ -141,9 +141,9 @@ def main(argv: list[str] | None = None) -> int:
         return 0
     import fiddle as fdl
 
-    from otr_megatron.nemo.cpu import enable_nemo_cpu
+    from otr_megatron.nemo.cpu import enable_cpu_mode
 
-    enable_nemo_cpu()
+    enable_cpu_mode()
     task = fdl.build(recipe)
     task()
     metrics = task.keywords["model"].otr_metrics() if hasattr(task, "keywords") else {}
@@ -153,4 +153,7 @@ def main(argv: list[str] | None = None) -> int:
 
 
 if __name__ == "__main__":
+    from otr_megatron import console
+
+    console.install()  # megatron-core's "not installed" warnings: one line
     sys.exit(main())

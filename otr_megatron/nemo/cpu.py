@@ -1,10 +1,10 @@
 """NeMo 2.x (nemo-toolkit 2.7, megatron-core 0.15) on a machine without a GPU: the real loop under gloo.
 
-`enable_nemo_cpu()` does nothing when torch sees a GPU. Otherwise it applies, once per process, the
+`enable_cpu_mode()` does nothing when torch sees a GPU. Otherwise it applies, once per process, the
 patches below and names them in one log line. None edits an installed file, and each one
 replaces only the named function in the named NeMo module:
 
-1. `otr_megatron.mcore.enable_cpu_backend()`: megatron-core's CUDA-only buffers, streams and RNG
+1. `otr_megatron.mcore.enable_cpu_mode()`: megatron-core's CUDA-only buffers, streams and RNG
    tracker on the CPU (see that module).
 2. `nemo.lightning.megatron_init._set_random_seed` runs with `torch.cuda.device_count()` reporting
    1. It seeds Megatron's model-parallel RNG tracker only when it counts a GPU; unseeded, weight
@@ -19,6 +19,7 @@ replaces only the named function in the named NeMo module:
 from __future__ import annotations
 
 import types
+import warnings
 
 import torch
 
@@ -49,20 +50,24 @@ class _TorchWithoutPinnedTensors(types.ModuleType):
         return torch.tensor(*args, **kwargs)
 
 
-def enable_nemo_cpu(force: bool = False) -> list:
+def enable_cpu_mode(force: bool = False) -> list:
     """Apply the CPU patches (module docstring) when torch sees no GPU; return their names.
+
+    The same name in each layer: `otr_megatron.mcore.enable_cpu_mode` (applied first, patch 1) and
+    `otr_megatron.bridge.cpu.enable_cpu_mode`.
 
     Returns [] on a GPU machine (unless `force`). Idempotent: later calls return the same list.
     """
-    from otr_megatron.mcore.cpu_backend import enable_cpu_backend, with_one_cuda_device
+    from otr_megatron.mcore.cpu_backend import enable_cpu_mode as enable_mcore_cpu_mode
+    from otr_megatron.mcore.cpu_backend import with_one_cuda_device
 
     if _APPLIED:
-        enable_cpu_backend()  # re-applies megatron-side patches if megatron was imported since
+        enable_mcore_cpu_mode()  # re-applies megatron-side patches if megatron was imported since
         return list(_APPLIED)
     if torch.cuda.is_available() and not force:
         return []
-    enable_cpu_backend(force=True)  # 1: megatron-core's CUDA-only calls
-    names = ["otr_megatron.mcore.enable_cpu_backend"]
+    enable_mcore_cpu_mode(force=True)  # 1: megatron-core's CUDA-only calls
+    names = ["otr_megatron.mcore.enable_cpu_mode"]
 
     from nemo.lightning import megatron_init
 
@@ -90,3 +95,10 @@ def enable_nemo_cpu(force: bool = False) -> list:
     logging.info("otr_megatron NeMo CPU mode (no GPU): " + "; ".join(names))
     _APPLIED.extend(names)
     return list(_APPLIED)
+
+
+def enable_nemo_cpu(force: bool = False) -> list:
+    """Deprecated name of `enable_cpu_mode` (the NeMo layer's name before the CPU modes shared one)."""
+    warnings.warn("otr_megatron.nemo.cpu.enable_nemo_cpu is deprecated; use enable_cpu_mode", DeprecationWarning,
+                  stacklevel=2)
+    return enable_cpu_mode(force)

@@ -7,7 +7,7 @@
 
 `llm.pretrain` with `llm.GPTModel(llm.GPTConfig)` at 2 layers / hidden 64, `MockDataModule` over a
 `NullTokenizer` (no download), `MegatronStrategy(process_group_backend="gloo")` and
-`Trainer(accelerator="cpu")`. Call `otr_megatron.nemo.cpu.enable_nemo_cpu()` before running it on a
+`Trainer(accelerator="cpu")`. Call `otr_megatron.nemo.cpu.enable_cpu_mode()` before running it on a
 machine without a GPU (`otr-megatron nemo` does both).
 """
 

@@ -214,7 +214,7 @@ def hf_path_checks(root: str) -> dict:
 def bridge_runs(rank: int, world_size: int, workdir: str) -> dict:
     from otr_megatron.bridge import cpu
 
-    cpu_line = cpu.enable()
+    cpu_line = cpu.enable_cpu_mode()
     tok_dir = os.path.join(workdir, "tokenizer")
     if rank == 0:
         write_sft_data(workdir)

@@ -116,3 +116,14 @@ def test_derived_keys_exist_in_bridge():
     for key in [*DERIVED, *FIXED, *FULL_RECOMPUTE]:
         section, name = key.split(".")
         assert name in {f.name for f in dataclasses.fields(sections[section])}, key
+
+
+def test_bridge_ci_line_runs_this_file():
+    """`test_derived_keys_exist_in_bridge` skips without Bridge, so the Bridge line must run this file."""
+    import re
+
+    script = (Path(__file__).resolve().parents[2] / "scripts" / "run_tests.sh").read_text()
+    bridge = re.search(r'if \[ -n "\$\{BRIDGE:-\}" \]; then paths=\(([^)]*)\)', script)
+    assert bridge is not None, "scripts/run_tests.sh: no BRIDGE line found"
+    here = Path(__file__).resolve().relative_to(Path(__file__).resolve().parents[2]).as_posix()
+    assert here in bridge.group(1).split(), bridge.group(1)

@@ -8,8 +8,8 @@ import pytest
 
 SCRIPT = """
 import torch
-from otr_megatron.mcore import enable_cpu_backend
-assert enable_cpu_backend(force=True)
+from otr_megatron.mcore import enable_cpu_mode
+assert enable_cpu_mode(force=True)
 with torch.device("meta"):
     made = [torch.arange(3), torch.zeros(2), torch.empty(1), torch.ones(1)]
 print(sorted({t.device.type for t in made}))

@@ -99,9 +99,9 @@ def _hand_process_group_to_nemo() -> None:
 
 def nemo_otr_worker(rank, world, tp, steps, workdir):
     """NeMo trains `steps` steps with OTR at TP=`tp`; the megatron-core path replays every step."""
-    from otr_megatron.nemo.cpu import enable_nemo_cpu
+    from otr_megatron.nemo.cpu import enable_cpu_mode
 
-    patches = enable_nemo_cpu()
+    patches = enable_cpu_mode()
     _hand_process_group_to_nemo()
     import fiddle as fdl
     from megatron.core.distributed import DistributedDataParallel, DistributedDataParallelConfig, finalize_model_grads

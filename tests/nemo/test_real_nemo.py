@@ -34,7 +34,7 @@ def test_cpu_mode_is_a_no_op_with_a_gpu(monkeypatch):
 
     monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
     monkeypatch.setattr(cpu, "_APPLIED", [])
-    assert cpu.enable_nemo_cpu() == []
+    assert cpu.enable_cpu_mode() == []
 
 
 def test_with_one_cuda_device_is_scoped():
@@ -60,7 +60,7 @@ def tp2_run(tmp_path_factory):
 def test_cpu_mode_names_its_patches(tp2_run):
     for r in tp2_run:
         assert r["patches"] == [
-            "otr_megatron.mcore.enable_cpu_backend",
+            "otr_megatron.mcore.enable_cpu_mode",
             "nemo.lightning.megatron_init._set_random_seed(device_count=1)",
             "MockDataModule.setup(create_attention_mask=keyword)",
             "torch.tensor(pin_memory) in MegatronStrategy/MegatronDataSampler",
