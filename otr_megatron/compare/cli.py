@@ -322,4 +322,7 @@ def _main(argv: list[str] | None = None) -> int:
 
 
 if __name__ == "__main__":
+    from otr_megatron import console
+
+    console.install()  # megatron-core's "not installed" warnings: one line
     sys.exit(main())

@@ -134,9 +134,9 @@ def run_probe(spec: dict) -> dict:
 
     use_cuda = torch.cuda.is_available() and spec.get("device", "auto") != "cpu"
     if not use_cuda:
-        from otr_megatron.mcore.cpu_backend import enable_cpu_backend
+        from otr_megatron.mcore.cpu_backend import enable_cpu_mode
 
-        enable_cpu_backend(force=True)
+        enable_cpu_mode(force=True)
     tmp = tempfile.mkdtemp(prefix="otr-compare-probe-")
     cfg = load_config(spec["config"], ["tp=1", "pp=1", "dp=1", f"output_dir={tmp}", "resume=false",
                                        "finetune_iters=0"])

@@ -165,9 +165,9 @@ def _run_rank(rank: int, world: int, cfg: TrainConfig, port: int | None, threads
 
     use_cuda = _use_cuda(cfg)
     if not use_cuda:
-        from otr_megatron.mcore.cpu_backend import enable_cpu_backend
+        from otr_megatron.mcore.cpu_backend import enable_cpu_mode
 
-        enable_cpu_backend(force=True)
+        enable_cpu_mode(force=True)
         if threads:
             torch.set_num_threads(threads)
     if not torch.distributed.is_initialized():
@@ -399,4 +399,7 @@ def main(argv: list[str] | None = None) -> int:
 
 
 if __name__ == "__main__":
+    from otr_megatron import console
+
+    console.install()  # megatron-core's "not installed" warnings: one line
     sys.exit(main())

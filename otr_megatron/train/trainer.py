@@ -1,7 +1,7 @@
 """The `otr-megatron train` loop: megatron-core GPTModel, DDP, Megatron optimizer and schedules.
 
 One process per rank (world = tp x pp x dp); the launcher in `main.py` has already initialized
-`torch.distributed`. The same code runs on CPU (gloo, `enable_cpu_backend`) and GPU (NCCL).
+`torch.distributed`. The same code runs on CPU (gloo, `enable_cpu_mode`) and GPU (NCCL).
 
 Stages: `pretrain_iters` steps of cross entropy give the tiny model a base distribution, then
 `finetune_iters` steps with `cfg.loss`. Every loss, the pretraining CE included, goes through the
