@@ -11,11 +11,18 @@ One line for the whole job, not one per rank: spawned workers (the demo's, the t
 process to hit a known warning claims a marker file there and speaks, the others stay quiet. Ranks
 other than 0 (RANK, as torchrun sets it) never speak. Asking Python for warnings explicitly (`-W`,
 PYTHONWARNINGS) turns this off: then every warning shows.
+
+megatron-core >= 0.17 also speaks about its own internals, whatever the job sets: "GPTModel IS
+DEPRECATED", "MCore's async save is deprecated" (its synchronous save calls its async one), "full scope
+is deprecated" (its own default), "MimoModelConfig is experimental", "absl.logging is not installed" (it
+falls back to the standard logging). None names something a user of this job can change, so the job
+drops them (`INTERNAL_WARNINGS`, `INTERNAL_LOGS`); every other megatron-core warning and log shows.
 """
 
 from __future__ import annotations
 
 import atexit
+import logging
 import os
 import re
 import shutil
@@ -28,7 +35,39 @@ ENV = "OTR_MEGATRON_CONSOLE_DIR"
 # "Apex is not installed. ..."; group 1 names what is missing
 KNOWN = re.compile(r"^((?:Transformer Engine|Apex)(?: and (?:Transformer Engine|Apex))?) (?:is|are) not installed\b")
 
+# megatron-core's notices about its own internals (0.17 ... 0.19), by message start
+INTERNAL_WARNINGS = re.compile(r"^(?:absl\.logging is not installed|full scope is deprecated|"
+                               r"MimoModelConfig is experimental)\b")
+INTERNAL_LOGS = {  # logger name: message start (logging records, not warnings: -W does not reach them)
+    "megatron.core.models.gpt.gpt_model": "GPTModel IS DEPRECATED",
+    "megatron.core.dist_checkpointing.strategies.torch": "MCore's async save is deprecated",
+}
+
 _STATE: dict = {"previous": None, "named": set()}
+
+
+def is_internal_notice(message, category, filename: str) -> bool:
+    """True for a megatron-core warning about its own internals (`INTERNAL_WARNINGS`)."""
+    return (issubclass(category, UserWarning) and f"{os.sep}megatron{os.sep}" in str(filename)
+            and INTERNAL_WARNINGS.match(str(message)) is not None)
+
+
+class _DropInternal(logging.Filter):
+    def __init__(self, start: str):
+        super().__init__()
+        self.start = start
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        return not record.getMessage().startswith(self.start)
+
+
+def drop_internal_logs() -> None:
+    """Drop megatron-core's internal log notices (`INTERNAL_LOGS`) in this process; idempotent. Called
+    by `install()` and by every rank of the jobs (spawned workers under -W do not install the rest)."""
+    for name, start in INTERNAL_LOGS.items():
+        log = logging.getLogger(name)
+        if not any(isinstance(f, _DropInternal) for f in log.filters):
+            log.addFilter(_DropInternal(start))
 
 
 def known_missing(message, category, filename: str) -> list[str] | None:
@@ -65,6 +104,8 @@ def _claim(name: str) -> bool:
 
 
 def _show(message, category, filename, lineno, file=None, line=None):
+    if is_internal_notice(message, category, filename):
+        return
     missing = known_missing(message, category, filename)
     if missing is None:
         return _STATE["previous"](message, category, filename, lineno, file, line)
@@ -78,8 +119,10 @@ def _show(message, category, filename, lineno, file=None, line=None):
 def install() -> bool:
     """Fold the known warnings into one line for this process and the workers it starts; idempotent.
 
-    Returns False (and changes nothing) when the user asked for warnings with -W or PYTHONWARNINGS.
+    Returns False (and changes no warning) when the user asked for warnings with -W or PYTHONWARNINGS;
+    megatron-core's internal log notices are dropped either way.
     """
+    drop_internal_logs()
     if sys.warnoptions:
         return False
     if _STATE["previous"] is None:

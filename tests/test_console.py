@@ -34,7 +34,7 @@ def _run(args: list[str], env_extra: dict | None = None, timeout: int = 300) -> 
 
 
 def _raw_warnings(stderr: str) -> list[str]:
-    """Shown Transformer Engine / Apex warnings (0.19's absl-py one is not of the six and still shows)."""
+    """Shown Transformer Engine / Apex warnings (0.19's absl-py one is an internal notice, dropped)."""
     return [ln for ln in stderr.splitlines() if "UserWarning:" in ln and ("Apex" in ln or "Transformer Engine" in ln)]
 
 
@@ -52,6 +52,36 @@ def _summaries(stderr: str) -> list[str]:
 ])
 def test_known_missing(message, filename, expected):
     assert console.known_missing(message, UserWarning, filename.replace("/", os.sep)) == expected
+
+
+@pytest.mark.parametrize("message, filename, expected", [
+    ("absl.logging is not installed. Using logging.getLogger", "/x/megatron/core/hyper_comm_grid.py", True),
+    ("full scope is deprecated. Use empty cuda_graph_modules", "/x/megatron/core/transformer/t.py", True),
+    ("MimoModelConfig is experimental and still under", "/x/megatron/core/models/mimo/c.py", True),
+    ("full scope is deprecated. Use empty cuda_graph_modules", "/x/my_project/t.py", False),  # not megatron's
+    ("the tokenizer is deprecated", "/x/megatron/core/a.py", False),
+])
+def test_internal_notices(message, filename, expected):
+    assert console.is_internal_notice(message, UserWarning, filename.replace("/", os.sep)) is expected
+
+
+def test_internal_log_notices_are_dropped_and_others_kept(caplog):
+    """megatron-core >= 0.17 logs "GPTModel IS DEPRECATED" and (from its own synchronous save) "MCore's
+    async save is deprecated"; only those messages, only on their loggers, are dropped."""
+    import logging
+
+    console.drop_internal_logs()
+    console.drop_internal_logs()  # idempotent
+    gpt = logging.getLogger("megatron.core.models.gpt.gpt_model")
+    ckpt = logging.getLogger("megatron.core.dist_checkpointing.strategies.torch")
+    assert sum(type(f).__name__ == "_DropInternal" for f in gpt.filters) == 1
+    with caplog.at_level(logging.WARNING):
+        gpt.warning("GPTModel IS DEPRECATED. GPTModel is only accepting critical bug fixes")
+        ckpt.warning("MCore's async save is deprecated and will be removed in the future releases.")
+        gpt.warning("a real problem with the model")
+        logging.getLogger("other").warning("GPTModel IS DEPRECATED (someone else's logger)")
+    assert [r.getMessage() for r in caplog.records] == ["a real problem with the model",
+                                                        "GPTModel IS DEPRECATED (someone else's logger)"]
 
 
 def test_known_missing_ignores_other_categories():

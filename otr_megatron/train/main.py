@@ -44,6 +44,7 @@ checkpoint. A --resume with nothing left to train changes nothing and exits 0.
 STOP_SIGNALS = (signal.SIGINT, signal.SIGTERM, signal.SIGHUP)
 WORKER_GRACE_S = 20.0  # how long stopped workers get to unwind before they are killed
 _stop_signal: list[int] = []  # the signal that stopped this process (first one wins)
+_exiting: list[bool] = []  # set once a worker is past its work: a stop signal then only ends it quietly
 
 
 def _on_stop_signal(signum, frame):
@@ -54,6 +55,8 @@ def _on_stop_signal(signum, frame):
     if _stop_signal:
         return
     _stop_signal.append(signum)
+    if _exiting:  # in the interpreter's exit (joining megatron-core's manager): let it finish
+        return
     raise KeyboardInterrupt
 
 
@@ -145,6 +148,9 @@ def _worker(rank: int, world: int, cfg: TrainConfig, port: int | None, threads: 
             if user is None:
                 raise
             raise user from None
+        finally:
+            if err_dir is not None:  # what is left is the exit; a stop signal now must not interrupt it
+                _exiting.append(True)
     except user_errors() as e:
         if err_dir is None:
             raise
@@ -162,6 +168,10 @@ def _worker(rank: int, world: int, cfg: TrainConfig, port: int | None, threads: 
 
 def _run_rank(rank: int, world: int, cfg: TrainConfig, port: int | None, threads: int | None) -> None:
     import torch
+
+    from otr_megatron import console
+
+    console.drop_internal_logs()  # megatron-core >= 0.17's notices about itself ("GPTModel IS DEPRECATED")
 
     use_cuda = _use_cuda(cfg)
     if not use_cuda:
