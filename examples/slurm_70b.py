@@ -18,10 +18,12 @@ REPO = Path(__file__).resolve().parents[1]
 
 
 def bridge_command(config_path: Path) -> list[str]:
-    from otr_megatron.cli import load_config_dict
+    from otr_megatron.config.cluster_job import load_cluster_job, preflight
     from otr_megatron.launch.bridge_job import bridge_command as derived
 
-    return derived(load_config_dict(str(config_path))) + [
+    job = load_cluster_job(str(config_path))
+    preflight(job)  # the schema, the layout against the model, the memory verdict: before the queue
+    return derived(job.cfg) + [
         "checkpoint.save=/ckpt/llama3_70b_otr", "checkpoint.load=/ckpt/llama3_70b_otr"]
 
 

@@ -49,6 +49,7 @@ class BridgeArgs:
     hf_path: Optional[str] = None
     vocab_size: Optional[int] = None
     dry_run: bool = False
+    world_size: Optional[int] = None
     otr: dict = field(default_factory=dict)
     overrides: list = field(default_factory=list)
 
@@ -60,7 +61,7 @@ class BridgeArgs:
 def _parse_value(key: str, text: str) -> Any:
     """The value of `otr.key=value`, read as every other command reads KEY=VALUE (OmegaConf's dotlist:
     256 -> int, 1.3 and 1e-3 -> float, null -> None)."""
-    from otr_megatron.cli import OverrideError, parse_override
+    from otr_megatron.config.reader import OverrideError, parse_override
 
     try:
         return parse_override(f"{key}={text}")[1]
@@ -113,41 +114,41 @@ def parse_args(argv: list[str]) -> BridgeArgs:
                     help="local Hugging Face model directory (config.json, tokenizer) used wherever the recipe "
                          "asks the Hugging Face Hub for a model (AutoBridge.from_hf_pretrained), e.g. offline")
     ap.add_argument("--vocab-size", type=int, help="real vocabulary size (default: cfg.model.vocab_size)")
-    ap.add_argument("--dry-run", action="store_true", help="build and print the configuration, do not train")
+    ap.add_argument("--dry-run", action="store_true",
+                    help="build the configuration, run Bridge's own validation on a copy (CPU is fine), print the "
+                         "final configuration, do not train")
+    ap.add_argument("--world-size", type=int, metavar="N",
+                    help="ranks the --dry-run validation assumes (default: $WORLD_SIZE, else tp*pp*cp, i.e. dp=1)")
     ns, rest = ap.parse_known_args(argv)
     otr, bridge = split_overrides(rest)
     return BridgeArgs(recipe=ns.recipe, mode=ns.mode, config=ns.config, hf_path=ns.hf_path,
-                      vocab_size=ns.vocab_size, dry_run=ns.dry_run, otr=otr, overrides=bridge)
+                      vocab_size=ns.vocab_size, dry_run=ns.dry_run, world_size=ns.world_size, otr=otr,
+                      overrides=bridge)
 
 
 def split_yaml(path: str) -> tuple[dict, Optional[dict]]:
     """Read the YAML file; return (its `otr:` section, the remaining Bridge part or None).
 
-    Read with OmegaConf's YAML loader, as Bridge reads the rest (so `1e-3` is a number, not a string)."""
-    from omegaconf import OmegaConf
-    from omegaconf.errors import OmegaConfBaseException
+    Read by the package's one YAML reader (`config/reader.py`: YAML 1.2 numbers, as Bridge's OmegaConf
+    reads the rest, so `1e-3` is a number, not a string)."""
     from yaml import YAMLError
 
-    from otr_megatron.cli import OverrideError, safe_yaml_load
+    from otr_megatron.config.reader import OverrideError, safe_yaml_load
 
     if not os.path.isfile(path):
         raise BridgeCLIError(f"--config {path!r}: no such file")
     try:
-        from omegaconf._utils import get_yaml_loader  # the loader OmegaConf.load uses (1e-3 is a float)
-    except ImportError:  # pragma: no cover - older OmegaConf
-        get_yaml_loader = None
-    try:
         with open(path, encoding="utf-8") as f:
             text = f.read()
-        data = safe_yaml_load(text, f"--config {path!r}", loader=get_yaml_loader() if get_yaml_loader else None)
+        data = safe_yaml_load(text, f"--config {path!r}")
         if data is not None and not isinstance(data, dict):
             raise BridgeCLIError(f"--config {path!r}: expected a mapping at the top level")
-        data = OmegaConf.to_container(OmegaConf.create(data)) if data else {}
+        data = data or {}
     except OverrideError as exc:  # the size limits of every YAML reader here
         raise BridgeCLIError(str(exc)) from None
     except (OSError, UnicodeDecodeError) as exc:
         raise BridgeCLIError(f"--config {path!r}: cannot be read ({exc})") from None
-    except (YAMLError, OmegaConfBaseException) as exc:
+    except YAMLError as exc:
         raise BridgeCLIError(f"--config {path!r}: not valid YAML ({str(exc).splitlines()[0]})") from None
     otr = data.pop("otr", None) or {}
     if not isinstance(otr, dict):
@@ -205,6 +206,7 @@ class BridgeAPI:
     process_config_with_overrides: Callable
     finetune: Callable
     pretrain: Callable
+    runtime_config_update: Optional[Callable] = None  # Bridge's pre-initialisation + validate (--dry-run)
 
     @classmethod
     def default(cls) -> "BridgeAPI":
@@ -215,6 +217,7 @@ class BridgeAPI:
             from otr_megatron.bridge import cpu
 
             cpu.enable_cpu_mode()
+            from megatron.bridge.training.config import runtime_config_update
             from megatron.bridge.training.finetune import finetune
             from megatron.bridge.training.pretrain import pretrain
             from megatron.bridge.training.utils.omegaconf_utils import process_config_with_overrides
@@ -226,7 +229,7 @@ class BridgeAPI:
                 "are optional (without CUDA, otr-megatron runs Bridge on the CPU with gloo). Pinned versions: "
                 "`MCORE=0.19.2 BRIDGE=0.6.2 bash scripts/setup_env.sh`"
             ) from exc
-        return cls(version, process_config_with_overrides, finetune, pretrain)
+        return cls(version, process_config_with_overrides, finetune, pretrain, runtime_config_update)
 
 
 def load_recipe(spec: str) -> Callable:
@@ -342,11 +345,11 @@ def build_config(args: BridgeArgs, api: BridgeAPI):
     tmp = None
     try:
         if bridge_yaml:
-            import yaml
+            from otr_megatron.config.reader import dump_yaml
 
             fd, tmp = tempfile.mkstemp(suffix=".yaml", prefix="otr-bridge-")
             with os.fdopen(fd, "w") as f:
-                yaml.safe_dump(bridge_yaml, f)
+                dump_yaml(bridge_yaml, f)
         if bridge_yaml or args.overrides:
             try:
                 cfg = api.process_config_with_overrides(cfg, config_filepath=tmp, cli_overrides=list(args.overrides) or None)
@@ -393,6 +396,29 @@ def train(api: BridgeAPI, mode: str, cfg, step) -> None:
         fn(cfg, step)
 
 
+def dry_run(args: BridgeArgs, cfg, api: BridgeAPI) -> int:
+    """Bridge's validation (`bridge/preflight.py`) on a copy, then the final configuration on stdout."""
+    from otr_megatron.bridge.preflight import validate_on_cpu
+
+    model = cfg.model
+    world = args.world_size or int(os.environ.get("WORLD_SIZE", "0") or 0) or (
+        getattr(model, "tensor_model_parallel_size", 1) * getattr(model, "pipeline_model_parallel_size", 1)
+        * getattr(model, "context_parallel_size", 1))
+    if world < 1:
+        raise BridgeCLIError(f"--world-size {world}; expected an integer >= 1")
+    if api.runtime_config_update is None:  # an injected API without Bridge's validation (tests)
+        print("otr-megatron bridge: --dry-run: built; this Bridge API has no validation; not training", flush=True)
+        return 0
+    checked, turned_off = validate_on_cpu(cfg, world, api.runtime_config_update)
+    if hasattr(checked, "print_yaml"):
+        checked.print_yaml()
+    else:  # pragma: no cover - Bridge releases without print_yaml
+        print(checked)
+    off = f"; {', '.join(turned_off)} off for the check only (Transformer Engine is not installed)" if turned_off else ""
+    print(f"otr-megatron bridge: --dry-run: built and validated at {world} ranks{off}; not training", flush=True)
+    return 0
+
+
 def run(argv: list[str], api: Optional[BridgeAPI] = None) -> int:
     args = parse_args(argv)
     api = api or BridgeAPI.default()
@@ -408,7 +434,7 @@ def run(argv: list[str], api: Optional[BridgeAPI] = None) -> int:
               f"pp={getattr(model, 'pipeline_model_parallel_size', '?')} "
               f"cp={getattr(model, 'context_parallel_size', '?')}, {otr_cfg}", flush=True)
     if args.dry_run:
-        return 0
+        return dry_run(args, cfg, api)
     train(api, mode, cfg, step)
     return 0
 

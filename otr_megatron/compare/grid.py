@@ -19,6 +19,7 @@ from dataclasses import dataclass, field
 
 import yaml
 
+from otr_megatron.config.reader import dump_yaml
 from otr_megatron.train.config import LOSSES, SEED_LIMIT, ConfigError, TrainConfig, from_dict, load_config, to_dict
 
 # Keys that only act after the warm start (or not on the weights at all). Sweeping anything else
@@ -96,7 +97,7 @@ def parse_sweep(text: str) -> Sweep:
 
     A value given twice (also in another spelling, e.g. ``1e-4`` and ``0.0001``) is one arm, run
     once; `Sweep.duplicates` names what was dropped so the command can say so."""
-    from otr_megatron.cli import OverrideError, safe_yaml_load
+    from otr_megatron.config.reader import OverrideError, safe_yaml_load
 
     if "=" not in text:
         raise ConfigError(f"--sweep {text!r}: expected KEY=V1,V2,... e.g. finetune_lr=3e-4,1e-3")
@@ -115,7 +116,7 @@ def parse_sweep(text: str) -> Sweep:
             labels = [value_label(v) for v in values]
         else:
             pieces = [v.strip() for v in raw.split(",")]
-            values = [_number(safe_yaml_load(v, source)) for v in pieces]
+            values = [safe_yaml_load(v, source) for v in pieces]  # the shared reader: 3e-4 is a number
             labels = [value_label(v) if isinstance(v, str) else value_label(p) for v, p in zip(values, pieces)]
     except yaml.YAMLError as e:
         raise ConfigError(f"--sweep {text!r}: values are not valid YAML ({' '.join(str(e).split())})") from None
@@ -136,16 +137,6 @@ def parse_sweep(text: str) -> Sweep:
     if len(set(labels)) != len(labels):
         raise ConfigError(f"--sweep {text!r}: different values must have different names, got labels {labels}")
     return Sweep(key, tuple(values), tuple(labels), tuple(dups))
-
-
-def _number(v):
-    """YAML 1.1 reads ``3e-4`` (no dot) as a string; a sweep value that reads as a number is one."""
-    if isinstance(v, str):
-        try:
-            return float(v)
-        except ValueError:
-            return v
-    return v
 
 
 def parse_losses(text: str) -> list[str]:
@@ -312,5 +303,5 @@ def build_plan(
 def dump_config(cfg: TrainConfig, path: str) -> str:
     os.makedirs(os.path.dirname(path) or ".", exist_ok=True)
     with open(path, "w", encoding="utf-8") as f:
-        yaml.safe_dump(dataclasses.asdict(cfg), f, sort_keys=False)
+        dump_yaml(dataclasses.asdict(cfg), f, sort_keys=False)
     return path

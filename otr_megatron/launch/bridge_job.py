@@ -19,6 +19,8 @@ DERIVED: dict[str, tuple[str, str]] = {
     "model.context_parallel_size": ("parallel", "context_parallel_size"),
     "model.virtual_pipeline_model_parallel_size": ("parallel", "virtual_pipeline_model_parallel_size"),
     "model.sequence_parallel": ("parallel", "sequence_parallel"),
+    "model.account_for_embedding_in_pipeline_split": ("parallel", "account_for_embedding_in_pipeline_split"),
+    "model.account_for_loss_in_pipeline_split": ("parallel", "account_for_loss_in_pipeline_split"),
     "ddp.use_distributed_optimizer": ("parallel", "use_distributed_optimizer"),
     "optimizer.use_distributed_optimizer": ("parallel", "use_distributed_optimizer"),
     "model.seq_length": ("train", "seq_length"),

@@ -32,6 +32,7 @@ from __future__ import annotations
 
 import argparse
 import errno
+import importlib.util
 import os
 import re
 import shlex
@@ -399,17 +400,59 @@ def build_parser() -> argparse.ArgumentParser:
     ap.add_argument("--requeue", action="store_true", help="requeue before the time limit and resume")
     ap.add_argument("--requeue-signal-seconds", type=int, default=300)
     ap.add_argument("--max-requeues", type=int, default=3)
+    ap.add_argument("--force", action="store_true", help="write a --config job the planner says does not fit")
+    ap.add_argument("--no-bridge-check", action="store_true",
+                    help="do not build the --config job's Bridge recipe on this machine (where Bridge is installed)")
     ap.add_argument("-o", "--output", help="write the script here (default: stdout)")
     ap.add_argument("--submit", action="store_true", help="run sbatch on the written script")
     ap.add_argument("command", nargs=argparse.REMAINDER, help="[KEY=VALUE ...] -- COMMAND ...")
     return ap
 
 
-def spec_from_args(ns: argparse.Namespace) -> SlurmSpec:
-    """Turn parsed options (plus an optional config file and its overrides) into a spec."""
-    from otr_megatron.cli import OverrideError, load_config_dict
+def preflight_config(ns: argparse.Namespace, overrides: list[str], derive_command: bool) -> tuple[dict, list[str], str]:
+    """The `--config` job checked before anything is written (`otr_megatron/config/cluster_job.py`: the
+    schema, the OTR settings, the layout against the model, the memory verdict unless --force; and,
+    where Megatron-Bridge is installed and the command is the one derived from the file, the recipe
+    built and validated on CPU). Returns (config, command or [], what was checked, in words)."""
+    from otr_megatron.config.cluster_job import JobConfigError, load_cluster_job, preflight
     from otr_megatron.launch.bridge_job import BridgeJobError, bridge_command
 
+    try:
+        job = load_cluster_job(ns.config, overrides, nodes=ns.nodes, gpus_per_node=ns.gpus_per_node)
+        budget = preflight(job, force=ns.force)
+        command = bridge_command(job.cfg) if derive_command else []
+    except (JobConfigError, BridgeJobError) as e:
+        msg = str(e)
+        raise SlurmSpecError(msg if msg.startswith(ns.config) else f"--config {ns.config}: {msg}") from None
+    checked = ["the schema, OTR settings and layout"]
+    if budget is not None:
+        from otr_megatron.planning.budget import GIB
+
+        checked.append(f"memory {budget.total_otr / GIB:.1f} of {job.layout.gpu_memory_gib:g} GiB per GPU"
+                       + ("" if budget.fits() else " (DOES NOT FIT; --force)"))
+    if derive_command:
+        checked.append(_bridge_check(ns, job))
+    return job.cfg, command, "; ".join(checked)
+
+
+def _bridge_check(ns: argparse.Namespace, job) -> str:
+    if ns.no_bridge_check:
+        return "the Bridge recipe not built (--no-bridge-check)"
+    if importlib.util.find_spec("megatron.bridge") is None:
+        return "the Bridge recipe not built (Megatron-Bridge is not installed here)"
+    from otr_megatron.bridge.cli import BridgeCLIError
+    from otr_megatron.bridge.preflight import check_job
+
+    try:
+        return check_job(job)
+    except BridgeCLIError as e:
+        raise SlurmSpecError(f"--config {ns.config}: the Bridge command does not build: {' '.join(str(e).split())} "
+                             "(--no-bridge-check skips this check)") from None
+
+
+def spec_from_args(ns: argparse.Namespace) -> tuple[SlurmSpec, str]:
+    """Turn parsed options (plus an optional config file and its overrides) into a spec, and say what
+    the preflight checked ("" without --config)."""
     # [KEY=VALUE ...] [-- COMMAND ...]: with --config the words before `--` (all of them if there is no
     # `--`) override the file; without it they are the command, as `--` is optional there.
     words = list(ns.command)
@@ -420,25 +463,14 @@ def spec_from_args(ns: argparse.Namespace) -> SlurmSpec:
     nodes, gpus, name = ns.nodes, ns.gpus_per_node, ns.job_name
     if overrides and not ns.config:
         raise SlurmSpecError(f"{overrides[0]!r} before `--`: KEY=VALUE overrides need --config")
+    checked = ""
     if ns.config:
-        try:
-            cfg = load_config_dict(ns.config, overrides)
-            if not command:
-                command = bridge_command(cfg)
-        except (OverrideError, BridgeJobError) as e:
-            raise SlurmSpecError(f"--config {ns.config}: {e}") from None
-        from otr_megatron.planning.budget import check_config
-
-        try:  # the numbers and OTR settings that go into the job, as `plan` and the job check them
-            check_config(cfg, nodes=ns.nodes, gpus_per_node=ns.gpus_per_node)
-        except (ValueError, TypeError) as e:
-            raise SlurmSpecError(f"--config {ns.config}: {e}") from None
+        cfg, derived, checked = preflight_config(ns, overrides, derive_command=not command)
+        command = command or derived
         cluster = cfg.get("cluster") or {}
         nodes = nodes if nodes is not None else _config_int(ns.config, "cluster.nodes", cluster.get("nodes"))
         gpus = gpus if gpus is not None else _config_int(ns.config, "cluster.gpus_per_node", cluster.get("gpus_per_node"))
         name = name or cfg.get("name")
-        if name is not None and not isinstance(name, str):
-            raise SlurmSpecError(f"--config {ns.config}: name={name!r}; expected a job name string")
     env = dict(DEFAULT_ENV)
     if ns.hf_home:
         env["HF_HOME"] = check_text("--hf-home", ns.hf_home, "a directory path")
@@ -470,7 +502,7 @@ def spec_from_args(ns: argparse.Namespace) -> SlurmSpec:
         max_requeues=ns.max_requeues,
         setup=list(ns.setup),
         sbatch_extra=list(ns.sbatch),
-    )
+    ), checked
 
 
 def submit(script_path: str, log_dir: str) -> str:
@@ -520,15 +552,18 @@ def main(argv: list[str] | None = None) -> int:
     ap = build_parser()
     ns = ap.parse_args(sys.argv[1:] if argv is None else argv)
     try:
-        spec = spec_from_args(ns)
+        spec, checked = spec_from_args(ns)
         text = render_sbatch(spec)
         if ns.submit and not ns.output:
             raise SlurmSpecError("--submit needs -o/--output FILE so the submitted script is kept")
         if ns.output:
             write_script(ns.output, text)
-            print(f"otr-megatron slurm: wrote {ns.output}", file=sys.stderr)
+            print(f"otr-megatron slurm: wrote {ns.output}" + (f" (checked: {checked})" if checked else ""),
+                  file=sys.stderr)
         else:
             sys.stdout.write(text)
+            if checked:
+                print(f"otr-megatron slurm: checked: {checked}", file=sys.stderr)
         if ns.submit:
             print(submit(ns.output, spec.log_dir))
     except SlurmSpecError as exc:

@@ -32,7 +32,7 @@ class NeMoCLIError(ValueError):
 
 def split_words(words: list[str]) -> tuple[dict, dict, dict]:
     """KEY=VALUE words -> (recipe-function kwargs, recipe attribute paths, otr settings)."""
-    from otr_megatron.cli import OverrideError, parse_override
+    from otr_megatron.config.reader import OverrideError, parse_override
 
     kwargs: dict[str, Any] = {}
     attrs: dict[str, Any] = {}

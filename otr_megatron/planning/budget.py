@@ -107,6 +107,10 @@ class Layout:
     cp: int = 1
     vpp: int = 1
     sequence_parallel: bool = False
+    # Megatron's uneven pipeline split: the embedding / the loss count as one layer of the first / last
+    # stage, so (layers + 1 + 1) must divide by PP x VPP (Bridge's 405B recipes set both)
+    account_for_embedding_in_pipeline_split: bool = False
+    account_for_loss_in_pipeline_split: bool = False
     use_distributed_optimizer: bool = True
     nodes: int = 1
     gpus_per_node: int = 8
@@ -123,7 +127,8 @@ class Layout:
         budgets negative memory), flags booleans, the recompute mode one of three."""
         for attr, key in LAYOUT_KEYS.items():
             value = getattr(self, attr)
-            if attr in ("sequence_parallel", "use_distributed_optimizer", "fp8"):
+            if attr in ("sequence_parallel", "use_distributed_optimizer", "fp8",
+                        "account_for_embedding_in_pipeline_split", "account_for_loss_in_pipeline_split"):
                 _flag(key, value)
             elif attr == "recompute":
                 if value not in RECOMPUTE:
@@ -338,20 +343,30 @@ class Budget:
 
 
 def check_layout(dims: ModelDims, layout: Layout) -> None:
-    """What the layout needs of the model and the batch (each number is checked on its own already):
-    TP divides the heads and groups, CP the sequence, the world size TP*PP*CP, the global batch
-    micro batch * DP. Raises ValueError naming the keys."""
+    """What Megatron requires of the layout (each number is checked on its own already): TP divides
+    the heads and query groups, 2*CP the sequence (CP > 1), TP*PP*CP the world size, micro batch * DP
+    the global batch, PP*VPP the layers (VPP only with PP > 1). Raises ValueError naming the keys."""
     if dims.num_attention_heads % layout.tp or dims.num_query_groups % layout.tp:
         raise ValueError(
-            f"tensor_model_parallel_size={layout.tp} must divide num_attention_heads={dims.num_attention_heads} "
-            f"and num_query_groups={dims.num_query_groups}"
+            f"parallel.tensor_model_parallel_size={layout.tp} must divide model.num_attention_heads="
+            f"{dims.num_attention_heads} and model.num_query_groups={dims.num_query_groups}"
         )
     if layout.seq_length % (2 * layout.cp) and layout.cp > 1:
-        raise ValueError(f"seq_length={layout.seq_length} must be divisible by 2*context_parallel_size={2 * layout.cp}")
+        raise ValueError(f"train.seq_length={layout.seq_length} must be divisible by 2*parallel.context_parallel_size="
+                         f"{2 * layout.cp} (each rank holds two chunks of the sequence)")
     _ = layout.num_microbatches  # validates the world size and batch divisibility
-    if layout.vpp > 1 and dims.num_layers % (layout.pp * layout.vpp):
-        raise ValueError(f"virtual_pipeline_model_parallel_size={layout.vpp}: num_layers={dims.num_layers} must be "
-                         f"divisible by pp*vpp={layout.pp}*{layout.vpp} (equal model chunks per stage)")
+    if layout.vpp > 1 and layout.pp == 1:
+        raise ValueError(f"parallel.virtual_pipeline_model_parallel_size={layout.vpp} needs "
+                         "parallel.pipeline_model_parallel_size > 1 (interleaving splits each pipeline stage); "
+                         "expected 1 with pp=1")
+    extra = int(layout.account_for_embedding_in_pipeline_split) + int(layout.account_for_loss_in_pipeline_split)
+    if (dims.num_layers + extra) % (layout.pp * layout.vpp):
+        counted = f"model.num_layers={dims.num_layers}" + (f" + {extra} (embedding/loss counted as layers)"
+                                                           if extra else "")
+        raise ValueError(f"{counted} must be divisible by parallel.pipeline_model_parallel_size*"
+                         f"virtual_pipeline_model_parallel_size={layout.pp}*{layout.vpp} (equal model chunks per "
+                         "stage; Megatron's uneven split: parallel.account_for_embedding_in_pipeline_split / "
+                         "account_for_loss_in_pipeline_split)")
 
 
 def plan(dims: ModelDims, layout: Layout, loss: LossSettings | None = None, name: str = "") -> Budget:
@@ -401,6 +416,8 @@ _PARALLEL_KEYS = {
     "context_parallel_size": "cp",
     "virtual_pipeline_model_parallel_size": "vpp",
     "sequence_parallel": "sequence_parallel",
+    "account_for_embedding_in_pipeline_split": "account_for_embedding_in_pipeline_split",
+    "account_for_loss_in_pipeline_split": "account_for_loss_in_pipeline_split",
     "use_distributed_optimizer": "use_distributed_optimizer",
 }
 _CLUSTER_KEYS = {"nodes": "nodes", "gpus_per_node": "gpus_per_node", "gpu_memory_gib": "gpu_memory_gib"}
@@ -433,10 +450,18 @@ def from_config(cfg: dict[str, Any]) -> tuple[ModelDims, Layout, LossSettings, s
     if missing:
         raise ValueError(f"model: missing {', '.join('model.' + m for m in missing)}; expected positive integers")
     dims = ModelDims(**model)
-    layout = Layout(**_layout_values(cfg))
+    return dims, layout_from_config(cfg), loss_from_config(cfg), str(cfg.get("name", dims.name))
+
+
+def layout_from_config(cfg: dict[str, Any]) -> Layout:
+    """The `parallel:`, `cluster:` and `train:` numbers of a parsed config as a checked Layout."""
+    return Layout(**_layout_values(cfg))
+
+
+def loss_from_config(cfg: dict[str, Any]) -> LossSettings:
+    """What the loss keeps alive, from the `otr:` section as the job reads it."""
     otr = check_otr(cfg)
-    loss = LossSettings(num_samples=otr.num_samples, chunk_tokens=otr.chunk_tokens)
-    return dims, layout, loss, str(cfg.get("name", dims.name))
+    return LossSettings(num_samples=otr.num_samples, chunk_tokens=otr.chunk_tokens)
 
 
 def _layout_values(cfg: dict[str, Any]) -> dict[str, Any]:
@@ -467,21 +492,15 @@ def check_otr(cfg: dict[str, Any]):
 
 
 def check_config(cfg: dict[str, Any], nodes: int | None = None, gpus_per_node: int | None = None) -> None:
-    """Everything `otr-megatron slurm --config` writes into a job, checked before a file is written:
-    the `otr:` section, every layout number of `parallel:`/`cluster:`/`train:` (with the command line's
-    node and GPU counts), and, when the file has a `model:` section, what the layout needs of the
-    model and the batch (`check_layout`). Raises ValueError naming the key and the value."""
+    """Everything `otr-megatron slurm --config` writes into a job, checked before a file is written (the
+    schema, the `otr:` section, every layout number with the command line's node and GPU counts, and,
+    with a `model:` section, what the layout needs of the model); the memory verdict is not part of it
+    (`otr_megatron.config.cluster_job.preflight`). Raises ValueError naming the key and the value."""
+    from otr_megatron.config.cluster_job import job_from_dict, preflight
+
     cfg = dict(cfg)
     if nodes is not None or gpus_per_node is not None:
         cluster = dict(cfg.get("cluster") or {})
-        if nodes is not None:
-            cluster["nodes"] = nodes
-        if gpus_per_node is not None:
-            cluster["gpus_per_node"] = gpus_per_node
+        cluster.update({k: v for k, v in (("nodes", nodes), ("gpus_per_node", gpus_per_node)) if v is not None})
         cfg["cluster"] = cluster
-    if isinstance(cfg.get("model"), dict):
-        dims, layout, _, _ = from_config(cfg)
-        check_layout(dims, layout)
-    else:
-        Layout(**_layout_values(cfg))
-        check_otr(cfg)
+    preflight(job_from_dict(cfg), force=True)

@@ -1,8 +1,11 @@
 """`otr-megatron plan --config configs/X.yaml [KEY=VALUE ...]`: print the per-GPU budget table of a layout.
 
-Overrides use the grammar of every `otr-megatron` command (`otr_megatron.cli`) and may change only
-keys the file has, e.g. `parallel.tensor_model_parallel_size=4 train.micro_batch_size=2`; the same
-file and overrides given to `otr-megatron slurm --config` run that layout.
+The file goes through the cluster-job schema and preflight (`otr_megatron/config/cluster_job.py`): an
+unknown key, a layout Megatron would refuse, or one that does not fit in `cluster.gpu_memory_gib` is
+one line and exit 2 (`--force` prints the table of a layout that does not fit). Overrides use the
+grammar of every `otr-megatron` command, e.g. `parallel.tensor_model_parallel_size=4
+train.micro_batch_size=2`; the same file and overrides given to `otr-megatron slurm --config` run that
+layout.
 """
 
 from __future__ import annotations
@@ -11,8 +14,8 @@ import argparse
 import json
 import sys
 
-from otr_megatron.cli import load_config_dict
-from otr_megatron.planning.budget import GIB, Budget, from_config, plan
+from otr_megatron.config.cluster_job import JobConfigError, load_cluster_job, preflight
+from otr_megatron.planning.budget import GIB, Budget
 
 
 def _gib(x: float) -> str:
@@ -62,14 +65,17 @@ def main(argv: list[str] | None = None) -> int:
                                         "parallel.tensor_model_parallel_size=4 train.micro_batch_size=2")
     ap.add_argument("--config", required=True, action="append", help="configs/*.yaml (repeatable)")
     ap.add_argument("--json", action="store_true", help="print machine-readable JSON instead of a table")
+    ap.add_argument("--force", action="store_true", help="print the budget of a layout that does not fit")
     ap.add_argument("overrides", nargs="*", metavar="KEY=VALUE", help="applied to every --config file")
     args = ap.parse_args(argv)
     out = []
     try:
         for path in args.config:
-            dims, layout, loss, name = from_config(load_config_dict(path, args.overrides))
-            out.append(plan(dims, layout, loss, name=name))
-    except (ValueError, TypeError) as exc:  # OverrideError is a ValueError
+            job = load_cluster_job(path, args.overrides)
+            if job.dims is None:
+                raise JobConfigError(f"{path}: no `model:` section; the budget needs the model's dimensions")
+            out.append(preflight(job, force=args.force))
+    except (JobConfigError, ValueError, TypeError) as exc:  # OverrideError is a ValueError
         print(f"otr-megatron plan: {exc}", file=sys.stderr)
         return 2
     if args.json:

@@ -22,9 +22,9 @@ import os
 import typing
 from dataclasses import dataclass, field
 
-import yaml
 
-from otr_megatron.cli import OverrideError, load_yaml, parse_override, set_key
+from otr_megatron.config import reader
+from otr_megatron.config.reader import OverrideError, load_yaml, parse_override, set_key
 from otr_megatron.core.config import OTRConfig, UnknownOTRKeyError
 
 ASSETS_PREFIX = "assets:"
@@ -510,4 +510,4 @@ def _escape_interpolations(v):
 
 
 def dump_yaml(cfg: TrainConfig) -> str:
-    return yaml.safe_dump(_escape_interpolations(to_dict(cfg)), sort_keys=False)
+    return reader.dump_yaml(_escape_interpolations(to_dict(cfg)), sort_keys=False)

@@ -86,7 +86,7 @@ def test_layout_errors():
         Layout(tp=3, nodes=1).dp
     with pytest.raises(ValueError, match="global_batch_size 9 "):
         Layout(tp=8, nodes=2, global_batch_size=9).num_microbatches
-    with pytest.raises(ValueError, match="must divide num_attention_heads"):
+    with pytest.raises(ValueError, match="must divide model.num_attention_heads"):
         plan(LLAMA3_8B, Layout(tp=16, nodes=2, global_batch_size=16))
 
 
