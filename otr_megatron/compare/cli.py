@@ -9,6 +9,7 @@ drawn among many correct answers; more of the old task) at two learning rates.
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import datetime
 import json
 import os
@@ -173,76 +174,70 @@ def _write_atomic(path: str, text: str) -> None:
     os.replace(tmp, path)
 
 
-def _main(argv: list[str] | None = None) -> int:
+@dataclasses.dataclass
+class _Study:
+    """What the command line asks for, checked: the grid, the answer rules and how to run it."""
+
+    argv: list
+    default_study: bool
+    overrides: list
+    losses: list
+    seeds: list
+    sweeps: list
+    rules: dict
+    out: str
+    plan: object
+    jobs: int
+    reference: str | None
+
+
+def _parse_study(args, argv: list[str]) -> _Study:
+    """The command line as a checked study; a ConfigError names the option and the value."""
     from otr_megatron.compare.grid import build_plan, parse_losses, parse_seeds, parse_sweep
-    from otr_megatron.compare.report import collect, default_metrics, markdown, plot, plot_frontier, summarize
-    from otr_megatron.compare.runner import CompareError, Runner
+    from otr_megatron.compare.probe import RULES
 
-    argv = list(sys.argv[1:] if argv is None else argv)
-    args = build_parser().parse_intermixed_args(argv)
     default_study = args.config is None
-    try:
-        overrides = (_ab_overrides() if default_study else []) + (QUICK_OVERRIDES if args.quick else []) + list(args.overrides)
-        losses = parse_losses(args.losses or ("sft,otr" if args.quick else ",".join(DEFAULT_LOSSES)))
-        seeds = parse_seeds(args.seeds or ("1,2" if args.quick else "1,2,3"))
-        if args.sweep is not None:
-            sweep_texts = args.sweep
-        elif default_study:
-            sweep_texts = QUICK_SWEEPS if args.quick else AB_SWEEPS
-        else:
-            sweep_texts = []
-        sweeps = [parse_sweep(s) for s in sweep_texts]
-        for sw in sweeps:
-            for given, kept in sw.duplicates:
-                print(f"otr-megatron compare: --sweep {sw.key}: {given} is the same value as {kept}; "
-                      "running that arm once", file=sys.stderr)
-        rules = dict(AB_RULES) if default_study else {}
-        for r in args.answer_rule or []:
-            if "=" not in r:
-                raise ConfigError(f"--answer-rule {r!r}: expected SPLIT=RULE, e.g. parity=parity_digit")
-            split, rule = r.split("=", 1)
-            rules[split.strip()] = rule.strip()
-        if args.jobs is not None and args.jobs < 1:
-            raise ConfigError(f"--jobs={args.jobs}; expected an integer >= 1")
-        out = args.output_dir or ("runs/compare_quick" if args.quick else "runs/compare")
-        plan = build_plan(out, args.config, overrides, losses, seeds, sweeps)
-        from otr_megatron.compare.probe import RULES
-
-        for split, rule in rules.items():
-            if rule not in RULES:
-                raise ConfigError(f"--answer-rule {split}={rule}: unknown rule; expected one of {RULES}")
-            if split not in plan.runs[0].cfg.data.eval:
-                raise ConfigError(f"--answer-rule {split}={rule}: no evaluation split {split!r} "
-                                  f"(splits: {sorted(plan.runs[0].cfg.data.eval)})")
-    except ConfigError as e:
-        print(f"otr-megatron compare: {e}", file=sys.stderr)
-        return 2
-    cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
-    jobs = args.jobs or max(1, min(2, cores))
+    overrides = (_ab_overrides() if default_study else []) + (QUICK_OVERRIDES if args.quick else []) + list(args.overrides)
+    losses = parse_losses(args.losses or ("sft,otr" if args.quick else ",".join(DEFAULT_LOSSES)))
+    seeds = parse_seeds(args.seeds or ("1,2" if args.quick else "1,2,3"))
+    if args.sweep is not None:
+        sweep_texts = args.sweep
+    elif default_study:
+        sweep_texts = QUICK_SWEEPS if args.quick else AB_SWEEPS
+    else:
+        sweep_texts = []
+    sweeps = [parse_sweep(s) for s in sweep_texts]
+    for sw in sweeps:
+        for given, kept in sw.duplicates:
+            print(f"otr-megatron compare: --sweep {sw.key}: {given} is the same value as {kept}; "
+                  "running that arm once", file=sys.stderr)
+    rules = dict(AB_RULES) if default_study else {}
+    for r in args.answer_rule or []:
+        if "=" not in r:
+            raise ConfigError(f"--answer-rule {r!r}: expected SPLIT=RULE, e.g. parity=parity_digit")
+        split, rule = r.split("=", 1)
+        rules[split.strip()] = rule.strip()
+    if args.jobs is not None and args.jobs < 1:
+        raise ConfigError(f"--jobs={args.jobs}; expected an integer >= 1")
+    out = args.output_dir or ("runs/compare_quick" if args.quick else "runs/compare")
+    plan = build_plan(out, args.config, overrides, losses, seeds, sweeps)
+    for split, rule in rules.items():
+        if rule not in RULES:
+            raise ConfigError(f"--answer-rule {split}={rule}: unknown rule; expected one of {RULES}")
+        if split not in plan.runs[0].cfg.data.eval:
+            raise ConfigError(f"--answer-rule {split}={rule}: no evaluation split {split!r} "
+                              f"(splits: {sorted(plan.runs[0].cfg.data.eval)})")
     reference = args.reference or ("sft" if "sft" in losses else None)
     if reference is not None and reference not in losses:
-        print(f"otr-megatron compare: --reference {reference!r} is not one of --losses {losses}", file=sys.stderr)
-        return 2
-    os.makedirs(out, exist_ok=True)
-    runner = Runner(plan, jobs=jobs, probe_rules=rules, dry_run=args.dry_run)
-    t0 = time.time()
-    started = datetime.datetime.now(datetime.timezone.utc).strftime("%Y-%m-%d %H:%M:%S UTC")
-    try:
-        if args.report_only:
-            runner.check_existing(strict=False)
-            tasks = runner.tasks
-        else:
-            tasks = runner.run()
-    except CompareError as e:
-        print(f"otr-megatron compare: {e}", file=sys.stderr)
-        return 2
-    if args.dry_run:
-        return 0
-    wall = time.time() - t0
+        raise ConfigError(f"--reference {reference!r} is not one of --losses {losses}")
+    cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
+    return _Study(argv=argv, default_study=default_study, overrides=overrides, losses=losses, seeds=seeds,
+                  sweeps=sweeps, rules=rules, out=out, plan=plan, jobs=args.jobs or max(1, min(2, cores)),
+                  reference=reference)
 
-    table = collect(plan, tasks)
-    summary = summarize(plan, table, reference)
-    # Every planned run is either in the tables or named here with the reason: none vanishes.
+
+def _missing_runs(plan, table: dict, tasks) -> list[str]:
+    """Every planned run is either in the tables or named here with the reason: none vanishes."""
     by_dir = {t.dir: t for t in tasks}
     missing = []
     for r in plan.runs:
@@ -256,12 +251,13 @@ def _main(argv: list[str] | None = None) -> int:
         else:
             why = f"{t.status}: {t.note.splitlines()[0] if t.note else ''}"
         missing.append(f"seed{r.seed}/{r.arm.name} ({why})")
-    metrics = [m.strip() for m in args.metrics.split(",")] if args.metrics else (
-        AB_METRICS if default_study else default_metrics(summary))
-    ran = sum(t.status in ("done", "failed") for t in tasks)
-    failed = [t for t in tasks if t.status in ("failed", "blocked")]
-    pending = [t for t in tasks if t.status == "pending"]
-    study_path = os.path.join(out, "study.json")
+    return missing
+
+
+def _study_record(st: _Study, args, tasks, missing: list[str], started: str, wall: float) -> dict:
+    """study.json: the command, the machine and every invocation that ran tasks (a resumed study has
+    several), kept across invocations."""
+    study_path = os.path.join(st.out, "study.json")
     prev = {}
     if os.path.isfile(study_path):
         try:
@@ -271,54 +267,104 @@ def _main(argv: list[str] | None = None) -> int:
             prev = {}
         if not isinstance(prev, dict):
             prev = {}
-    study = {
-        "command": "otr-megatron compare " + " ".join(argv),
+    ran = sum(t.status in ("done", "failed") for t in tasks)
+    failed = [t for t in tasks if t.status in ("failed", "blocked")]
+    command = "otr-megatron compare " + " ".join(st.argv)
+    return {
+        "command": command,
         "git_commit": _git_commit(),
         "machine": _machine(),
-        "losses": losses, "seeds": seeds, "sweeps": [s.key + "=" + ",".join(s.labels) for s in sweeps],
-        "jobs": jobs, "answer_rules": rules, "overrides": overrides, "config": args.config,
-        # one entry per invocation that ran tasks (a resumed study has several)
+        "losses": st.losses, "seeds": st.seeds, "sweeps": [s.key + "=" + ",".join(s.labels) for s in st.sweeps],
+        "jobs": st.jobs, "answer_rules": st.rules, "overrides": st.overrides, "config": args.config,
         "invocations": prev.get("invocations", []) + ([] if args.report_only or not ran else [
-            {"started": started, "wall_s": wall, "tasks_run": ran, "git_commit": _git_commit(),
-             "command": "otr-megatron compare " + " ".join(argv)}]),
+            {"started": started, "wall_s": wall, "tasks_run": ran, "git_commit": _git_commit(), "command": command}]),
         "task_wall_s_total": sum(t.wall_s for t in tasks),
-        "finished_runs": len(plan.runs) - len(missing),  # runs whose results are in the tables
-        "planned_runs": len(plan.runs),
+        "finished_runs": len(st.plan.runs) - len(missing),  # runs whose results are in the tables
+        "planned_runs": len(st.plan.runs),
         "missing_runs": missing,
         "failed": [f"{t.name}: {t.note.splitlines()[0] if t.note else ''}" for t in failed],
     }
-    summary["study"] = study
-    _write_atomic(os.path.join(out, "results.json"), json.dumps(summary, indent=1))
-    _write_atomic(study_path, json.dumps(study, indent=1))
+
+
+def _header(study: dict, n_seeds: int, jobs: int, missing: list[str]) -> str:
     m = study["machine"]
     commits = sorted({str(i.get("git_commit")) for i in study["invocations"]}) or [str(study["git_commit"])]
+    first = study["invocations"][0].get("command", study["command"]) if study["invocations"] else study["command"]
     header = (f"# otr-megatron compare: {study['finished_runs']} of {study['planned_runs']} runs finished\n\n"
-              f"`{study['invocations'][0].get('command', study['command']) if study['invocations'] else study['command']}`, runs at commit {', '.join(commits)}; {m['cores']} cores ({m['cpu']}), "
-              f"torch {m['torch']}, megatron-core {m['megatron_core']}; {len(seeds)} seeds planned; "
+              f"`{first}`, runs at commit {', '.join(commits)}; {m['cores']} cores ({m['cpu']}), "
+              f"torch {m['torch']}, megatron-core {m['megatron_core']}; {n_seeds} seeds planned; "
               f"wall time {sum(i['wall_s'] for i in study['invocations']) / 60:.1f} min over "
               f"{len(study['invocations'])} invocation(s) running {jobs} tasks at a time; sum of task times "
               f"{study['task_wall_s_total'] / 60:.1f} min.")
     if missing:
-        header += (f"\n\n**Not in these tables ({len(missing)} of {len(plan.runs)} runs, so not in the paired "
+        header += (f"\n\n**Not in these tables ({len(missing)} of {study['planned_runs']} runs, so not in the paired "
                    f"differences either):** " + "; ".join(missing) + ".")
-    md = markdown(summary, metrics, header)
-    _write_atomic(os.path.join(out, "results.md"), md)
+    return header
+
+
+def _report(st: _Study, args, tasks, started: str, wall: float) -> int:
+    """results.json, study.json, results.md and the plots; exit 1 if any run has no result."""
+    from otr_megatron.compare.report import collect, default_metrics, markdown, plot, plot_frontier, summarize
+
+    table = collect(st.plan, tasks)
+    summary = summarize(st.plan, table, st.reference)
+    missing = _missing_runs(st.plan, table, tasks)
+    metrics = [m.strip() for m in args.metrics.split(",")] if args.metrics else (
+        AB_METRICS if st.default_study else default_metrics(summary))
+    failed = [t for t in tasks if t.status in ("failed", "blocked")]
+    pending = [t for t in tasks if t.status == "pending"]
+    study = _study_record(st, args, tasks, missing, started, wall)
+    summary["study"] = study
+    _write_atomic(os.path.join(st.out, "results.json"), json.dumps(summary, indent=1))
+    _write_atomic(os.path.join(st.out, "study.json"), json.dumps(study, indent=1))
+    md = markdown(summary, metrics, _header(study, len(st.seeds), st.jobs, missing))
+    _write_atomic(os.path.join(st.out, "results.md"), md)
     png = None
     if summary["panels"]:
-        png = plot(summary, metrics, os.path.join(out, "results.png"), losses,
+        commits = sorted({str(i.get("git_commit")) for i in study["invocations"]}) or [str(study["git_commit"])]
+        png = plot(summary, metrics, os.path.join(st.out, "results.png"), st.losses,
                    title=f"mean ± std over seeds, dots = seeds; runs at commit {', '.join(c[:12] for c in commits)}")
-        fr = args.frontier.split(",") if args.frontier else (AB_FRONTIER if default_study else None)
+        fr = args.frontier.split(",") if args.frontier else (AB_FRONTIER if st.default_study else None)
         if fr:
-            plot_frontier(summary, fr[0].strip(), fr[1].strip(), os.path.join(out, "frontier.png"), losses)
+            plot_frontier(summary, fr[0].strip(), fr[1].strip(), os.path.join(st.out, "frontier.png"), st.losses)
     print(md)
-    print(f"compare: results {os.path.join(out, 'results.md')}, {os.path.join(out, 'results.json')}"
+    print(f"compare: results {os.path.join(st.out, 'results.md')}, {os.path.join(st.out, 'results.json')}"
           + (f", plot {png}" if png else ""))
     if failed or pending or missing:
         print(f"compare: {len(failed)} tasks failed or were skipped, {len(pending)} not run, {len(missing)} of "
-              f"{len(plan.runs)} runs without results: " + "; ".join([t.name for t in failed + pending] + missing),
+              f"{len(st.plan.runs)} runs without results: " + "; ".join([t.name for t in failed + pending] + missing),
               file=sys.stderr)
         return 1
     return 0
+
+
+def _main(argv: list[str] | None = None) -> int:
+    """Parse and check the study, run (or dry-run) its tasks, then report."""
+    from otr_megatron.compare.runner import CompareError, Runner
+
+    argv = list(sys.argv[1:] if argv is None else argv)
+    args = build_parser().parse_intermixed_args(argv)
+    try:
+        st = _parse_study(args, argv)
+    except ConfigError as e:
+        print(f"otr-megatron compare: {e}", file=sys.stderr)
+        return 2
+    os.makedirs(st.out, exist_ok=True)
+    runner = Runner(st.plan, jobs=st.jobs, probe_rules=st.rules, dry_run=args.dry_run)
+    t0 = time.time()
+    started = datetime.datetime.now(datetime.timezone.utc).strftime("%Y-%m-%d %H:%M:%S UTC")
+    try:
+        if args.report_only:
+            runner.check_existing(strict=False)
+            tasks = runner.tasks
+        else:
+            tasks = runner.run()
+    except CompareError as e:
+        print(f"otr-megatron compare: {e}", file=sys.stderr)
+        return 2
+    if args.dry_run:
+        return 0
+    return _report(st, args, tasks, started, time.time() - t0)
 
 
 if __name__ == "__main__":

@@ -144,8 +144,6 @@ def safe_yaml_load(text, source: str, loader=None):
     first composes the document and refuses it, naming `source`, when it expands to more than
     `MAX_YAML_VALUES` values, nests deeper than `MAX_YAML_DEPTH` or refers to itself. Syntax errors
     are `yaml.YAMLError` as usual; limit errors are `OverrideError`."""
-    import yaml
-
     ld = (loader or yaml_loader())(text)
     try:
         try:

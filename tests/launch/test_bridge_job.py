@@ -71,13 +71,14 @@ def test_planner_and_bridge_job_see_the_same_layout(path):
 @pytest.mark.parametrize("path", LAYOUT_CONFIGS[:1], ids=lambda p: p.name)
 def test_slurm_renders_the_derived_command_with_the_same_overrides_as_plan(path, tmp_path):
     out = tmp_path / "job.sbatch"
-    over = ["parallel.tensor_model_parallel_size=4", "train.micro_batch_size=2"]
+    # (train.micro_batch_size=2 would be refused where Bridge is installed: its packed-sequence SFT needs 1)
+    over = ["parallel.tensor_model_parallel_size=4", "train.global_batch_size=128"]
     assert slurm_main(["--config", str(path), "-o", str(out), "--force", *over]) == 0  # 405B at tp=4: no fit
     text = out.read_text()
     cfg = load_config_dict(str(path), over)
     spec = SlurmSpec(command=bridge_command(cfg), nodes=cfg["cluster"]["nodes"], job_name=cfg["name"])
     assert f"OTR_TASK_SCRIPT={shlex.quote(task_script(spec))}" in text  # the derived command, exactly
-    assert "model.tensor_model_parallel_size=4" in text and "train.micro_batch_size=2" in text
+    assert "model.tensor_model_parallel_size=4" in text and "train.global_batch_size=128" in text
     assert _overrides(spec.command)["model.tensor_model_parallel_size"] == str(from_config(cfg)[1].tp)
     # an explicit command after -- still wins
     assert slurm_main(["--config", str(path), "-o", str(out), "--", "echo", "hi"]) == 0
