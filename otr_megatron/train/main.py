@@ -45,6 +45,7 @@ STOP_SIGNALS = (signal.SIGINT, signal.SIGTERM, signal.SIGHUP)
 WORKER_GRACE_S = 20.0  # how long stopped workers get to unwind before they are killed
 _stop_signal: list[int] = []  # the signal that stopped this process (first one wins)
 _exiting: list[bool] = []  # set once a worker is past its work: a stop signal then only ends it quietly
+_owner: list[int] = []  # the pid that installed the handlers (a forked child inherits them, not the role)
 
 
 def _on_stop_signal(signum, frame):
@@ -52,6 +53,13 @@ def _on_stop_signal(signum, frame):
     `finally` runs (lock, temporary directory, workers) and the interpreter exits normally (which
     shuts down megatron-core's multiprocessing manager and resource tracker). Only the first signal
     raises; later ones arrive while stopping and are ignored."""
+    if _owner and os.getpid() != _owner[0]:
+        # a child forked by megatron-core or a library (its manager, a writer), possibly still inside
+        # the fork hooks of logging or filelock, where an exception prints "Exception ignored ...
+        # Traceback": end it the way the signal would without our handler, quietly
+        signal.signal(signum, signal.SIG_DFL)
+        os.kill(os.getpid(), signum)
+        return
     if _stop_signal:
         return
     _stop_signal.append(signum)
@@ -64,6 +72,7 @@ def install_stop_handlers() -> dict:
     """Route the stop signals to `_on_stop_signal`; returns the previous handlers (main restores them,
     so calling `main` in-process, as the tests do, leaves the caller's Ctrl-C alone)."""
     _stop_signal.clear()
+    _owner[:] = [os.getpid()]
     previous = {}
     try:
         for sig in STOP_SIGNALS:
