@@ -16,7 +16,6 @@ setup(
     long_description_content_type="text/markdown",
     python_requires=">=3.10",
     packages=find_packages(include=["otr_megatron", "otr_megatron.*"]),
-    package_data={"otr_megatron": ["data/assets/*.jsonl"]},
     # The loss (`import otr_megatron`, `OTRConfig`, `vocab_parallel_otr_loss`) needs only torch.
     install_requires=["torch>=2.4"],
     extras_require={

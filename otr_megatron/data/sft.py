@@ -206,73 +206,20 @@ def build_sft_dataset(
     ``on_overflow``: 'truncate' cuts samples longer than ``seq_length`` (counted in ``stats``, and
     warned about), 'error' raises naming the first such record's file:line.
     """
-    if seq_length < 2:
-        raise ValueError(f"seq_length={seq_length}; expected at least 2")
-    if on_overflow not in ("truncate", "error"):
-        raise ValueError(f"on_overflow={on_overflow!r}; expected 'truncate' or 'error'")
-    if isinstance(paths, (list, tuple)) and not paths:
-        raise SFTDataError(f"{name}: no data files given; expected one or more local .jsonl/.parquet paths")
+    _check_arguments(paths, seq_length, on_overflow, name)
     records, origins = load_records(paths, keys, cache_dir=cache_dir)
-
-    import datasets
-
-    def _tok(rec):
-        # Every row has all three columns (None where a record lacks one): keep only its own fields.
-        if rec["messages"] is not None:
-            rec = {"messages": rec["messages"]}
-        else:
-            rec = {"prompt": rec["prompt"], "response": rec["response"]}
-        ids, sup = tokenize_record(rec, tokenizer)
-        return {"ids": ids, "sup": sup}
-
-    # `Dataset.from_list` takes its columns from the first record: give every record the same three
-    # keys, or a split that mixes pair and chat records loses the other shape's fields.
-    uniform = [{"prompt": r.get("prompt"), "response": r.get("response"), "messages": r.get("messages")} for r in records]
-    ds = datasets.Dataset.from_list(uniform).map(
-        _tok, remove_columns=None, keep_in_memory=True, load_from_cache_file=False, desc=None
-    )
+    ids, sup = _tokenize(records, tokenizer)
     stats = DataStats(records=len(records))
-    tokens, labels, masks = [], [], []
-    earliest = (np.iinfo(np.int64).max, "")  # (tokens before the earliest response token, its record)
-    for i, (ids, sup) in enumerate(zip(ds["ids"], ds["sup"])):
-        ids = np.asarray(ids, np.int64)
-        sup = np.asarray(sup, bool)
-        # ids[first] is the first response token; as a label it needs `first` input positions.
-        first = int(np.argmax(sup)) if sup.any() else len(sup)
-        if first < earliest[0]:
-            earliest = (first, origins[i])
-        if len(ids) < 2:
-            raise SFTDataError(f"{origins[i]}: record tokenizes to {len(ids)} token(s); need at least 2")
-        stats.max_sample_tokens = max(stats.max_sample_tokens, len(ids) - 1)
-        if len(ids) - 1 > seq_length:
-            if on_overflow == "error":
-                raise SFTDataError(
-                    f"{origins[i]}: record has {len(ids) - 1} tokens after shifting, more than "
-                    f"seq_length={seq_length} (set data.on_overflow=truncate to cut such records)"
-                )
-            stats.truncated += 1
-            ids, sup = ids[: seq_length + 1], sup[: seq_length + 1]
-        m = sup[1:].astype(np.float32)
-        if not m.any():
-            stats.unsupervised_after_truncation += 1
-        tokens.append(ids[:-1])
-        labels.append(ids[1:])
-        masks.append(m)
-        stats.tokens += len(ids) - 1
-        stats.supervised_tokens += int(m.sum())
-
+    tokens, labels, masks = _shift_and_fit(ids, sup, origins, seq_length, on_overflow, stats)
     if stats.supervised_tokens == 0:
         # Only truncation can do this (every record has a non-empty response closed by EOS).
+        first, where = _earliest_response(sup, origins)
         raise SFTDataError(
             f"{name}: no usable rows: all {stats.records} record(s) lost every response token to truncation at "
-            f"seq_length={seq_length}; the earliest response begins after {earliest[0]} tokens "
-            f"({earliest[1]}), so seq_length must be at least {earliest[0]}"
+            f"seq_length={seq_length}; the earliest response begins after {first} tokens "
+            f"({where}), so seq_length must be at least {first}"
         )
-    if pack:
-        order = np.random.default_rng([seed, 0x5EED]).permutation(len(tokens))
-        rows = _pack([len(t) for t in tokens], order, seq_length)
-    else:
-        rows = [[i] for i in range(len(tokens))]
+    rows = _layout_rows([len(t) for t in tokens], seq_length, pack, seed)
     stats.rows = len(rows)
     if stats.truncated and verbose:
         warnings.warn(
@@ -292,3 +239,86 @@ def build_sft_dataset(
         stats=stats,
         origins=origins,
     )
+
+
+def _check_arguments(paths, seq_length: int, on_overflow: str, name: str) -> None:
+    """Refuse a bad call before any file is read (a wrong setting should not wait on a large load)."""
+    if seq_length < 2:
+        raise ValueError(f"seq_length={seq_length}; expected at least 2")
+    if on_overflow not in ("truncate", "error"):
+        raise ValueError(f"on_overflow={on_overflow!r}; expected 'truncate' or 'error'")
+    if isinstance(paths, (list, tuple)) and not paths:
+        raise SFTDataError(f"{name}: no data files given; expected one or more local .jsonl/.parquet paths")
+
+
+def _tokenize(records: list[dict], tokenizer: Tokenizer) -> tuple[list[list[int]], list[list[bool]]]:
+    """Token ids and 'supervised' flags per record, mapped in memory with no cache file: a changed
+    tokenizer or file never meets a stale tokenization from an earlier run."""
+    import datasets
+
+    def _tok(rec):
+        # Every row has all three columns (None where a record lacks one): keep only its own fields.
+        if rec["messages"] is not None:
+            rec = {"messages": rec["messages"]}
+        else:
+            rec = {"prompt": rec["prompt"], "response": rec["response"]}
+        ids, sup = tokenize_record(rec, tokenizer)
+        return {"ids": ids, "sup": sup}
+
+    # `Dataset.from_list` takes its columns from the first record: give every record the same three
+    # keys, or a split that mixes pair and chat records loses the other shape's fields.
+    uniform = [{"prompt": r.get("prompt"), "response": r.get("response"), "messages": r.get("messages")} for r in records]
+    ds = datasets.Dataset.from_list(uniform).map(
+        _tok, remove_columns=None, keep_in_memory=True, load_from_cache_file=False, desc=None
+    )
+    return ds["ids"], ds["sup"]
+
+
+def _shift_and_fit(ids_per_record, sup_per_record, origins: list[str], seq_length: int, on_overflow: str,
+                   stats: DataStats) -> tuple[list[np.ndarray], list[np.ndarray], list[np.ndarray]]:
+    """Shift each record for next-token prediction and fit it into `seq_length` (truncate or raise),
+    counting into `stats` everything that is cut, so nothing is lost silently."""
+    tokens, labels, masks = [], [], []
+    for i, (ids, sup) in enumerate(zip(ids_per_record, sup_per_record)):
+        ids = np.asarray(ids, np.int64)
+        sup = np.asarray(sup, bool)
+        if len(ids) < 2:
+            raise SFTDataError(f"{origins[i]}: record tokenizes to {len(ids)} token(s); need at least 2")
+        stats.max_sample_tokens = max(stats.max_sample_tokens, len(ids) - 1)
+        if len(ids) - 1 > seq_length:
+            if on_overflow == "error":
+                raise SFTDataError(
+                    f"{origins[i]}: record has {len(ids) - 1} tokens after shifting, more than "
+                    f"seq_length={seq_length} (set data.on_overflow=truncate to cut such records)"
+                )
+            stats.truncated += 1
+            ids, sup = ids[: seq_length + 1], sup[: seq_length + 1]
+        m = sup[1:].astype(np.float32)
+        if not m.any():
+            stats.unsupervised_after_truncation += 1
+        tokens.append(ids[:-1])
+        labels.append(ids[1:])
+        masks.append(m)
+        stats.tokens += len(ids) - 1
+        stats.supervised_tokens += int(m.sum())
+    return tokens, labels, masks
+
+
+def _earliest_response(sup_per_record, origins: list[str]) -> tuple[int, str]:
+    """(tokens before the earliest response token, its record): the smallest seq_length that keeps
+    one supervised label (``ids[first]`` as a label needs `first` input positions)."""
+    earliest = (np.iinfo(np.int64).max, "")
+    for sup, origin in zip(sup_per_record, origins):
+        sup = np.asarray(sup, bool)
+        first = int(np.argmax(sup)) if sup.any() else len(sup)
+        if first < earliest[0]:
+            earliest = (first, origin)
+    return earliest
+
+
+def _layout_rows(lengths: list[int], seq_length: int, pack: bool, seed: int) -> list[list[int]]:
+    """One sample per row, or samples packed in a seeded order (the same rows on every rank and run)."""
+    if not pack:
+        return [[i] for i in range(len(lengths))]
+    order = np.random.default_rng([seed, 0x5EED]).permutation(len(lengths))
+    return _pack(lengths, order, seq_length)

@@ -487,13 +487,20 @@ def load_config(path: str | None = None, overrides: typing.Sequence[str] = (),
 
 
 def assets_dir() -> str:
-    return os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "data", "assets")
+    """Where ``assets:`` files live: a cache generated on first use, not the package (which carries
+    the generator, `otr_megatron.data.synthetic`)."""
+    from otr_megatron.data.assets import assets_dir as generated_assets_dir  # lazy: `data` imports torch
+
+    return generated_assets_dir()
 
 
 def resolve_path(p: str) -> str:
-    """``assets:NAME`` -> the packaged demo file; other paths are used as given (user-expanded)."""
+    """``assets:NAME`` -> the generated file (written into the cache first if missing, so the first
+    use of a fresh install needs no set-up step); other paths are used as given (user-expanded)."""
     if p.startswith(ASSETS_PREFIX):
-        return os.path.join(assets_dir(), p[len(ASSETS_PREFIX) :])
+        from otr_megatron.data.assets import asset_path
+
+        return asset_path(p[len(ASSETS_PREFIX) :])
     return os.path.expanduser(p)
 
 

@@ -414,103 +414,148 @@ class Trainer:
 
     # -- the job -------------------------------------------------------------------------------
     def run(self) -> dict:
-        cfg = self.cfg
+        """Train from the checkpoint (or from scratch) to `total_iters` or `stop_at_iteration`, in an
+        order that keeps the run directory honest: a refused resume raises before anything is written,
+        and the summary is written only after the last step."""
         resumed = self.maybe_resume()  # a refused resume raises here, before anything is written
-        if _rank0() and not resumed and os.path.exists(self.metrics_path):  # the launcher checks this first
-            raise RunDirError(f"{self.metrics_path} exists: a fresh run never deletes results (use --overwrite)")
-        summary_path = os.path.join(self.out, "summary.json")
-        if resumed and self.iteration >= cfg.total_iters and os.path.isfile(summary_path):
-            # the launcher says so before any worker; here for ranks started by torchrun directly
-            _log(f"done  nothing to do: checkpoint at iteration {self.iteration} >= {cfg.total_iters} iterations; "
-                 f"{summary_path} unchanged")
-            with open(summary_path, encoding="utf-8") as f:
-                return json.load(f)
-        if _rank0():
-            os.makedirs(self.out, exist_ok=True)
-            with open(os.path.join(self.out, "config.yaml"), "w", encoding="utf-8") as f:
-                f.write(dump_yaml(cfg))
-        if _rank0() and resumed and os.path.exists(self.metrics_path):
-            _truncate_metrics(self.metrics_path, self.iteration)
-        writer = MetricsWriter(self.metrics_path) if _rank0() else None
-
-        first_eval = None
-        if cfg.eval_at_start and not resumed and cfg.eval_interval > 0:
-            first_eval = self.evaluate()
-            rec = {"iteration": 0, "kind": "eval", **first_eval}
-            if writer:
-                writer.write(rec)
-            _log("eval  it 0 " + _fmt_eval(first_eval))
-
-        bar = None
-        if _rank0() and cfg.progress_bar:
-            from tqdm import tqdm
-
-            bar = tqdm(total=cfg.total_iters, initial=self.iteration, desc="train", dynamic_ncols=True, mininterval=0.5)
+        finished = self._finished_summary(resumed)
+        if finished is not None:
+            return finished
+        writer = self._open_run_record(resumed)
+        first_eval = self._evaluate_at_start(resumed, writer)
+        bar = self._progress_bar()
         last_eval = None
         if resumed:  # the run's record keeps its iteration-0 evaluation
             first_eval = _first_eval(self.metrics_path)
-            if self.iteration >= cfg.total_iters:  # finished, but stopped before its summary was written
+            if self.iteration >= self.cfg.total_iters:  # finished, but stopped before its summary was written
                 last_eval = self.evaluate()
-        t_last = time.time()
-        window_tokens = 0.0
         try:
-            while self.iteration < cfg.total_iters:
-                it = self.iteration
-                try:
-                    rec = self.train_step(it)
-                except FloatingPointError as e:  # non-finite loss (loss_func) or skipped step (fp16/bf16)
-                    raise DivergenceError(self._divergence_message(it + 1, str(e))) from None
-                self.iteration = it + 1
-                now = time.time()
-                window_tokens += rec["tokens"]
-                rec["tokens_per_s"] = rec["tokens"] / max(now - t_last, 1e-9)
-                t_last = now
-                rec["kind"] = "train"
-                if writer:
-                    writer.write(rec)
-                self.check_step(rec)  # before any eval or save of these weights
-                if bar is not None:
-                    post = {"stage": rec["loss_name"], "ce": f"{rec.get('lm_loss', float('nan')):.3f}"}
-                    if rec["loss_name"] != "sft" and "otr_loss" in rec:  # sft: the loss is the CE
-                        post["loss"] = f"{rec['otr_loss']:.3f}"
-                    if "otr_hit_rate" in rec:
-                        post["hit"] = f"{rec['otr_hit_rate']:.3f}"
-                    post["tok/s"] = f"{rec['tokens_per_s']:.0f}"
-                    if last_eval:
-                        k = next(iter(self.eval_data))
-                        post[f"{k}_em"] = f"{last_eval[f'{k}/exact_match']:.2f}"
-                    bar.set_postfix(post, refresh=False)
-                    bar.update(1)
-                elif cfg.log_interval and self.iteration % cfg.log_interval == 0:
-                    _log(f"train it {self.iteration} " + json.dumps({k: v for k, v in rec.items() if k != "kind"}))
-                boundary = self.iteration == cfg.pretrain_iters and 0 < cfg.pretrain_iters < cfg.total_iters
-                done = self.iteration == cfg.total_iters
-                if (cfg.eval_interval and self.iteration % cfg.eval_interval == 0) or done or boundary:
-                    last_eval = self.evaluate()
-                    if writer:
-                        writer.write({"iteration": self.iteration, "kind": "eval", **last_eval})
-                    msg = f"eval  it {self.iteration} ({rec['loss_name']}) " + _fmt_eval(last_eval)
-                    if bar is not None:
-                        bar.write(msg)
-                    else:
-                        _log(msg)
-                stop = cfg.stop_at_iteration > 0 and self.iteration == cfg.stop_at_iteration and not done
-                if (cfg.save_interval and self.iteration % cfg.save_interval == 0) or done or boundary or stop:
-                    self.save()
-                if stop:
-                    _log(f"stop  at iteration {self.iteration} (stop_at_iteration); continue with --resume")
-                    break
+            last_eval = self._train_to_end(writer, bar, last_eval)
         finally:
             if bar is not None:
                 bar.close()
+        return self._write_summary(first_eval, last_eval)
+
+    def _finished_summary(self, resumed: bool) -> dict | None:
+        """The summary of a resumed run that has nothing left to train, else None. The launcher says
+        so before any worker; this is for ranks started by torchrun directly."""
+        summary_path = os.path.join(self.out, "summary.json")
+        if not (resumed and self.iteration >= self.cfg.total_iters and os.path.isfile(summary_path)):
+            return None
+        _log(f"done  nothing to do: checkpoint at iteration {self.iteration} >= {self.cfg.total_iters} iterations; "
+             f"{summary_path} unchanged")
+        with open(summary_path, encoding="utf-8") as f:
+            return json.load(f)
+
+    def _open_run_record(self, resumed: bool) -> MetricsWriter | None:
+        """config.yaml and the metrics writer (rank 0). A resumed run's metrics are cut back to its
+        checkpoint, so the steps it trains again are recorded once."""
+        if _rank0() and not resumed and os.path.exists(self.metrics_path):  # the launcher checks this first
+            raise RunDirError(f"{self.metrics_path} exists: a fresh run never deletes results (use --overwrite)")
+        if _rank0():
+            os.makedirs(self.out, exist_ok=True)
+            with open(os.path.join(self.out, "config.yaml"), "w", encoding="utf-8") as f:
+                f.write(dump_yaml(self.cfg))
+        if _rank0() and resumed and os.path.exists(self.metrics_path):
+            _truncate_metrics(self.metrics_path, self.iteration)
+        return MetricsWriter(self.metrics_path) if _rank0() else None
+
+    def _evaluate_at_start(self, resumed: bool, writer: MetricsWriter | None) -> dict | None:
+        """The iteration-0 evaluation of a fresh run: the baseline every later one is read against."""
+        cfg = self.cfg
+        if not (cfg.eval_at_start and not resumed and cfg.eval_interval > 0):
+            return None
+        first_eval = self.evaluate()
+        if writer:
+            writer.write({"iteration": 0, "kind": "eval", **first_eval})
+        _log("eval  it 0 " + _fmt_eval(first_eval))
+        return first_eval
+
+    def _progress_bar(self):
+        if not (_rank0() and self.cfg.progress_bar):
+            return None
+        from tqdm import tqdm
+
+        return tqdm(total=self.cfg.total_iters, initial=self.iteration, desc="train", dynamic_ncols=True,
+                    mininterval=0.5)
+
+    def _train_to_end(self, writer: MetricsWriter | None, bar, last_eval: dict | None) -> dict | None:
+        """Step by step: train, record, check for divergence, show progress, then evaluate and save
+        where due. Returns the latest evaluation."""
+        cfg = self.cfg
+        t_last = time.time()
+        while self.iteration < cfg.total_iters:
+            rec, t_last = self._train_iteration(t_last)
+            if writer:
+                writer.write(rec)
+            self.check_step(rec)  # before any eval or save of these weights
+            self._show_progress(bar, rec, last_eval)
+            boundary = self.iteration == cfg.pretrain_iters and 0 < cfg.pretrain_iters < cfg.total_iters
+            done = self.iteration == cfg.total_iters
+            if (cfg.eval_interval and self.iteration % cfg.eval_interval == 0) or done or boundary:
+                last_eval = self._evaluate_and_record(writer, bar, rec["loss_name"])
+            stop = cfg.stop_at_iteration > 0 and self.iteration == cfg.stop_at_iteration and not done
+            if (cfg.save_interval and self.iteration % cfg.save_interval == 0) or done or boundary or stop:
+                self.save()
+            if stop:
+                _log(f"stop  at iteration {self.iteration} (stop_at_iteration); continue with --resume")
+                break
+        return last_eval
+
+    def _train_iteration(self, t_last: float) -> tuple[dict, float]:
+        """One optimizer step as a metrics record (throughput since `t_last`), and its end time."""
+        it = self.iteration
+        try:
+            rec = self.train_step(it)
+        except FloatingPointError as e:  # non-finite loss (loss_func) or skipped step (fp16/bf16)
+            raise DivergenceError(self._divergence_message(it + 1, str(e))) from None
+        self.iteration = it + 1
+        now = time.time()
+        rec["tokens_per_s"] = rec["tokens"] / max(now - t_last, 1e-9)
+        rec["kind"] = "train"
+        return rec, now
+
+    def _show_progress(self, bar, rec: dict, last_eval: dict | None) -> None:
+        """The bar's postfix (stage, losses, hit rate, throughput, latest exact match), or without a
+        bar a log line every `log_interval` steps."""
+        cfg = self.cfg
+        if bar is not None:
+            post = {"stage": rec["loss_name"], "ce": f"{rec.get('lm_loss', float('nan')):.3f}"}
+            if rec["loss_name"] != "sft" and "otr_loss" in rec:  # sft: the loss is the CE
+                post["loss"] = f"{rec['otr_loss']:.3f}"
+            if "otr_hit_rate" in rec:
+                post["hit"] = f"{rec['otr_hit_rate']:.3f}"
+            post["tok/s"] = f"{rec['tokens_per_s']:.0f}"
+            if last_eval:
+                k = next(iter(self.eval_data))
+                post[f"{k}_em"] = f"{last_eval[f'{k}/exact_match']:.2f}"
+            bar.set_postfix(post, refresh=False)
+            bar.update(1)
+        elif cfg.log_interval and self.iteration % cfg.log_interval == 0:
+            _log(f"train it {self.iteration} " + json.dumps({k: v for k, v in rec.items() if k != "kind"}))
+
+    def _evaluate_and_record(self, writer: MetricsWriter | None, bar, loss_name: str) -> dict:
+        ev = self.evaluate()
+        if writer:
+            writer.write({"iteration": self.iteration, "kind": "eval", **ev})
+        msg = f"eval  it {self.iteration} ({loss_name}) " + _fmt_eval(ev)
+        if bar is not None:
+            bar.write(msg)  # above the bar, which stays on its line
+        else:
+            _log(msg)
+        return ev
+
+    def _write_summary(self, first_eval: dict | None, last_eval: dict | None) -> dict:
+        """summary.json and the curves (rank 0), also after a `stop_at_iteration` stop: its
+        `iterations` says how far the run got."""
         summary = {"first_eval": first_eval, "final_eval": last_eval, "iterations": self.iteration}
         if _rank0():
             with open(os.path.join(self.out, "summary.json"), "w", encoding="utf-8") as f:
                 json.dump(summary, f, indent=2)
-            if cfg.plot:
+            if self.cfg.plot:
                 from otr_megatron.train.plot import plot_metrics
 
-                png = plot_metrics(self.metrics_path, os.path.join(self.out, "curves.png"), cfg.pretrain_iters)
+                png = plot_metrics(self.metrics_path, os.path.join(self.out, "curves.png"), self.cfg.pretrain_iters)
                 _log(f"plot  {png}")
             _log(f"done  metrics {self.metrics_path}")
         return summary

@@ -151,19 +151,18 @@ def test_summary_mean_std_n_and_paired_differences(tmp_path):
 
 
 def _read(name):
-    with open(os.path.join(ROOT, "otr_megatron", "data", "assets", f"ab_{name}.jsonl"), encoding="utf-8") as f:
+    from otr_megatron.train.config import resolve_path
+
+    with open(resolve_path(f"assets:ab_{name}.jsonl"), encoding="utf-8") as f:
         return [json.loads(x) for x in f]
 
 
-def test_shipped_ab_data_is_the_generator_output_and_has_the_designed_properties():
-    import importlib.util
+def test_ab_data_assets_are_the_generator_output_and_have_the_designed_properties():
+    from otr_megatron.data import synthetic as gen
 
-    spec = importlib.util.spec_from_file_location("make_ab_data", os.path.join(ROOT, "scripts", "make_ab_data.py"))
-    gen = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(gen)
-    splits = gen.make_splits()
+    splits = gen.ab_splits()
     for name, rows in splits.items():
-        assert _read(name) == rows, f"ab_{name}.jsonl differs from scripts/make_ab_data.py output; regenerate it"
+        assert _read(name) == rows, f"assets:ab_{name}.jsonl differs from otr_megatron.data.synthetic.ab_splits()"
     n = lambda r: int(r["prompt"][2:-1])  # noqa: E731
     fixed, uni, ev = splits["parity_fixed"], splits["parity_uniform"], splits["parity_eval"]
     assert [r["prompt"] for r in fixed] == [r["prompt"] for r in uni]  # paired conditions

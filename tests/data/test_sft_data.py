@@ -199,21 +199,22 @@ def test_missing_file_and_extension(tmp_path):
         load_records([str(tmp_path / "x.csv")])
 
 
-def test_demo_assets_are_deterministic_and_small(tmp_path):
+def test_demo_assets_are_small_and_the_script_writes_the_same_bytes(tmp_path):
     import importlib.util
     import os
+
+    from otr_megatron.train.config import resolve_path
 
     root = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
     spec = importlib.util.spec_from_file_location("mkd", os.path.join(root, "scripts", "make_demo_data.py"))
     mod = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(mod)
     mod.main(["--out", str(tmp_path)])
-    assets = os.path.join(root, "otr_megatron", "data", "assets")
     total = 0
     for name in ("pretrain", "train", "eval_id", "eval_ood"):
-        shipped = open(os.path.join(assets, f"{name}.jsonl"), encoding="utf-8").read()
-        assert (tmp_path / f"{name}.jsonl").read_text(encoding="utf-8") == shipped
-        total += len(shipped)
+        cached = open(resolve_path(f"assets:{name}.jsonl"), encoding="utf-8").read()
+        assert (tmp_path / f"{name}.jsonl").read_text(encoding="utf-8") == cached
+        total += len(cached)
     assert total < 1_000_000
-    recs, _ = load_records([os.path.join(assets, "eval_ood.jsonl")])
+    recs, _ = load_records([resolve_path("assets:eval_ood.jsonl")])
     assert min(len(r["response"]) for r in recs) >= 9  # OOD = longer words than training
