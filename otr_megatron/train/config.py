@@ -11,7 +11,8 @@ estimator comes from `loss` (and is cross entropy in the warm start) and the OTR
 `seed`, which also seeds the weights and the data order. `otr.estimator` / `otr.seed` are refused
 unless they equal what `loss` / `seed` give (so a dumped config loads back).
 
-Data paths of the form ``assets:NAME`` point into the demo dataset shipped inside the package.
+Data paths of the form ``assets:NAME`` name the demo and A/B data files, generated on first use into a cache
+(`otr_megatron.data.assets`); other paths are used as given.
 """
 
 from __future__ import annotations
