@@ -46,6 +46,7 @@ WORKER_GRACE_S = 20.0  # how long stopped workers get to unwind before they are 
 _stop_signal: list[int] = []  # the signal that stopped this process (first one wins)
 _exiting: list[bool] = []  # set once a worker is past its work: a stop signal then only ends it quietly
 _owner: list[int] = []  # the pid that installed the handlers (a forked child inherits them, not the role)
+_in_fork: list[bool] = []  # set from before a fork until its last hook in the parent has run (`guard_forks`)
 
 
 def _on_stop_signal(signum, frame):
@@ -59,6 +60,11 @@ def _on_stop_signal(signum, frame):
         # Traceback": end it the way the signal would without our handler, quietly
         signal.signal(signum, signal.SIG_DFL)
         os.kill(os.getpid(), signum)
+        return
+    if _in_fork:  # inside a fork's hooks (logging's, filelock's), where an exception is printed and lost
+        import threading
+
+        threading.Timer(0.05, os.kill, (os.getpid(), signum)).start()  # again, once the fork is done
         return
     if _stop_signal:
         return
@@ -80,6 +86,17 @@ def install_stop_handlers() -> dict:
     except ValueError:  # not the main thread: signals cannot be handled here
         pass
     return previous
+
+
+def guard_forks() -> None:
+    """Mark the time a fork spends in its hooks: registered after every library the job imports, our
+    `before` hook runs first and our `after_in_parent` hook last, so a stop signal that arrives in
+    between (megatron-core's checkpoint writers fork) is delivered again once the fork is done."""
+    if getattr(guard_forks, "done", False) or not hasattr(os, "register_at_fork"):
+        return
+    guard_forks.done = True
+    os.register_at_fork(before=lambda: _in_fork.append(True), after_in_parent=_in_fork.clear,
+                        after_in_child=_in_fork.clear)
 
 
 def _set_parent_death_signal() -> None:
@@ -206,6 +223,7 @@ def _run_rank(rank: int, world: int, cfg: TrainConfig, port: int | None, threads
     try:
         tr = Trainer(cfg)
         tr.setup()
+        guard_forks()  # after setup: megatron-core, datasets and filelock have registered their fork hooks
         tr.run()
     finally:
         teardown_parallel()
