@@ -5,8 +5,8 @@ without a GPU: catches what the interpreter cannot (code the compiler rejects, r
 
 Compiles the variants the backend launches at the benchmark's sizes (bf16/fp16/fp32 inputs, every
 estimator, K = 8 and 256, and a ragged real vocabulary: the last TP rank of 151665 ids) with the
-run-time specialisation the JIT applies (pointers and multiple-of-16 ints carry divisibility 16, so
-what is reported is what runs) to cubin with Triton's bundled LLVM and ptxas, and reads each kernel's
+run-time specialisation the JIT applies (pointers and the ints whose values there are multiples of
+16 carry divisibility 16, ints equal to 1 are constants: what is reported is what runs) to cubin with Triton's bundled LLVM and ptxas, and reads each kernel's
 registers, stack and local memory (spills) with the bundled cuobjdump. Needs TRITON_INTERPRET unset
 or 0 before `triton_backend` is imported (the interpreter replaces the kernels).
 """
@@ -40,17 +40,21 @@ def _sig(kernel, types: dict, constexprs: dict) -> dict:
     return sig
 
 
-# ints the JIT sees as multiples of 16 at run time (Megatron pads every shard to a multiple of 128);
-# n_real joins them except in the ragged variants (a real vocabulary such as 50257 or 151665)
-DIV16_INTS = {"stride_x", "stride_o", "shard", "stride_p", "stride_c", "stride_w", "stride_l", "K", "S"}
+def _specialise(const: dict, values: dict):
+    """The JIT's specialisation of int arguments by value (triton 3.x): 1 becomes the constexpr 1, a
+    multiple of 16 (0 included) gets tt.divisibility 16. Returns (constexprs with the ones, div16)."""
+    ones = {name: 1 for name, v in values.items() if v == 1}
+    return {**const, **ones}, {name for name, v in values.items() if v % 16 == 0}
 
 
 def variants():
-    """(label, kernel, pointer types, constexprs, num_warps, attrs) exactly as the wrappers launch them
+    """(label, kernel, pointer types, constexprs, num_warps, div16) exactly as the wrappers launch them
     on a GPU at N x V/tp = 8192 x {131072, 16384} (their `*_params` functions, interpret=False), with
-    the JIT's run-time specialisation (pointers and multiple-of-16 ints: tt.divisibility 16)."""
+    the JIT's run-time specialisation: pointers carry tt.divisibility 16, and so does every int argument
+    whose value there is a multiple of 16 (`div16`), ints equal to 1 are constexprs; both from the values
+    the wrappers pass (the strides of the contiguous buffers `core/loss.py` allocates, the spec's sizes)."""
     from otr_megatron.core import triton_backend as trb
-    from otr_megatron.core.contract import Spec, block_size
+    from otr_megatron.core.contract import Spec, block_size, stat_columns
 
     out = []
     cases = (("bf16", "sample", 131072, 256, 1, 0, False), ("bf16", "sample", 16384, 256, 8, 3, False),
@@ -68,13 +72,17 @@ def variants():
         spec = Spec(**{n: v for n, v in fields.items() if n in names})
         elem = {"bf16": 2, "fp16": 2, "fp32": 4}[dt]
         inv = trb._inv_kappa(spec)
+        ncol = stat_columns(est)
         tag = f"{dt} V/tp={shard} tp={tp}" + (f" K={k} B={b}" if est == "sample" else "") + \
             (f" n_real={n_real}" if ragged else "")
-        div16 = DIV16_INTS | ({"n_real", "n_blocks"} if not ragged else set())
         const = dict(INV_KAPPA=inv, KAPPA=1.3, **trb.stats_params(spec, elem, interpret=False))
         warps = const.pop("num_warps")
         types = {"X": _DTYPES[dt], "LABEL_COL": "*i64", "OWNS": "*u8", "VALID": "*u8", "STATS": "*fp64",
                  "PREFIX": "*fp64"}
+        # prefix: [N, n_blocks] (sample), else the stats buffer passed as a dummy
+        const, div16 = _specialise(const, dict(stride_x=shard, stride_s=ncol, n_real=n_real, shard=shard,
+                                               stride_p=spec.n_blocks if est == "sample" else ncol,
+                                               n_blocks=spec.n_blocks))
         out.append((f"stats {est} {tag}", trb._stats_kernel, types, const, warps, div16))
         if est == "sample" and shard == 16384 and k == 256:  # the opt-in variant: pairs kept in registers
             nt = -(-spec.n_blocks // const["NB"])
@@ -87,6 +95,10 @@ def variants():
             types = {"X": _DTYPES[dt], "KEYS": "*i64", "LABEL_COL": "*i64", "OWNS": "*u8", "OK": "*u8",
                      "TOTAL": "*fp64", "CUM": "*fp64", "SCALE": "*fp64", "PREFIX": "*fp64",
                      "PARTIAL": "*fp64", "COLS": "*i32", "WTS": "*fp32", "LANES": "*i32"}
+            # cols, weights, lanes: [N, K]; rank_cum [N, tp]; partial [N, 2]
+            const, div16 = _specialise(const, dict(stride_x=shard, stride_cum=tp, stride_p=spec.n_blocks, stride_part=2,
+                                                   stride_c=k, stride_w=k, stride_l=k, n_real=n_real,
+                                                   n_blocks=spec.n_blocks, K=k))
             out.append((f"sampler {tag}", trb._sample_kernel, types, const, warps, div16))
         s = k if est == "sample" else 1
         for local in (False, True):
@@ -95,6 +107,9 @@ def variants():
             warps = const.pop("num_warps")
             types = {"X": _DTYPES[dt], "OUT": _DTYPES[dt], "G": "*fp32", "CPI": "*fp32", "CQ": "*fp32",
                      "COLS": "*i32", "WTS": "*fp32", "VALID": "*u8", "LOCAL": "*fp64"}
+            # cols, weights: [N, S]; local: the forward's stats rows [N, ncol] (a dummy stride 0 without)
+            const, div16 = _specialise(const, dict(stride_x=shard, stride_o=shard, stride_c=s, stride_w=s, S=s,
+                                                   stride_l=ncol if local else 0, n_real=n_real, shard=shard))
             out.append((f"grad {est} {tag} S={s}" + (" local" if local else " 2-pass"), trb._grad_kernel, types,
                         const, warps, div16))
     return out

@@ -221,18 +221,25 @@ def _exp32(t):
     return torch.exp(t)
 
 
-@pytest.mark.parametrize("dtype,vocab", [(torch.bfloat16, VOCAB), (torch.float32, VOCAB), (torch.bfloat16, 997)])
-def test_sample_block_sums_are_the_pairwise_tree_bit_for_bit(dtype, vocab):
-    """Blocks of B = 32 ids (K = 1): several 16-byte pieces per block (bf16: 4 of 8 ids, fp32: 8 of 4),
-    so the tree's piece levels and in-thread levels both run. The prefix sums equal, bit for bit, an
-    independent computation of docs/sampling.md sections 2-3 with the kernels' own float32 exp:
-    e[i] + e[i + B/2], ... down to one value, then float64 weights and a sequential cumsum."""
-    x, y = make_logits(vocab=vocab, dtype=dtype, seed=12, special=False)
+@pytest.mark.parametrize("tiles", ["one", "several"])
+@pytest.mark.parametrize("dtype,vocab,v_pad", [(torch.bfloat16, VOCAB, V_PAD), (torch.float32, VOCAB, V_PAD),
+                                               (torch.bfloat16, 997, V_PAD), (torch.bfloat16, 3000, 3072)])
+def test_sample_block_sums_are_the_pairwise_tree_bit_for_bit(monkeypatch, dtype, vocab, v_pad, tiles):
+    """Blocks of B = 32 or 64 ids (K = 1) spread over R = B / 16 lanes of L = 16 ids (the ids
+    i = j * R + c of lane c), so the tree's in-lane levels and its cross-lane levels both run; with
+    several tiles per row the whole tiles run unmasked and the row's last one masked (ragged: 997).
+    The prefix sums equal, bit for bit, an independent computation of docs/sampling.md sections 2-3
+    with the kernels' own float32 exp: e[i] + e[i + B/2], ... down to one value, then float64 weights
+    and a sequential cumsum."""
+    x, y = make_logits(v_pad=v_pad, vocab=vocab, dtype=dtype, seed=12, special=False)
     x[3, 64:80] = -math.inf  # half a block masked
     x[5, 96:128] = -math.inf  # a whole block masked
-    spec = spec_for("sample", vocab=vocab, k=1)
+    spec = spec_for("sample", vocab=vocab, k=1, shard=v_pad)
+    if tiles == "several":
+        monkeypatch.setattr(trb, "_MAX_TILE", 4 * spec.block)  # 4 blocks per tile
     params = trb.stats_params(spec, x.element_size())
-    assert spec.block == 32 and params["P"] > 1 and params["PV"] > 1, params
+    assert spec.block in (32, 64) and params["R"] > 1 and params["L"] > 1, params
+    assert (params["NB"] < spec.n_blocks) == (tiles == "several"), params
     _, got = stats_of(trb, x, y, spec)
     n, bsz, nb = x.size(0), spec.block, spec.n_blocks
     xb = torch.full((n, nb * bsz), -math.inf, dtype=torch.float32, device=x.device)
