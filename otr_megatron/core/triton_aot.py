@@ -40,6 +40,14 @@ def _sig(kernel, types: dict, constexprs: dict) -> dict:
     return sig
 
 
+_LAUNCH_OPTIONS = ("maxnreg",)  # launch options a params dict may hold besides num_warps
+
+
+def _options(warps: int, const: dict) -> dict:
+    """The compile options of a launch (num_warps, and those popped from the params dict `const`)."""
+    return {"num_warps": warps, **{k: const.pop(k) for k in _LAUNCH_OPTIONS if k in const}}
+
+
 def _specialise(const: dict, values: dict):
     """The JIT's specialisation of int arguments by value (triton 3.x): 1 becomes the constexpr 1, a
     multiple of 16 (0 included) gets tt.divisibility 16. Returns (constexprs with the ones, div16)."""
@@ -48,7 +56,7 @@ def _specialise(const: dict, values: dict):
 
 
 def variants():
-    """(label, kernel, pointer types, constexprs, num_warps, div16) exactly as the wrappers launch them
+    """(label, kernel, pointer types, constexprs, num_warps, div16, options) exactly as the wrappers launch them
     on a GPU at N x V/tp = 8192 x {131072, 16384} (their `*_params` functions, interpret=False), with
     the JIT's run-time specialisation: pointers carry tt.divisibility 16, and so does every int argument
     whose value there is a multiple of 16 (`div16`), ints equal to 1 are constexprs; both from the values
@@ -77,21 +85,24 @@ def variants():
             (f" n_real={n_real}" if ragged else "")
         const = dict(INV_KAPPA=inv, KAPPA=1.3, **trb.stats_params(spec, elem, interpret=False))
         warps = const.pop("num_warps")
+        opts = _options(warps, const)
         types = {"X": _DTYPES[dt], "LABEL_COL": "*i64", "OWNS": "*u8", "VALID": "*u8", "STATS": "*fp64",
                  "PREFIX": "*fp64"}
         # prefix: [N, n_blocks] (sample), else the stats buffer passed as a dummy
         const, div16 = _specialise(const, dict(stride_x=shard, stride_s=ncol, n_real=n_real, shard=shard,
                                                stride_p=spec.n_blocks if est == "sample" else ncol,
                                                n_blocks=spec.n_blocks))
-        out.append((f"stats {est} {tag}", trb._stats_kernel, types, const, warps, div16))
-        if est == "sample" and shard == 16384 and k == 256:  # the opt-in variant: pairs kept in registers
-            nt = -(-spec.n_blocks // const["NB"])
-            out.append((f"stats {est} {tag} pairs in registers NT={nt}", trb._stats_kernel, types,
-                        {**const, "NT": nt}, warps, div16))
+        nt = const.get("NT", 0)
+        out.append((f"stats {est} {tag}" + (f" pairs in registers NT={nt}" if nt else ""), trb._stats_kernel,
+                    types, const, warps, div16, opts))
+        if nt:  # the same row with its pairs parked in the prefix buffer (NT_MAX = 0: the GPU sweep's option)
+            out.append((f"stats {est} {tag} parked", trb._stats_kernel, types, {**const, "NT": 0}, warps, div16,
+                        opts))
         if est == "sample":
             const = dict(INV_KAPPA=inv, BETA=-0.1, MIX_PTR=False, HAS_LANES=False,
                          **trb.sample_params(spec, interpret=False))
             warps = const.pop("num_warps")
+            opts = _options(warps, const)
             types = {"X": _DTYPES[dt], "KEYS": "*i64", "LABEL_COL": "*i64", "OWNS": "*u8", "OK": "*u8",
                      "TOTAL": "*fp64", "CUM": "*fp64", "SCALE": "*fp64", "PREFIX": "*fp64",
                      "PARTIAL": "*fp64", "COLS": "*i32", "WTS": "*fp32", "LANES": "*i32"}
@@ -99,19 +110,20 @@ def variants():
             const, div16 = _specialise(const, dict(stride_x=shard, stride_cum=tp, stride_p=spec.n_blocks, stride_part=2,
                                                    stride_c=k, stride_w=k, stride_l=k, n_real=n_real,
                                                    n_blocks=spec.n_blocks, K=k))
-            out.append((f"sampler {tag}", trb._sample_kernel, types, const, warps, div16))
+            out.append((f"sampler {tag}", trb._sample_kernel, types, const, warps, div16, opts))
         s = k if est == "sample" else 1
         for local in (False, True):
             const = dict(INV_KAPPA=inv, HAS_Q=est == "expected", HAS_LOCAL=local,
                          **trb.grad_params(spec, elem, s, interpret=False))
             warps = const.pop("num_warps")
+            opts = _options(warps, const)
             types = {"X": _DTYPES[dt], "OUT": _DTYPES[dt], "G": "*fp32", "CPI": "*fp32", "CQ": "*fp32",
                      "COLS": "*i32", "WTS": "*fp32", "VALID": "*u8", "LOCAL": "*fp64"}
             # cols, weights: [N, S]; local: the forward's stats rows [N, ncol] (a dummy stride 0 without)
             const, div16 = _specialise(const, dict(stride_x=shard, stride_o=shard, stride_c=s, stride_w=s, S=s,
                                                    stride_l=ncol if local else 0, n_real=n_real, shard=shard))
             out.append((f"grad {est} {tag} S={s}" + (" local" if local else " 2-pass"), trb._grad_kernel, types,
-                        const, warps, div16))
+                        const, warps, div16, opts))
     return out
 
 
@@ -152,11 +164,11 @@ def compile_report(arch: int = 90) -> list[dict]:
 
     target = GPUTarget("cuda", arch, 32)
     rows = []
-    for label, kernel, types, const, warps, div16 in variants():
+    for label, kernel, types, const, warps, div16, opts in variants():
         t0 = time.perf_counter()
         sig = _sig(kernel, types, const)
         compiled = triton.compile(ASTSource(kernel, sig, const, attrs_for(kernel, sig, const, div16)), target=target,
-                                  options={"num_warps": warps})
+                                  options=opts)
         rows.append(dict(variant=label, num_warps=warps, seconds=time.perf_counter() - t0,
                          **_resources(compiled.asm["ptx"], arch)))
     return rows

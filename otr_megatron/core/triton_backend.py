@@ -590,14 +590,17 @@ def _ragged(spec: Spec) -> bool:
     return spec.n_real < spec.shard
 
 
-# "sample" rows of at most NT_MAX tiles can keep their block (bmax, bsum) pairs in registers over
-# unrolled tiles (no round trip through memory: 2.5 instead of 3.5 B/elem in the statistics kernel),
-# otherwise they are parked in the prefix buffer. Off by default: on sm_90 SASS (CPU proxies, bf16,
-# B=16, V/tp=32768) the unrolled path issues 33.4 instead of 30.4 instructions per element over the
-# whole kernel (one float64 scan per tile instead of per 1024 blocks), at 64 instead of 61 registers;
-# the round trip it saves is mostly L2 traffic (the prefix row is rewritten while it is likely still
-# cached) and this kernel is instruction-bound, so the GPU launch sweep should decide (e.g. NT_MAX = 8).
-NT_MAX = 0
+# "sample" rows of at most NT_MAX tiles whose blocks hold 16 ids per lane (B >= 16) keep their block
+# (bmax, bsum) pairs in registers over unrolled tiles (no round trip through memory: 2.5 instead of
+# 3.5 B/elem in the statistics kernel); longer rows, and B < 16 (8 ids per lane: a tile's float64 scan
+# is amortised over half the ids), park them in the prefix buffer. On sm_90 SASS (CPU proxies, bf16,
+# B=16, V/tp=32768: NT = 8) the unrolled path issues 34.9 instead of 33.1 instructions per element over
+# the whole kernel (one float64 scan per tile instead of per 1024 blocks; the streaming part is the same
+# code as the loop), at 64 registers (.maxnreg 64, no spills) like the loop. The round trip it saves
+# is mostly L2 traffic (the prefix row is rewritten while it is likely still cached): a GPU launch
+# sweep may set NT_MAX = 0 if the extra instructions cost more.
+NT_MAX = 8
+MAX_REGS = 64  # .maxnreg of the "sample" statistics kernel: without it ptxas picks 64 and spills a word
 
 
 LANE_IDS = 16  # ids of a "sample" block per lane: a block of B > 16 ids spans B / 16 lanes
@@ -626,9 +629,13 @@ def stats_params(spec: Spec, elem_bytes: int, interpret: bool = INTERPRET) -> di
     # the epilogue's chunk of blocks: 4 per thread, or 1 where the prefix rows (stride n_blocks) are not
     # 16-byte aligned (scalar float64 loads and stores: 4 per thread would take 72 registers)
     epi = min(triton.next_power_of_2(max(spec.n_blocks, 1)), 1024 if spec.n_blocks % 16 == 0 else threads)
-    return dict(SAMPLE=sample, EXPECTED=spec.estimator == "expected", B=b, R=r, L=lane, LOGL=lane.bit_length() - 1,
-                LOGR=r.bit_length() - 1, NB=nb, VEC=vec, NR=nr, RAGGED=_ragged(spec), EPI=epi, NT=nt if sample and nt <= NT_MAX else 0,
-                PRECISE=not interpret, INTERP=interpret, num_warps=warps)
+    out = dict(SAMPLE=sample, EXPECTED=spec.estimator == "expected", B=b, R=r, L=lane, LOGL=lane.bit_length() - 1,
+               LOGR=r.bit_length() - 1, NB=nb, VEC=vec, NR=nr, RAGGED=_ragged(spec), EPI=epi,
+               NT=nt if sample and nt <= NT_MAX and lane == LANE_IDS else 0, PRECISE=not interpret,
+               INTERP=interpret, num_warps=warps)
+    if sample:
+        out["maxnreg"] = MAX_REGS  # a launch option (the interpreter drops it), not a kernel argument
+    return out
 
 
 MAX_K = 2048  # the sampler packs 53 random bits and the lane index into one 64-bit sort key

@@ -42,7 +42,7 @@ def main(argv=None):
         keys = a.only.split(",")
         picked = [v for v in picked if any(v[0].startswith(k) for k in keys)]
     picked = picked[: a.max]
-    for label, kernel, types, const, warps, d16 in picked:
+    for label, kernel, types, const, warps, d16, opts in picked:
         sig = aot._sig(kernel, types, const)
         modes = [("aot (no attrs)", {})]
         # the variant's own run-time specialisation (ints whose values are multiples of 16)
@@ -53,7 +53,7 @@ def main(argv=None):
             modes.append(("runtime, n_real%16!=0", {k: v for k, v in attrs.items() if k != (i,)}))
         for mode, at in modes:
             t0 = time.perf_counter()
-            c = triton.compile(ASTSource(kernel, sig, const, at), target=target, options={"num_warps": warps})
+            c = triton.compile(ASTSource(kernel, sig, const, at), target=target, options=opts)
             sec = time.perf_counter() - t0
             ptx = c.asm["ptx"]
             res = aot._resources(ptx, 90)

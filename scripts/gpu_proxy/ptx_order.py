@@ -11,12 +11,12 @@ from triton.backends.compiler import GPUTarget
 from triton.compiler import ASTSource
 from otr_megatron.core import triton_aot as aot
 want = sys.argv[2:] or ["grad sample bf16 V/tp=131072 tp=1 K=256 B=16 S=256 local", "stats sample bf16 V/tp=131072"]
-for label, kernel, types, const, warps, div16 in aot.variants():
+for label, kernel, types, const, warps, div16, opts in aot.variants():
     if not any(label.startswith(w) for w in want):
         continue
     sig = aot._sig(kernel, types, const)
     attrs = aot.attrs_for(kernel, sig, const, div16)  # the variant's run-time specialisation
-    c = triton.compile(ASTSource(kernel, sig, const, attrs), target=GPUTarget("cuda", 90, 32), options={"num_warps": warps})
+    c = triton.compile(ASTSource(kernel, sig, const, attrs), target=GPUTarget("cuda", 90, 32), options=opts)
     seq = []
     for line in c.asm["ptx"].splitlines():
         s = line.strip()

@@ -64,14 +64,14 @@ def main(argv=None):
 
     tool = os.path.join(os.path.dirname(triton.__file__), "backends", "nvidia", "bin", "nvdisasm")
     keys = a.only.split(",")
-    for label, kernel, types, const, warps, d16 in aot.variants():
+    for label, kernel, types, const, warps, d16, opts in aot.variants():
         if not any(label.startswith(k) for k in keys):
             continue
         sig = aot._sig(kernel, types, const)
         # the variant's own run-time specialisation (ints by value: divisible by 16, or 1 as a constexpr)
         attrs = aot.attrs_for(kernel, sig, const, d16)
         c = triton.compile(ASTSource(kernel, sig, const, attrs), target=GPUTarget("cuda", 90, 32),
-                           options={"num_warps": warps})
+                           options=opts)
         with tempfile.TemporaryDirectory() as d:
             f = os.path.join(d, "k.cubin")
             open(f, "wb").write(c.asm["cubin"])

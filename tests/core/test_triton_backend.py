@@ -197,10 +197,12 @@ def test_sample_stats_pairs_in_registers_or_parked_agree(monkeypatch, ragged):
     in the prefix buffer. Both give the same bits, over several tiles per row (small tiles here)."""
     vocab = 997 if ragged else VOCAB
     x, y = make_logits(vocab=vocab, seed=4)
-    spec = spec_for("sample", vocab=vocab, k=8)
-    monkeypatch.setattr(trb, "_MAX_TILE", 32 * spec.block)  # 32 blocks per tile: 4 tiles
+    spec = spec_for("sample", vocab=vocab, k=4)
+    assert spec.block == 16  # 16 ids per lane: B < 16 always parks its pairs
+    monkeypatch.setattr(trb, "_MAX_TILE", 16 * spec.block)  # 16 blocks per tile: 4 tiles
     monkeypatch.setattr(trb, "NT_MAX", 8)
-    assert trb.stats_params(spec, x.element_size())["NT"] > 1
+    assert trb.stats_params(spec, x.element_size())["NT"] == 4
+    assert trb.stats_params(spec_for("sample", vocab=vocab, k=8), x.element_size())["NT"] == 0  # B = 8
     kept = stats_of(trb, x, y, spec)
     monkeypatch.setattr(trb, "NT_MAX", 0)
     assert trb.stats_params(spec, x.element_size())["NT"] == 0
@@ -221,25 +223,28 @@ def _exp32(t):
     return torch.exp(t)
 
 
-@pytest.mark.parametrize("tiles", ["one", "several"])
+@pytest.mark.parametrize("tiles", ["one", "several, parked", "several, in registers"])
 @pytest.mark.parametrize("dtype,vocab,v_pad", [(torch.bfloat16, VOCAB, V_PAD), (torch.float32, VOCAB, V_PAD),
                                                (torch.bfloat16, 997, V_PAD), (torch.bfloat16, 3000, 3072)])
 def test_sample_block_sums_are_the_pairwise_tree_bit_for_bit(monkeypatch, dtype, vocab, v_pad, tiles):
     """Blocks of B = 32 or 64 ids (K = 1) spread over R = B / 16 lanes of L = 16 ids (the ids
     i = j * R + c of lane c), so the tree's in-lane levels and its cross-lane levels both run; with
-    several tiles per row the whole tiles run unmasked and the row's last one masked (ragged: 997).
-    The prefix sums equal, bit for bit, an independent computation of docs/sampling.md sections 2-3
-    with the kernels' own float32 exp: e[i] + e[i + B/2], ... down to one value, then float64 weights
-    and a sequential cumsum."""
+    several tiles per row either the loop runs (whole tiles unmasked, the row's last one masked; ragged:
+    997) with the pairs parked in the prefix buffer, or the tiles are unrolled with the pairs in
+    registers. The prefix sums equal, bit for bit, an independent computation of docs/sampling.md
+    sections 2-3 with the kernels' own float32 exp: e[i] + e[i + B/2], ... down to one value, then
+    float64 weights and a sequential cumsum."""
     x, y = make_logits(v_pad=v_pad, vocab=vocab, dtype=dtype, seed=12, special=False)
     x[3, 64:80] = -math.inf  # half a block masked
     x[5, 96:128] = -math.inf  # a whole block masked
     spec = spec_for("sample", vocab=vocab, k=1, shard=v_pad)
-    if tiles == "several":
-        monkeypatch.setattr(trb, "_MAX_TILE", 4 * spec.block)  # 4 blocks per tile
+    if tiles != "one":
+        monkeypatch.setattr(trb, "_MAX_TILE", 8 * spec.block)  # 8 blocks per tile: 4 to 6 tiles
+        monkeypatch.setattr(trb, "NT_MAX", 0 if tiles == "several, parked" else 8)
     params = trb.stats_params(spec, x.element_size())
     assert spec.block in (32, 64) and params["R"] > 1 and params["L"] > 1, params
-    assert (params["NB"] < spec.n_blocks) == (tiles == "several"), params
+    assert (params["NB"] < spec.n_blocks) == (tiles != "one"), params
+    assert (params["NT"] > 1) == (tiles == "several, in registers"), params
     _, got = stats_of(trb, x, y, spec)
     n, bsz, nb = x.size(0), spec.block, spec.n_blocks
     xb = torch.full((n, nb * bsz), -math.inf, dtype=torch.float32, device=x.device)
