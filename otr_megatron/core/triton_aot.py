@@ -6,9 +6,11 @@ without a GPU: catches what the interpreter cannot (code the compiler rejects, r
 Compiles the variants the backend launches at the benchmark's sizes (bf16/fp16/fp32 inputs, every
 estimator, K = 8 and 256, and a ragged real vocabulary: the last TP rank of 151665 ids) with the
 run-time specialisation the JIT applies (pointers and the ints whose values there are multiples of
-16 carry divisibility 16, ints equal to 1 are constants: what is reported is what runs) to cubin with Triton's bundled LLVM and ptxas, and reads each kernel's
-registers, stack and local memory (spills) with the bundled cuobjdump. Needs TRITON_INTERPRET unset
-or 0 before `triton_backend` is imported (the interpreter replaces the kernels).
+16 carry divisibility 16, ints equal to 1 are constants) and the launch options of the params
+(num_warps, maxnreg), so what is reported is what runs, to cubin with Triton's bundled LLVM and
+ptxas, and reads each kernel's registers, stack and local memory (spills) from ptxas's report.
+Needs TRITON_INTERPRET unset or 0 before `triton_backend` is imported (the interpreter replaces the
+kernels).
 """
 
 from __future__ import annotations

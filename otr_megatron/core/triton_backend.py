@@ -336,8 +336,8 @@ def _sample_kernel(X, stride_x, KEYS, LABEL_COL, OWNS, OK, TOTAL, CUM, stride_cu
                    PARTIAL, stride_part, COLS, stride_c, WTS, stride_w, LANES, stride_l,
                    n_real, n_blocks, key_mix, K, INV_KAPPA: tl.constexpr, BETA: tl.constexpr,
                    RANK: tl.constexpr, TP: tl.constexpr, B: tl.constexpr, KP: tl.constexpr, KC: tl.constexpr,
-                   LB: tl.constexpr, NSTEP: tl.constexpr, RAGGED: tl.constexpr, MIX_PTR: tl.constexpr,
-                   HAS_LANES: tl.constexpr, PRECISE: tl.constexpr):
+                   LB: tl.constexpr, NSTEP: tl.constexpr, TAIL: tl.constexpr, LOGT: tl.constexpr, RAGGED: tl.constexpr,
+                   MIX_PTR: tl.constexpr, HAS_LANES: tl.constexpr, PRECISE: tl.constexpr):
     # All K lanes at once: uniforms and owners; the owned lanes are sorted by their uniform (owned
     # first), so the expensive part (block search, block recompute) runs over the owned lanes only,
     # KC at a time, and duplicates (the inverse CDF is monotone) are adjacent: merged in registers.
@@ -406,7 +406,7 @@ def _sample_kernel(X, stride_x, KEYS, LABEL_COL, OWNS, OK, TOTAL, CUM, stride_cu
         blk = tl.zeros([KC], dtype=tl.int32)
         c_lo = tl.zeros([KC], dtype=tl.float64)
         c_hi = tl.zeros([KC], dtype=tl.float64)
-        for i in tl.static_range(NSTEP):
+        for i in tl.static_range(NSTEP - LOGT):
             cand = blk + ((1 << (NSTEP - 1)) >> i)
             inr = live & (cand <= n_blocks)
             v = tl.load(prow + cand - 1, mask=inr, other=float("inf"))
@@ -414,6 +414,29 @@ def _sample_kernel(X, stride_x, KEYS, LABEL_COL, OWNS, OK, TOTAL, CUM, stride_cu
             blk = tl.where(go, cand, blk)
             c_lo = tl.where(go, v, c_lo)
             c_hi = tl.where(inr & ~go, v, c_hi)
+        if TAIL > 0:
+            # the last LOGT levels (candidates blk + 1 .. blk + TAIL - 1, blk a multiple of TAIL = 4) from
+            # one load of the TAIL prefix values C[blk ..]: one whole 32-byte sector, read by 2 lanes (the
+            # per-level loads read that sector once per level, and wait for each other). The predicate
+            # is monotone in the candidate and the prefix sums do not decrease, so the search's answer
+            # is blk + the accepted count, its last accepted value the largest accepted one, its last
+            # rejected one (in range) the smallest rejected one. The lanes' inputs are folded into two
+            # vectors: a dead lane's candidates start at n_blocks, and the "over" predicate C < C_last
+            # is C <= the float64 just below C_last (> 0 where a lane is owned)
+            blk = tl.multiple_of(blk, TAIL)
+            thr = tl.where(over, (z_last.to(tl.int64, bitcast=True) - 1).to(tl.float64, bitcast=True), t_r)
+            jt = tl.arange(0, TAIL)[None, :]
+            idx8 = tl.where(live, blk, n_blocks)[:, None] + jt
+            in8 = idx8 < n_blocks
+            v8 = tl.load(prow + idx8, mask=in8, other=float("inf"))
+            cand8 = in8 & (jt < TAIL - 1)
+            go8 = cand8 & (v8 <= thr[:, None])
+            cnt = tl.sum(go8.to(tl.int32), axis=1)
+            lo8 = tl.max(tl.where(go8, v8, float("-inf")), axis=1)
+            hi8 = tl.min(tl.where(cand8 & ~go8, v8, float("inf")), axis=1)
+            c_lo = tl.where(cnt > 0, lo8, c_lo)
+            c_hi = tl.where(hi8 < float("inf"), hi8, c_hi)
+            blk = blk + cnt
         blk = tl.minimum(blk, n_blocks - 1)
         # 4. fraction within the block (float64)
         frac = tl.minimum(tl.maximum((t_r - c_lo) / (c_hi - c_lo), 0.0), 1.0)
@@ -638,6 +661,7 @@ def stats_params(spec: Spec, elem_bytes: int, interpret: bool = INTERPRET) -> di
     return out
 
 
+SEARCH_TAIL = 4  # the sampler's block search ends with one load of 4 prefix values (aligned rows)
 MAX_K = 2048  # the sampler packs 53 random bits and the lane index into one 64-bit sort key
 
 
@@ -652,8 +676,11 @@ def sample_params(spec: Spec, interpret: bool = INTERPRET) -> dict:
     kp = max(2, triton.next_power_of_2(spec.k))
     share = kp if spec.world == 1 else max(16, triton.next_power_of_2(-(-2 * spec.k // spec.world)))
     kc = min(kp, share, max(16, 4096 // spec.block))
+    nstep = spec.n_blocks.bit_length()
+    tail = SEARCH_TAIL if nstep >= 4 and spec.n_blocks % 16 == 0 else 0
     return dict(RANK=spec.rank, TP=spec.world, B=spec.block, KP=kp, KC=kc, LB=max(1, (kp - 1).bit_length()),
-                NSTEP=spec.n_blocks.bit_length(), RAGGED=_ragged(spec), PRECISE=not interpret,
+                NSTEP=nstep, TAIL=tail, LOGT=max(tail.bit_length() - 1, 0), RAGGED=_ragged(spec),
+                PRECISE=not interpret,
                 num_warps=8 if kc == kp else max(2, min(8, kc * spec.block // 512)))
 
 

@@ -330,12 +330,15 @@ def run_sampler(backend, x, spec, inputs, key_mix=None):
     return partial, cols, weights, cols
 
 
-@pytest.mark.parametrize("k", [1, 8, 64, 256])
-def test_sampler_matches_torch_backend_and_float64_draw(k):
-    x, y = make_logits(n=8, seed=k)
+@pytest.mark.parametrize("k,vocab", [(1, VOCAB), (8, VOCAB), (64, VOCAB), (256, VOCAB), (8, V_PAD), (256, V_PAD)])
+def test_sampler_matches_torch_backend_and_float64_draw(k, vocab):
+    """vocab = V_PAD: n_blocks a multiple of 16 (aligned prefix rows), so the block search ends with
+    one 4-wide load instead of its last two levels (as K = 1 at VOCAB: 32 blocks)."""
+    x, y = make_logits(n=8, seed=k, vocab=vocab)
     x[0, 3] = 40.0  # one dominant id: duplicates
     y[0] = 3
-    spec = spec_for("sample", k=k)
+    spec = spec_for("sample", k=k, vocab=vocab)
+    assert (trb.sample_params(spec)["TAIL"] > 0) == (spec.n_blocks % 16 == 0), spec
     inputs = sampler_inputs(x, y, spec)
     ok = inputs[3]
     got = run_sampler(trb, x, spec, inputs)
@@ -358,10 +361,57 @@ def test_sampler_matches_torch_backend_and_float64_draw(k):
     assert all(torch.equal(a, b) for a, b in zip(got, again)), "key_mix tensor and int draw differently"
     # against the independent float64 single-device inverse-CDF draw (sorted: order within a
     # token is not part of the contract)
-    draw = ref_samples(x.double().cpu(), inputs[0].cpu(), k, KAPPA, SEED, STEP, vocab_size=VOCAB)
+    draw = ref_samples(x.double().cpu(), inputs[0].cpu(), k, KAPPA, SEED, STEP, vocab_size=vocab)
     okc = ok.cpu()
     moved = (got[3].cpu()[okc].sort(-1).values != draw[okc].sort(-1).values).sum().item()
     assert moved <= max(1, int(1e-3 * okc.sum() * k)), f"{moved} samples differ from the float64 draw"
+
+
+@pytest.mark.parametrize("vocab", [VOCAB, V_PAD])
+def test_sampler_block_search_edges_match_torch_backend(vocab):
+    """The block search on plateaus of equal prefix sums (zero-mass blocks: runs of equal candidates,
+    the first and last blocks masked) against the torch backend, with (vocab = V_PAD: aligned prefix
+    rows) and without the search's 4-wide tail."""
+    k = 256
+    x, y = make_logits(n=6, seed=21, vocab=vocab, special=False)
+    x[0, : vocab // 2] = -math.inf  # a plateau over the first half
+    x[2, 64:512] = -math.inf  # a plateau in the middle
+    x[3, 1::2] = -math.inf  # every other id
+    spec = spec_for("sample", k=k, vocab=vocab)
+    assert (trb.sample_params(spec)["TAIL"] > 0) == (vocab == V_PAD)
+    x[4, vocab - 40:] = -math.inf  # the last blocks masked: C_last is reached before the end
+    inputs = sampler_inputs(x, y, spec)
+    ok = inputs[3]
+    got = run_sampler(trb, x, spec, inputs)
+    ref = run_sampler(tb, x, spec, inputs)
+    assert torch.equal(got[3], ref[3]), f"samples differ in {(got[3] != ref[3]).sum().item()} of {got[3].numel()}"
+    assert torch.equal(got[0][:, 0], ref[0][:, 0]), "hit counts"
+    want_c, want_w = merge_duplicates(ref[3], ref[2])
+    assert torch.equal(got[1].cpu(), want_c), "merged columns"
+    assert bool((got[3][ok] >= 0).all()), "every lane of a supervised row draws"
+
+
+def test_sampler_search_tail_equals_the_full_binary_search(monkeypatch):
+    """The 4-wide tail is the binary search's last two levels, for any inputs: on plateaus, and on
+    draws past the rank's last prefix value (a rank scale of 1/2, inconsistent on purpose, maps the
+    upper half of the draws to t_r >= C_last, where the search takes the last block with C_b < C_last),
+    the Triton sampler gives the same samples with and without it."""
+    k = 256
+    x, y = make_logits(n=6, seed=22, vocab=V_PAD, special=False)
+    x[0, : V_PAD // 2] = -math.inf
+    x[3, 1::2] = -math.inf
+    x[4, V_PAD - 40:] = -math.inf
+    spec = spec_for("sample", k=k, vocab=V_PAD)
+    keys, col, owns, ok, total, cum, scale, prefix = sampler_inputs(x, y, spec)
+    inputs = (keys, col, owns, ok, total, cum, scale * 0.5, prefix)
+    assert trb.sample_params(spec)["TAIL"] == 4
+    tail = run_sampler(trb, x, spec, inputs)
+    monkeypatch.setattr(trb, "SEARCH_TAIL", 0)
+    assert trb.sample_params(spec)["TAIL"] == 0
+    full = run_sampler(trb, x, spec, inputs)
+    for a, b in zip(tail, full):
+        assert torch.equal(a, b)
+    assert bool((tail[3][ok] == spec.n_real - 1).any()), "some draws are past C_last"
 
 
 # --------------------------------------------------------------------------------------------
