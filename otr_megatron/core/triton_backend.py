@@ -21,8 +21,9 @@ program per row (token):
   5's rescale); duplicates merged by one segmented scan over the sorted lanes.
 - `grad`: dense g * (coef_pi * softmax(x) [+ coef_q * softmax(x / kappa)]) written once, then,
   after a CTA barrier, the sparse entries of the row rewritten with their duplicates merged in
-  registers (no atomics); the logits at those columns are read before the dense pass, so it
-  works in place. One rounding to the output dtype; ignored rows and padded columns exact 0.
+  registers (no atomics); the logits at those columns are picked from the dense tiles as they pass
+  (a shared-memory gather per tile; a label column: read before the dense pass), so it works in
+  place. One rounding to the output dtype; ignored rows and padded columns exact 0.
 
 Bit-exactness with the torch backend where it matters for sampling: the block exps use
 libdevice's expf/exp on a GPU (the function torch's CUDA `exp` calls), the block sum is the same
@@ -507,7 +508,7 @@ def _uniforms_kernel(KEYS, OUT, key_mix, K, KP: tl.constexpr, MIX_PTR: tl.conste
 def _grad_kernel(X, stride_x, OUT, stride_o, G, CPI, CQ, COLS, stride_c, WTS, stride_w, VALID, LOCAL, stride_l,
                  n_real, shard, S, INV_KAPPA: tl.constexpr,
                  SP: tl.constexpr, HAS_Q: tl.constexpr, HAS_LOCAL: tl.constexpr, RAGGED: tl.constexpr,
-                 NR: tl.constexpr, VEC: tl.constexpr, TILE: tl.constexpr):
+                 NR: tl.constexpr, VEC: tl.constexpr, TILE: tl.constexpr, GATHER: tl.constexpr):
     row = tl.program_id(0).to(tl.int64)
     xrow = X + row * stride_x
     orow = OUT + row * stride_o
@@ -560,12 +561,19 @@ def _grad_kernel(X, stride_x, OUT, stride_o, G, CPI, CQ, COLS, stride_c, WTS, st
         cols = tl.load(COLS + row * stride_c + js, mask=js < S, other=-1)
         act = cols >= 0
         wc = tl.load(WTS + row * stride_w + js, mask=act, other=0.0) * g
-        xs = tl.load(xrow + cols, mask=act, other=0.0).to(tl.float32)
-        tl.debug_barrier()
+        if GATHER:  # picked from the dense tiles as they pass (in registers before they are overwritten)
+            xs = tl.zeros([SP], dtype=tl.float32)
+        else:
+            xs = tl.load(xrow + cols, mask=act, other=0.0).to(tl.float32)
+            tl.debug_barrier()
         for start in range(0, shard, TILE):
             offs = start + tl.arange(0, TILE)
             inb = offs < shard
             x = tl.load(xrow + offs, mask=inb, other=float("-inf")).to(tl.float32)
+            if GATHER:
+                rc = cols - start
+                here = act & (rc >= 0) & (rc < TILE)
+                xs = tl.where(here, tl.gather(x, tl.minimum(tl.maximum(rc, 0), TILE - 1), 0), xs)
             val = tl.exp(x - msafe) * inv_s * a
             if HAS_Q:
                 val += tl.exp((x - msafe) * INV_KAPPA) * inv_sk * b
@@ -689,8 +697,10 @@ def grad_params(spec: Spec, elem_bytes: int, s: int, interpret: bool = INTERPRET
     full = triton.next_power_of_2(max(spec.shard, 1))
     tile = min(full, _MAX_TILE if interpret else 2048)
     nr = max(1, min(full, _MAX_TILE) // vec) if interpret else 512
-    return dict(SP=triton.next_power_of_2(max(s, 2)), RAGGED=_ragged(spec), NR=nr, VEC=vec, TILE=tile,
-                num_warps=8)
+    sp = triton.next_power_of_2(max(s, 2))
+    # GATHER: the sparse logits picked from the dense tiles (a shared-memory gather per tile) instead of
+    # S scattered loads (one sector each) before the dense pass; for K-sample lists, not a label
+    return dict(SP=sp, RAGGED=_ragged(spec), NR=nr, VEC=vec, TILE=tile, GATHER=sp >= 16, num_warps=8)
 
 
 def _inv_kappa(spec: Spec) -> float:

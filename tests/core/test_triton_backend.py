@@ -523,8 +523,13 @@ def grad_inputs(x, spec, s, with_q, seed=0):
 
 
 @pytest.mark.parametrize("case", ["sample-bf16", "sample-bf16-inplace", "expected-bf16", "sft-fp16",
-                                  "expected-fp32-local", "dft-bf16-local-inplace"])
-def test_grad_matches_torch_backend(case):
+                                  "expected-fp32-local", "dft-bf16-local-inplace", "sample-bf16-tiles",
+                                  "sample-bf16-tiles-inplace-local"])
+def test_grad_matches_torch_backend(monkeypatch, case):
+    """"tiles": 8 tiles per row, so the sampled columns' logits are picked from the tile they fall in
+    (in place: before that tile is overwritten)."""
+    if "tiles" in case:
+        monkeypatch.setattr(trb, "_MAX_TILE", V_PAD // 8)
     est, dt = case.split("-")[:2]
     dtype = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}[dt]
     inplace, use_local = "inplace" in case, "local" in case
@@ -543,6 +548,9 @@ def test_grad_matches_torch_backend(case):
     # contract v2: the Triton gradient gets int32 columns without duplicates (its sampler merged them)
     mcols, mweights = merge_duplicates(cols, weights)
     mcols, mweights = mcols.to(torch.int32).to(DEV), mweights.to(DEV)
+    if "tiles" in case:
+        params = trb.grad_params(spec, x.element_size(), s)
+        assert params["GATHER"] and params["TILE"] == V_PAD // 8, params
     trb.grad(out if inplace else x, out, g, coef_pi, coef_q, mcols, mweights, valid, spec, None, local=local)
     # fp32 output: the two backends' softmax formulas (exp((x - m) / kappa) vs exp(x / kappa - m / kappa))
     # differ by ~|x| * 2**-24 in the exponent, a few fp32 ulps; bf16/fp16 hide that
