@@ -59,7 +59,7 @@ def _specialise(const: dict, values: dict):
 
 def variants():
     """(label, kernel, pointer types, constexprs, num_warps, div16, options) exactly as the wrappers launch them
-    on a GPU at N x V/tp = 8192 x {131072, 16384} (their `*_params` functions, interpret=False), with
+    on a GPU at N x V/tp = 8192 x {131072, 32768, 16384} (their `*_params` functions, interpret=False), with
     the JIT's run-time specialisation: pointers carry tt.divisibility 16, and so does every int argument
     whose value there is a multiple of 16 (`div16`), ints equal to 1 are constexprs; both from the values
     the wrappers pass (the strides of the contiguous buffers `core/loss.py` allocates, the spec's sizes)."""
@@ -69,6 +69,8 @@ def variants():
     out = []
     cases = (("bf16", "sample", 131072, 256, 1, 0, False), ("bf16", "sample", 16384, 256, 8, 3, False),
              ("bf16", "sample", 16384, 8, 8, 3, False), ("fp32", "sample", 16384, 256, 1, 0, False),
+             # the proxies' byte count (count_bytes.py): V = 32768 at tp=1, 8 tiles, pairs in registers
+             ("bf16", "sample", 32768, 256, 1, 0, False),
              ("bf16", "expected", 131072, 1, 1, 0, False), ("fp16", "sft", 16384, 1, 1, 0, False),
              # the last TP rank of a 151665-id vocabulary padded to 152064 (tp=8): n_real = 18657
              ("bf16", "sample", 19008, 256, 8, 7, True), ("bf16", "expected", 19008, 1, 8, 7, True))
