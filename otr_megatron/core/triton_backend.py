@@ -182,7 +182,8 @@ def _block_prefix(prow, e0, n_blocks, bmax, bsum, m64, carry, valid, N: tl.const
     wb = tl.where(idx == e0, wb + carry, wb)
     c = tl.cumsum(wb, axis=0)
     tl.store(prow + idx, c, mask=inb & valid)
-    return tl.sum(tl.where(idx == tl.minimum(e0 + N, n_blocks) - 1, c, 0.0), axis=0)
+    tl.debug_barrier()  # the chunk's last prefix sum, read back (no block-wide reduction)
+    return tl.load(prow + tl.minimum(e0 + N, n_blocks) - 1, mask=valid, other=0.0)
 
 
 @triton.jit
@@ -621,10 +622,12 @@ def _ragged(spec: Spec) -> bool:
     return spec.n_real < spec.shard
 
 
-# "sample" rows of at most NT_MAX tiles whose blocks hold 16 ids per lane (B >= 16) keep their block
-# (bmax, bsum) pairs in registers over unrolled tiles (no round trip through memory: 2.5 instead of
-# 3.5 B/elem in the statistics kernel); longer rows, and B < 16 (8 ids per lane: a tile's float64 scan
-# is amortised over half the ids), park them in the prefix buffer. On sm_90 SASS (CPU proxies, bf16,
+# "sample" rows of at most NT_MAX tiles whose blocks hold 16 ids per lane (B >= 16) and whose prefix
+# rows are 16-byte aligned (n_blocks a multiple of 16) keep their block (bmax, bsum) pairs in registers
+# over unrolled tiles (no round trip through memory: 2.5 instead of 3.5 B/elem in the statistics
+# kernel); longer rows, B < 16 (8 ids per lane: a tile's float64 scan is amortised over half the ids)
+# and unaligned rows (scalar float64 stores per tile: 8 bytes of spills at 64 registers) park them in
+# the prefix buffer. On sm_90 SASS (CPU proxies, bf16,
 # B=16, V/tp=32768: NT = 8) the unrolled path issues 34.9 instead of 33.1 instructions per element over
 # the whole kernel (one float64 scan per tile instead of per 1024 blocks; the streaming part is the same
 # code as the loop), at 64 registers (.maxnreg 64, no spills) like the loop. The round trip it saves
@@ -662,7 +665,8 @@ def stats_params(spec: Spec, elem_bytes: int, interpret: bool = INTERPRET) -> di
     epi = min(triton.next_power_of_2(max(spec.n_blocks, 1)), 1024 if spec.n_blocks % 16 == 0 else threads)
     out = dict(SAMPLE=sample, EXPECTED=spec.estimator == "expected", B=b, R=r, L=lane, LOGL=lane.bit_length() - 1,
                LOGR=r.bit_length() - 1, NB=nb, VEC=vec, NR=nr, RAGGED=_ragged(spec), EPI=epi,
-               NT=nt if sample and nt <= NT_MAX and lane == LANE_IDS else 0, PRECISE=not interpret,
+               NT=nt if sample and nt <= NT_MAX and lane == LANE_IDS and spec.n_blocks % 16 == 0 else 0,
+               PRECISE=not interpret,
                INTERP=interpret, num_warps=warps)
     if sample:
         out["maxnreg"] = MAX_REGS  # a launch option (the interpreter drops it), not a kernel argument
@@ -680,7 +684,7 @@ def sample_params(spec: Spec, interpret: bool = INTERPRET) -> dict:
     expected share K / tp (at least 16), with KC * B <= 4096 keeping the [KC, B] block tiles in
     registers. Same rule in the interpreter, so the CPU tests run the chunked path. A chunked
     sampler runs on fewer warps (16 block ids per thread), so a row's total work shrinks too: at tp=8,
-    K=256, B=16, 2 warps x 3080 SASS instead of 8 x 1936 (sm_90, static counts)."""
+    K=256, B=16, 2 warps x 3280 SASS instead of 8 x 2072 (sm_90, static counts)."""
     kp = max(2, triton.next_power_of_2(spec.k))
     share = kp if spec.world == 1 else max(16, triton.next_power_of_2(-(-2 * spec.k // spec.world)))
     kc = min(kp, share, max(16, 4096 // spec.block))

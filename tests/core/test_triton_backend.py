@@ -197,12 +197,14 @@ def test_sample_stats_pairs_in_registers_or_parked_agree(monkeypatch, ragged):
     in the prefix buffer. Both give the same bits, over several tiles per row (small tiles here)."""
     vocab = 997 if ragged else VOCAB
     x, y = make_logits(vocab=vocab, seed=4)
-    spec = spec_for("sample", vocab=vocab, k=4)
-    assert spec.block == 16  # 16 ids per lane: B < 16 always parks its pairs
-    monkeypatch.setattr(trb, "_MAX_TILE", 16 * spec.block)  # 16 blocks per tile: 4 tiles
+    spec = spec_for("sample", vocab=vocab, k=1)
+    assert spec.block == 32 and spec.n_blocks == 32  # 16 ids per lane, aligned prefix rows
+    monkeypatch.setattr(trb, "_MAX_TILE", 8 * spec.block)  # 8 blocks per tile: 4 tiles
     monkeypatch.setattr(trb, "NT_MAX", 8)
     assert trb.stats_params(spec, x.element_size())["NT"] == 4
-    assert trb.stats_params(spec_for("sample", vocab=vocab, k=8), x.element_size())["NT"] == 0  # B = 8
+    # parked whatever NT_MAX: B < 16 (8 ids per lane), prefix rows not 16-byte aligned (29 blocks)
+    assert trb.stats_params(spec_for("sample", vocab=vocab, k=8), x.element_size())["NT"] == 0
+    assert trb.stats_params(spec_for("sample", vocab=900, k=1), x.element_size())["NT"] == 0
     kept = stats_of(trb, x, y, spec)
     monkeypatch.setattr(trb, "NT_MAX", 0)
     assert trb.stats_params(spec, x.element_size())["NT"] == 0
@@ -225,7 +227,7 @@ def _exp32(t):
 
 @pytest.mark.parametrize("tiles", ["one", "several, parked", "several, in registers"])
 @pytest.mark.parametrize("dtype,vocab,v_pad", [(torch.bfloat16, VOCAB, V_PAD), (torch.float32, VOCAB, V_PAD),
-                                               (torch.bfloat16, 997, V_PAD), (torch.bfloat16, 3000, 3072)])
+                                               (torch.bfloat16, 997, V_PAD), (torch.bfloat16, 3072, 3072)])
 def test_sample_block_sums_are_the_pairwise_tree_bit_for_bit(monkeypatch, dtype, vocab, v_pad, tiles):
     """Blocks of B = 32 or 64 ids (K = 1) spread over R = B / 16 lanes of L = 16 ids (the ids
     i = j * R + c of lane c), so the tree's in-lane levels and its cross-lane levels both run; with
