@@ -627,14 +627,14 @@ def _ragged(spec: Spec) -> bool:
 # over unrolled tiles (no round trip through memory: 2.5 instead of 3.5 B/elem in the statistics
 # kernel); longer rows, B < 16 (8 ids per lane: a tile's float64 scan is amortised over half the ids)
 # and unaligned rows (scalar float64 stores per tile: 8 bytes of spills at 64 registers) park them in
-# the prefix buffer. On sm_90 SASS (CPU proxies, bf16,
-# B=16, V/tp=32768: NT = 8) the unrolled path issues 34.9 instead of 33.1 instructions per element over
-# the whole kernel (one float64 scan per tile instead of per 1024 blocks; the streaming part is the same
-# code as the loop), at 64 registers (.maxnreg 64, no spills) like the loop. The round trip it saves
-# is mostly L2 traffic (the prefix row is rewritten while it is likely still cached): a GPU launch
-# sweep may set NT_MAX = 0 if the extra instructions cost more.
+# the prefix buffer. On sm_90 SASS (CPU proxies, bf16, B=16, V/tp=32768: NT = 8) the unrolled path
+# issues 32.9 instead of 29.6 instructions per element over the whole kernel (one float64 scan per tile
+# instead of per 1024 blocks; the streaming part is the same code as the loop), at 64 registers
+# (.maxnreg 64, no spills) like the loop. The round trip it saves is mostly L2 traffic (the prefix row
+# is rewritten while it is likely still cached) and this kernel is instruction-bound by these counts:
+# a GPU launch sweep may set NT_MAX = 0 if the extra instructions cost more than the bytes.
 NT_MAX = 8
-MAX_REGS = 64  # .maxnreg of the "sample" statistics kernel: without it ptxas picks 64 and spills a word
+MAX_REGS = 64  # .maxnreg of the "sample" statistics kernel (without it: 76 at NT = 8, 63-64 otherwise)
 
 
 LANE_IDS = 16  # ids of a "sample" block per lane: a block of B > 16 ids spans B / 16 lanes
