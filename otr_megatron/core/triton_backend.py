@@ -758,10 +758,13 @@ def local_stats(x, label_col, owns_label, valid, spec: Spec, stats_out, prefix_o
     prefix = prefix_out if sample else stats_out  # a dummy pointer when unused
     if sample:
         _check_rows("prefix_out", prefix_out)
+    params = dict(stats_params(spec, x.element_size()))
+    if params["NT"] * params["NB"] < spec.n_blocks:  # NB overridden (bench_gpu's sweep): NT unrolled tiles
+        params["NT"] = 0  # would not cover the row; park the pairs instead
     LAST_LAUNCH["stats"] = _stats_kernel[(rows,)](
         x, x.stride(0), _vec(label_col), _vec(owns_label), _vec(valid), stats_out, stats_out.stride(0), prefix,
         prefix.stride(0), spec.n_real, spec.shard, spec.n_blocks, INV_KAPPA=_inv_kappa(spec), KAPPA=float(spec.kappa),
-        **stats_params(spec, x.element_size()))
+        **params)
 
 
 def sample(x, keys, key_mix, label_col, owns_label, ok, total, rank_cum, rank_scale, prefix, spec: Spec, partial_out,

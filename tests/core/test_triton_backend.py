@@ -211,6 +211,14 @@ def test_sample_stats_pairs_in_registers_or_parked_agree(monkeypatch, ragged):
     parked = stats_of(trb, x, y, spec)
     for a, b in zip(kept, parked):
         assert torch.equal(a.isnan(), b.isnan()) and torch.equal(a.nan_to_num(), b.nan_to_num())
+    # a launch sweep overriding NB (bench_gpu) after NT was chosen: the wrapper parks the pairs instead
+    monkeypatch.setattr(trb, "NT_MAX", 8)
+    params = trb.stats_params
+    monkeypatch.setattr(trb, "stats_params", lambda *a, **k: {**params(*a, **k), "NB": params(*a, **k)["NB"] // 2})
+    swept = stats_of(trb, x, y, spec)  # the same prefix bits; the sum of exps over other slots
+    assert torch.equal(swept[1].isnan(), parked[1].isnan())
+    assert torch.equal(swept[1].nan_to_num(), parked[1].nan_to_num())
+    assert_close_nan(swept[0], parked[0], 1e-6, "statistics with half the blocks per tile (fp32 slots)")
     ref, ref_prefix = stats_of(tb, x, y, spec)
     valid = (y != -100).cpu()
     assert_close_nan(kept[1][valid], ref_prefix[valid], 1e-6 if trb.INTERPRET else 1e-12, "block prefix sums")
