@@ -5,10 +5,12 @@ without a GPU: catches what the interpreter cannot (code the compiler rejects, r
 
 Compiles the variants the backend launches at the benchmark's sizes (bf16/fp16/fp32 inputs, every
 estimator, K = 8 and 256, and a ragged real vocabulary: the last TP rank of 151665 ids) with the
-run-time specialisation the JIT applies (pointers and multiple-of-16 ints carry divisibility 16, so
-what is reported is what runs) to cubin with Triton's bundled LLVM and ptxas, and reads each kernel's
-registers, stack and local memory (spills) with the bundled cuobjdump. Needs TRITON_INTERPRET unset
-or 0 before `triton_backend` is imported (the interpreter replaces the kernels).
+run-time specialisation the JIT applies (pointers and the ints whose values there are multiples of
+16 carry divisibility 16, ints equal to 1 are constants) and the launch options of the params
+(num_warps, maxnreg), so what is reported is what runs, to cubin with Triton's bundled LLVM and
+ptxas, and reads each kernel's registers, stack and local memory (spills) from ptxas's report.
+Needs TRITON_INTERPRET unset or 0 before `triton_backend` is imported (the interpreter replaces the
+kernels).
 """
 
 from __future__ import annotations
@@ -40,21 +42,35 @@ def _sig(kernel, types: dict, constexprs: dict) -> dict:
     return sig
 
 
-# ints the JIT sees as multiples of 16 at run time (Megatron pads every shard to a multiple of 128);
-# n_real joins them except in the ragged variants (a real vocabulary such as 50257 or 151665)
-DIV16_INTS = {"stride_x", "stride_o", "shard", "stride_p", "stride_c", "stride_w", "stride_l", "K", "S"}
+_LAUNCH_OPTIONS = ("maxnreg",)  # launch options a params dict may hold besides num_warps
+
+
+def _options(warps: int, const: dict) -> dict:
+    """The compile options of a launch (num_warps, and those popped from the params dict `const`)."""
+    return {"num_warps": warps, **{k: const.pop(k) for k in _LAUNCH_OPTIONS if k in const}}
+
+
+def _specialise(const: dict, values: dict):
+    """The JIT's specialisation of int arguments by value (triton 3.x): 1 becomes the constexpr 1, a
+    multiple of 16 (0 included) gets tt.divisibility 16. Returns (constexprs with the ones, div16)."""
+    ones = {name: 1 for name, v in values.items() if v == 1}
+    return {**const, **ones}, {name for name, v in values.items() if v % 16 == 0}
 
 
 def variants():
-    """(label, kernel, pointer types, constexprs, num_warps, attrs) exactly as the wrappers launch them
-    on a GPU at N x V/tp = 8192 x {131072, 16384} (their `*_params` functions, interpret=False), with
-    the JIT's run-time specialisation (pointers and multiple-of-16 ints: tt.divisibility 16)."""
+    """(label, kernel, pointer types, constexprs, num_warps, div16, options) exactly as the wrappers launch them
+    on a GPU at N x V/tp = 8192 x {131072, 32768, 16384} (their `*_params` functions, interpret=False), with
+    the JIT's run-time specialisation: pointers carry tt.divisibility 16, and so does every int argument
+    whose value there is a multiple of 16 (`div16`), ints equal to 1 are constexprs; both from the values
+    the wrappers pass (the strides of the contiguous buffers `core/loss.py` allocates, the spec's sizes)."""
     from otr_megatron.core import triton_backend as trb
-    from otr_megatron.core.contract import Spec, block_size
+    from otr_megatron.core.contract import Spec, block_size, stat_columns
 
     out = []
     cases = (("bf16", "sample", 131072, 256, 1, 0, False), ("bf16", "sample", 16384, 256, 8, 3, False),
              ("bf16", "sample", 16384, 8, 8, 3, False), ("fp32", "sample", 16384, 256, 1, 0, False),
+             # the proxies' byte count (count_bytes.py): V = 32768 at tp=1, 8 tiles, pairs in registers
+             ("bf16", "sample", 32768, 256, 1, 0, False),
              ("bf16", "expected", 131072, 1, 1, 0, False), ("fp16", "sft", 16384, 1, 1, 0, False),
              # the last TP rank of a 151665-id vocabulary padded to 152064 (tp=8): n_real = 18657
              ("bf16", "sample", 19008, 256, 8, 7, True), ("bf16", "expected", 19008, 1, 8, 7, True))
@@ -68,35 +84,50 @@ def variants():
         spec = Spec(**{n: v for n, v in fields.items() if n in names})
         elem = {"bf16": 2, "fp16": 2, "fp32": 4}[dt]
         inv = trb._inv_kappa(spec)
+        ncol = stat_columns(est)
         tag = f"{dt} V/tp={shard} tp={tp}" + (f" K={k} B={b}" if est == "sample" else "") + \
             (f" n_real={n_real}" if ragged else "")
-        div16 = DIV16_INTS | ({"n_real", "n_blocks"} if not ragged else set())
         const = dict(INV_KAPPA=inv, KAPPA=1.3, **trb.stats_params(spec, elem, interpret=False))
         warps = const.pop("num_warps")
+        opts = _options(warps, const)
         types = {"X": _DTYPES[dt], "LABEL_COL": "*i64", "OWNS": "*u8", "VALID": "*u8", "STATS": "*fp64",
                  "PREFIX": "*fp64"}
-        out.append((f"stats {est} {tag}", trb._stats_kernel, types, const, warps, div16))
-        if est == "sample" and shard == 16384 and k == 256:  # the opt-in variant: pairs kept in registers
-            nt = -(-spec.n_blocks // const["NB"])
-            out.append((f"stats {est} {tag} pairs in registers NT={nt}", trb._stats_kernel, types,
-                        {**const, "NT": nt}, warps, div16))
+        # prefix: [N, n_blocks] (sample), else the stats buffer passed as a dummy
+        const, div16 = _specialise(const, dict(stride_x=shard, stride_s=ncol, n_real=n_real, shard=shard,
+                                               stride_p=spec.n_blocks if est == "sample" else ncol,
+                                               n_blocks=spec.n_blocks))
+        nt = const.get("NT", 0)
+        out.append((f"stats {est} {tag}" + (f" pairs in registers NT={nt}" if nt else ""), trb._stats_kernel,
+                    types, const, warps, div16, opts))
+        if nt:  # the same row with its pairs parked in the prefix buffer (NT_MAX = 0: the GPU sweep's option)
+            out.append((f"stats {est} {tag} parked", trb._stats_kernel, types, {**const, "NT": 0}, warps, div16,
+                        opts))
         if est == "sample":
             const = dict(INV_KAPPA=inv, BETA=-0.1, MIX_PTR=False, HAS_LANES=False,
                          **trb.sample_params(spec, interpret=False))
             warps = const.pop("num_warps")
+            opts = _options(warps, const)
             types = {"X": _DTYPES[dt], "KEYS": "*i64", "LABEL_COL": "*i64", "OWNS": "*u8", "OK": "*u8",
                      "TOTAL": "*fp64", "CUM": "*fp64", "SCALE": "*fp64", "PREFIX": "*fp64",
                      "PARTIAL": "*fp64", "COLS": "*i32", "WTS": "*fp32", "LANES": "*i32"}
-            out.append((f"sampler {tag}", trb._sample_kernel, types, const, warps, div16))
+            # cols, weights, lanes: [N, K]; rank_cum [N, tp]; partial [N, 2]
+            const, div16 = _specialise(const, dict(stride_x=shard, stride_cum=tp, stride_p=spec.n_blocks, stride_part=2,
+                                                   stride_c=k, stride_w=k, stride_l=k, n_real=n_real,
+                                                   n_blocks=spec.n_blocks, K=k))
+            out.append((f"sampler {tag}", trb._sample_kernel, types, const, warps, div16, opts))
         s = k if est == "sample" else 1
         for local in (False, True):
             const = dict(INV_KAPPA=inv, HAS_Q=est == "expected", HAS_LOCAL=local,
                          **trb.grad_params(spec, elem, s, interpret=False))
             warps = const.pop("num_warps")
+            opts = _options(warps, const)
             types = {"X": _DTYPES[dt], "OUT": _DTYPES[dt], "G": "*fp32", "CPI": "*fp32", "CQ": "*fp32",
                      "COLS": "*i32", "WTS": "*fp32", "VALID": "*u8", "LOCAL": "*fp64"}
+            # cols, weights: [N, S]; local: the forward's stats rows [N, ncol] (a dummy stride 0 without)
+            const, div16 = _specialise(const, dict(stride_x=shard, stride_o=shard, stride_c=s, stride_w=s, S=s,
+                                                   stride_l=ncol if local else 0, n_real=n_real, shard=shard))
             out.append((f"grad {est} {tag} S={s}" + (" local" if local else " 2-pass"), trb._grad_kernel, types,
-                        const, warps, div16))
+                        const, warps, div16, opts))
     return out
 
 
@@ -137,11 +168,11 @@ def compile_report(arch: int = 90) -> list[dict]:
 
     target = GPUTarget("cuda", arch, 32)
     rows = []
-    for label, kernel, types, const, warps, div16 in variants():
+    for label, kernel, types, const, warps, div16, opts in variants():
         t0 = time.perf_counter()
         sig = _sig(kernel, types, const)
         compiled = triton.compile(ASTSource(kernel, sig, const, attrs_for(kernel, sig, const, div16)), target=target,
-                                  options={"num_warps": warps})
+                                  options=opts)
         rows.append(dict(variant=label, num_warps=warps, seconds=time.perf_counter() - t0,
                          **_resources(compiled.asm["ptx"], arch)))
     return rows

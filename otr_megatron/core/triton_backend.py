@@ -7,9 +7,11 @@ program per row (token):
 - `local_stats`: one read of the row; every thread streams its own slots with its own running max
   and sums (no cross-thread work in the loop). Online max (with an explicit NaN flag: `tl.max` drops
   NaN, `torch.max` does not), sum exp(x - m), for "expected" the tempered sum and mean, the label
-  logit; for "sample" one block of B ids per thread (its P pieces of 16 bytes loaded separately with
-  one layout, so the block tree is plain register adds) and the per-block (bmax, bsum) pairs, parked bit-packed in the float64 prefix buffer
-  until the row max is known (or, opt-in via NT_MAX, kept in registers over unrolled tiles), then an
+  logit; for "sample" a tile of blocks loaded at once (adjacent lanes read adjacent 16-byte pieces:
+  one instruction reads each 32-byte sector whole), moved once through shared memory so that a block
+  of B ids sits in R = B / 16 lanes (16 ids each: the tree is register adds, then log2(R) shuffles),
+  and the per-block (bmax, bsum) pairs, parked bit-packed in the float64 prefix buffer until the row
+  max is known (or, for rows of at most NT_MAX tiles, kept in registers over unrolled tiles), then an
   epilogue turns them into the float64 block weights and prefix sums in place (no extra memory).
   The prefix row of an ignored row is not written.
 - `sample`: K lanes per row. SplitMix64 uniforms computed in the kernel (bit-exact with
@@ -19,8 +21,9 @@ program per row (token):
   5's rescale); duplicates merged by one segmented scan over the sorted lanes.
 - `grad`: dense g * (coef_pi * softmax(x) [+ coef_q * softmax(x / kappa)]) written once, then,
   after a CTA barrier, the sparse entries of the row rewritten with their duplicates merged in
-  registers (no atomics); the logits at those columns are read before the dense pass, so it
-  works in place. One rounding to the output dtype; ignored rows and padded columns exact 0.
+  registers (no atomics); the logits at those columns are picked from the dense tiles as they pass
+  (a shared-memory gather per tile; a label column: read before the dense pass), so it works in
+  place. One rounding to the output dtype; ignored rows and padded columns exact 0.
 
 Bit-exactness with the torch backend where it matters for sampling: the block exps use
 libdevice's expf/exp on a GPU (the function torch's CUDA `exp` calls), the block sum is the same
@@ -98,55 +101,65 @@ def _max_nan(a, b):
 
 
 @triton.jit
-def _sample_tile(xrow, offs, shard, n_real, m_t, s_t, nanf, INV_KAPPA: tl.constexpr, P: tl.constexpr,
-                 NB: tl.constexpr, PV: tl.constexpr, LOGP: tl.constexpr, LOGPV: tl.constexpr,
+def _sample_tile(xrow, offs, lim, n_real, m_t, s_t, nanf, INV_KAPPA: tl.constexpr, NB: tl.constexpr,
+                 R: tl.constexpr, L: tl.constexpr, LOGL: tl.constexpr, LOGR: tl.constexpr, MASK: tl.constexpr,
                  RAGGED: tl.constexpr, PRECISE: tl.constexpr, INTERP: tl.constexpr):
-    """One tile of the "sample" statistics: NB blocks of B = P * PV ids, one block per thread. `offs`
-    [NB, PV] are the first piece's ids; the block's P pieces of PV ids are separate loads with the
-    same layout, so a block stays in its thread (no shuffle, barrier or shared memory) and the first
-    tree levels are plain adds of whole pieces. Returns the updated running slots and the tile's block
-    (bmax, bsum) (docs/sampling.md section 2)."""
+    """One tile of the "sample" statistics: NB blocks of B = R * L ids. `offs` [B, NB] (block-major
+    ids, contiguous along dim 0): one load in which adjacent lanes read adjacent 16-byte pieces, so
+    every 32-byte sector is read whole by one instruction. The split below (its last dim must sit in
+    registers) makes the compiler move the tile through shared memory once (a transpose) into the
+    compute layout: R lanes per block, lane c holding the L ids i = j * R + c (j < L) of its block,
+    as two halves (j < L/2, j >= L/2) [L/2, NB, R]. The block tree e[i] + e[i + B/2], ... is then
+    plain register adds over j (its first LOGL levels pair ids R, 2R, ... apart: the same residue
+    c) followed by LOGR cross-lane levels over c (one shuffle each), the running max and sum stay in
+    each lane's own [NB, R] slot. Returns the updated slots and the tile's block (bmax, bsum)
+    (docs/sampling.md section 2). MASK: loads masked on `lim` (the shard, 0 for an ignored row);
+    RAGGED: ids >= n_real are -inf (only the tile holding the row's end needs either)."""
     LOG2E: tl.constexpr = 1.4426950408889634
-    xs = ()
-    for p in tl.static_range(P):
-        o = offs + p * PV
-        xp = tl.load(xrow + o, mask=o < shard, other=float("-inf")).to(tl.float32)
-        if RAGGED:
-            xp = tl.where(o < n_real, xp, float("-inf"))
-        xs = xs + (xp,)
-    pm = xs[0]
-    for p in tl.static_range(1, P):
-        pm = tl.maximum(pm, xs[p], propagate_nan=tl.PropagateNan.ALL)
-    if INTERP:
-        nanf = tl.maximum(nanf, tl.max((pm != pm).to(tl.int32), axis=1))
-        bmax = tl.max(pm, axis=1)
+    if MASK:
+        x = tl.load(xrow + offs, mask=offs < lim, other=float("-inf"))
     else:
-        bmax = tl.reduce(pm, 1, _max_nan)
+        x = tl.load(xrow + offs)
+    if RAGGED:  # (in float32: the interpreter has no bf16 constants; only the row's last tile)
+        x = tl.where(offs < n_real, x.to(tl.float32), float("-inf"))
+    if L > 1:
+        xa, xb = tl.split(tl.permute(tl.reshape(x, (2, L // 2, R, NB)), (1, 3, 2, 0)))
+        xa = xa.to(tl.float32)
+        xb = xb.to(tl.float32)
+        pm = tl.maximum(xa, xb, propagate_nan=tl.PropagateNan.ALL)
+    else:
+        xa = tl.reshape(x, (1, NB, 1)).to(tl.float32)
+        xb = xa
+        pm = xa
+    if INTERP:
+        nanf = tl.maximum(nanf, tl.max(tl.max((pm != pm).to(tl.int32), axis=0), axis=1))
+        bmax = tl.max(tl.max(pm, axis=0), axis=1)
+    else:
+        bmax = tl.reduce(tl.reduce(pm, 0, _max_nan), 1, _max_nan)
     m_new = _max_nan(m_t, bmax)
     safe = tl.where(m_new == float("-inf"), 0.0, m_new)
     alpha = tl.math.exp2((m_t - safe) * LOG2E)
-    sl = (safe * LOG2E)[:, None]
-    pe = tl.math.exp2(xs[0] * LOG2E - sl)
-    for p in tl.static_range(1, P):
-        pe += tl.math.exp2(xs[p] * LOG2E - sl)
-    s_t = s_t * alpha + tl.sum(pe, axis=1)
+    sl = (safe * LOG2E)[None, :, None]
+    pe = tl.math.exp2(xa * LOG2E - sl)
+    if L > 1:
+        pe += tl.math.exp2(xb * LOG2E - sl)
+    s_t = s_t * alpha[:, None] + tl.sum(pe, axis=0)
     # per block: bmax (fp32) and bsum = the pairwise-tree fp32 sum of exp((x - bmax) * INV_KAPPA)
-    # (docs/sampling.md section 2), all in this thread's registers
-    bsafe = tl.where(bmax == float("-inf"), 0.0, bmax)[:, None]
-    es = ()
-    for p in tl.static_range(P):
-        if PRECISE:  # libdevice's expf: the function torch's CUDA exp calls (bit-equal block sums)
-            es = es + (libdevice.exp((xs[p] - bsafe) * INV_KAPPA),)
-        else:
-            es = es + (tl.exp((xs[p] - bsafe) * INV_KAPPA),)
-    for lvl in tl.static_range(LOGP):  # e[i] + e[i + B/2], ... down to one piece
-        nx = ()
-        for i in tl.static_range(P >> (lvl + 1)):
-            nx = nx + (es[i] + es[i + (P >> (lvl + 1))],)
-        es = nx
-    e = es[0]
-    for lvl in tl.static_range(LOGPV):  # then within the piece (in-thread registers)
-        e = tl.sum(tl.reshape(e, (NB, 2, PV >> (lvl + 1))), axis=1)
+    # (docs/sampling.md section 2)
+    bsafe = tl.where(bmax == float("-inf"), 0.0, bmax)[None, :, None]
+    if PRECISE:  # libdevice's expf: the function torch's CUDA exp calls (bit-equal block sums)
+        e = libdevice.exp((xa - bsafe) * INV_KAPPA)
+        if L > 1:
+            e = e + libdevice.exp((xb - bsafe) * INV_KAPPA)  # level 1: e[i] + e[i + B/2]
+    else:
+        e = tl.exp((xa - bsafe) * INV_KAPPA)
+        if L > 1:
+            e = e + tl.exp((xb - bsafe) * INV_KAPPA)
+    for lvl in tl.static_range(LOGL - 1):  # the levels within a lane: j + L/4, ... (registers)
+        e = tl.sum(tl.reshape(e, (2, L >> (lvl + 2), NB, R)), axis=0)
+    e = tl.reshape(e, (NB, R))
+    for lvl in tl.static_range(LOGR):  # then across the block's R lanes: c + R/2, ..., c + 1
+        e = tl.sum(tl.reshape(e, (NB, 2, R >> (lvl + 1))), axis=1)
     bsum = tl.reshape(e, (NB,))
     return m_new, s_t, nanf, bmax, bsum
 
@@ -169,20 +182,22 @@ def _block_prefix(prow, e0, n_blocks, bmax, bsum, m64, carry, valid, N: tl.const
     wb = tl.where(idx == e0, wb + carry, wb)
     c = tl.cumsum(wb, axis=0)
     tl.store(prow + idx, c, mask=inb & valid)
-    return tl.sum(tl.where(idx == tl.minimum(e0 + N, n_blocks) - 1, c, 0.0), axis=0)
+    tl.debug_barrier()  # the chunk's last prefix sum, read back (no block-wide reduction)
+    return tl.load(prow + tl.minimum(e0 + N, n_blocks) - 1, mask=valid, other=0.0)
 
 
 @triton.jit
 def _stats_kernel(X, stride_x, LABEL_COL, OWNS, VALID, STATS, stride_s, PREFIX, stride_p,
                   n_real, shard, n_blocks, INV_KAPPA: tl.constexpr, KAPPA: tl.constexpr,
-                  SAMPLE: tl.constexpr, EXPECTED: tl.constexpr, B: tl.constexpr, PV: tl.constexpr,
-                  P: tl.constexpr, LOGP: tl.constexpr, LOGPV: tl.constexpr, NB: tl.constexpr, VEC: tl.constexpr,
+                  SAMPLE: tl.constexpr, EXPECTED: tl.constexpr, B: tl.constexpr, R: tl.constexpr,
+                  L: tl.constexpr, LOGL: tl.constexpr, LOGR: tl.constexpr, NB: tl.constexpr, VEC: tl.constexpr,
                   NR: tl.constexpr, RAGGED: tl.constexpr, EPI: tl.constexpr, NT: tl.constexpr,
                   PRECISE: tl.constexpr, INTERP: tl.constexpr):
-    # Every thread streams its own slots (a block of B ids for "sample", VEC ids otherwise) with
-    # its own running max and sums: no cross-thread reduction, barrier or shared memory in the
-    # loop; the slots are combined once at the end. Loads are masked on the shard (a multiple of
-    # 16: vectorised) and the real vocabulary is applied with tl.where (RAGGED).
+    # Every thread streams its own slots (the 16 ids of a block it holds for "sample", VEC ids
+    # otherwise) with its own running max and sums, combined once at the end; "sample" adds a
+    # shared-memory transpose per tile and log2(R) shuffles per block (see _sample_tile). Loads are
+    # masked on the shard (a multiple of 16: vectorised) and the real vocabulary is applied with
+    # tl.where (RAGGED); "sample" masks only the tile holding the row's end.
     # "sample" with NT > 0 (the row is NT tiles): the tiles are unrolled and every block's
     # (bmax, bsum) stays in its thread's registers until the row max is known (no round trip
     # through memory); NT == 0 (long rows): they are parked bit-packed in the prefix buffer.
@@ -197,13 +212,16 @@ def _stats_kernel(X, stride_x, LABEL_COL, OWNS, VALID, STATS, stride_s, PREFIX, 
     if SAMPLE:
         NS: tl.constexpr = NB
         TILE: tl.constexpr = NB * B
-        rel = tl.arange(0, NB)[:, None] * B + tl.arange(0, PV)[None, :]  # [NB, PV]: each block's first piece
+        rel = tl.arange(0, B)[:, None] + tl.arange(0, NB)[None, :] * B  # [B, NB]: block-major
     else:
         NS: tl.constexpr = NR
         TILE: tl.constexpr = NR * VEC
         rel = tl.arange(0, NR)[:, None] * VEC + tl.arange(0, VEC)[None, :]  # [NR, VEC]
     m_t = tl.full([NS], float("-inf"), tl.float32)
-    s_t = tl.zeros([NS], dtype=tl.float32)
+    if SAMPLE:
+        s_t = tl.zeros([NB, R], dtype=tl.float32)  # one slot per lane of a block
+    else:
+        s_t = tl.zeros([NS], dtype=tl.float32)
     sk_t = tl.zeros([NS], dtype=tl.float32)
     tk_t = tl.zeros([NS], dtype=tl.float32)
     nanf = tl.zeros([NS], dtype=tl.int32)  # interpreter only: its tl.max drops NaN as a GPU's does
@@ -214,43 +232,51 @@ def _stats_kernel(X, stride_x, LABEL_COL, OWNS, VALID, STATS, stride_s, PREFIX, 
         # dep (always 0, opaque to the compiler: bsum >= 0 or NaN) makes each tile's loads wait for the
         # previous tile, as a loop would: unrolled, ptxas hoists every tile's loads (255 registers)
         dep = tl.zeros([NB], dtype=tl.int32)
-        for it in tl.static_range(NT):
-            m_t, s_t, nanf, bmax, bsum = _sample_tile(xrow + dep[:, None], it * TILE + rel, lim, n_real, m_t,
-                                                      s_t, nanf, INV_KAPPA, P, NB, PV, LOGP, LOGPV, RAGGED, PRECISE,
-                                                      INTERP)
+        for it in tl.static_range(NT):  # tiles before the last end before n_real (n_blocks = ceil(n_real / B))
+            m_t, s_t, nanf, bmax, bsum = _sample_tile(xrow + dep[None, :], it * TILE + rel, lim, n_real, m_t, s_t,
+                                                      nanf, INV_KAPPA, NB, R, L, LOGL, LOGR, True,
+                                                      RAGGED and it == NT - 1, PRECISE, INTERP)
             dep = (bsum < 0.0).to(tl.int32) * 16
             bm_all = bm_all + (bmax,)
             bs_all = bs_all + (bsum,)
+    elif SAMPLE:
+        # whole tiles unmasked (they end before n_real), then the tile holding the row's end masked
+        n_full = (n_loop // TILE) * TILE
+        for start in range(0, n_full, TILE):
+            m_t, s_t, nanf, bmax, bsum = _sample_tile(xrow, start + rel, shard, n_real, m_t, s_t, nanf, INV_KAPPA,
+                                                      NB, R, L, LOGL, LOGR, False, False, PRECISE, INTERP)
+            packed = (bmax.to(tl.uint32, bitcast=True).to(tl.uint64) << 32) | \
+                bsum.to(tl.uint32, bitcast=True).to(tl.uint64)
+            tl.store(prow + start // B + tl.arange(0, NB), packed.to(tl.float64, bitcast=True))
+        if n_full < n_loop:
+            m_t, s_t, nanf, bmax, bsum = _sample_tile(xrow, n_full + rel, shard, n_real, m_t, s_t, nanf, INV_KAPPA,
+                                                      NB, R, L, LOGL, LOGR, True, RAGGED, PRECISE, INTERP)
+            packed = (bmax.to(tl.uint32, bitcast=True).to(tl.uint64) << 32) | \
+                bsum.to(tl.uint32, bitcast=True).to(tl.uint64)
+            blk = n_full // B + tl.arange(0, NB)
+            tl.store(prow + blk, packed.to(tl.float64, bitcast=True), mask=blk < n_blocks)
     else:
         for start in range(0, n_loop, TILE):
             offs = start + rel
-            if SAMPLE:
-                m_t, s_t, nanf, bmax, bsum = _sample_tile(xrow, offs, shard, n_real, m_t, s_t, nanf, INV_KAPPA,
-                                                          P, NB, PV, LOGP, LOGPV, RAGGED, PRECISE, INTERP)
-                packed = (bmax.to(tl.uint32, bitcast=True).to(tl.uint64) << 32) | \
-                    bsum.to(tl.uint32, bitcast=True).to(tl.uint64)
-                blk = start // B + tl.arange(0, NB)
-                tl.store(prow + blk, packed.to(tl.float64, bitcast=True), mask=blk < n_blocks)
+            x = tl.load(xrow + offs, mask=offs < shard, other=float("-inf")).to(tl.float32)
+            if RAGGED:
+                x = tl.where(offs < n_real, x, float("-inf"))
+            if INTERP:
+                nanf = tl.maximum(nanf, tl.max((x != x).to(tl.int32), axis=1))
+                tmax = tl.max(x, axis=1)
             else:
-                x = tl.load(xrow + offs, mask=offs < shard, other=float("-inf")).to(tl.float32)
-                if RAGGED:
-                    x = tl.where(offs < n_real, x, float("-inf"))
-                if INTERP:
-                    nanf = tl.maximum(nanf, tl.max((x != x).to(tl.int32), axis=1))
-                    tmax = tl.max(x, axis=1)
-                else:
-                    tmax = tl.reduce(x, 1, _max_nan)
-                m_new = _max_nan(m_t, tmax)
-                safe = tl.where(m_new == float("-inf"), 0.0, m_new)
-                alpha = tl.math.exp2((m_t - safe) * LOG2E)
-                s_t = s_t * alpha + tl.sum(tl.math.exp2(x * LOG2E - (safe * LOG2E)[:, None]), axis=1)
-                if EXPECTED:
-                    alpha_k = tl.math.exp2((m_t - safe) * CK)
-                    e = tl.math.exp2(x * CK - (safe * CK)[:, None])
-                    sk_t = sk_t * alpha_k + tl.sum(e, axis=1)
-                    # -inf ids have e = 0: clamp them so that 0 * x is 0, not NaN
-                    tk_t = tk_t * alpha_k + tl.sum(e * tl.maximum(x, -3.0e38), axis=1)
-                m_t = m_new
+                tmax = tl.reduce(x, 1, _max_nan)
+            m_new = _max_nan(m_t, tmax)
+            safe = tl.where(m_new == float("-inf"), 0.0, m_new)
+            alpha = tl.math.exp2((m_t - safe) * LOG2E)
+            s_t = s_t * alpha + tl.sum(tl.math.exp2(x * LOG2E - (safe * LOG2E)[:, None]), axis=1)
+            if EXPECTED:
+                alpha_k = tl.math.exp2((m_t - safe) * CK)
+                e = tl.math.exp2(x * CK - (safe * CK)[:, None])
+                sk_t = sk_t * alpha_k + tl.sum(e, axis=1)
+                # -inf ids have e = 0: clamp them so that 0 * x is 0, not NaN
+                tk_t = tk_t * alpha_k + tl.sum(e * tl.maximum(x, -3.0e38), axis=1)
+            m_t = m_new
     # combine the slots (float64)
     if INTERP:
         m = tl.max(m_t, axis=0)
@@ -258,7 +284,10 @@ def _stats_kernel(X, stride_x, LABEL_COL, OWNS, VALID, STATS, stride_s, PREFIX, 
     else:
         m = tl.reduce(m_t, 0, _max_nan)
     msafe = tl.where(m == float("-inf"), 0.0, m)
-    s1 = tl.sum(s_t.to(tl.float64) * tl.exp(m_t - msafe).to(tl.float64), axis=0)
+    if SAMPLE:
+        s1 = tl.sum(tl.sum(s_t.to(tl.float64), axis=1) * tl.exp(m_t - msafe).to(tl.float64), axis=0)
+    else:
+        s1 = tl.sum(s_t.to(tl.float64) * tl.exp(m_t - msafe).to(tl.float64), axis=0)
     label = tl.load(LABEL_COL + row)
     owns = tl.load(OWNS + row) != 0
     xl = tl.load(xrow + label, mask=owns, other=0.0).to(tl.float64)
@@ -309,8 +338,8 @@ def _sample_kernel(X, stride_x, KEYS, LABEL_COL, OWNS, OK, TOTAL, CUM, stride_cu
                    PARTIAL, stride_part, COLS, stride_c, WTS, stride_w, LANES, stride_l,
                    n_real, n_blocks, key_mix, K, INV_KAPPA: tl.constexpr, BETA: tl.constexpr,
                    RANK: tl.constexpr, TP: tl.constexpr, B: tl.constexpr, KP: tl.constexpr, KC: tl.constexpr,
-                   LB: tl.constexpr, NSTEP: tl.constexpr, RAGGED: tl.constexpr, MIX_PTR: tl.constexpr,
-                   HAS_LANES: tl.constexpr, PRECISE: tl.constexpr):
+                   LB: tl.constexpr, NSTEP: tl.constexpr, TAIL: tl.constexpr, LOGT: tl.constexpr, RAGGED: tl.constexpr,
+                   MIX_PTR: tl.constexpr, HAS_LANES: tl.constexpr, PRECISE: tl.constexpr):
     # All K lanes at once: uniforms and owners; the owned lanes are sorted by their uniform (owned
     # first), so the expensive part (block search, block recompute) runs over the owned lanes only,
     # KC at a time, and duplicates (the inverse CDF is monotone) are adjacent: merged in registers.
@@ -379,7 +408,7 @@ def _sample_kernel(X, stride_x, KEYS, LABEL_COL, OWNS, OK, TOTAL, CUM, stride_cu
         blk = tl.zeros([KC], dtype=tl.int32)
         c_lo = tl.zeros([KC], dtype=tl.float64)
         c_hi = tl.zeros([KC], dtype=tl.float64)
-        for i in tl.static_range(NSTEP):
+        for i in tl.static_range(NSTEP - LOGT):
             cand = blk + ((1 << (NSTEP - 1)) >> i)
             inr = live & (cand <= n_blocks)
             v = tl.load(prow + cand - 1, mask=inr, other=float("inf"))
@@ -387,6 +416,29 @@ def _sample_kernel(X, stride_x, KEYS, LABEL_COL, OWNS, OK, TOTAL, CUM, stride_cu
             blk = tl.where(go, cand, blk)
             c_lo = tl.where(go, v, c_lo)
             c_hi = tl.where(inr & ~go, v, c_hi)
+        if TAIL > 0:
+            # the last LOGT levels (candidates blk + 1 .. blk + TAIL - 1, blk a multiple of TAIL = 4) from
+            # one load of the TAIL prefix values C[blk ..]: one whole 32-byte sector, read by 2 lanes (the
+            # per-level loads read that sector once per level, and wait for each other). The predicate
+            # is monotone in the candidate and the prefix sums do not decrease, so the search's answer
+            # is blk + the accepted count, its last accepted value the largest accepted one, its last
+            # rejected one (in range) the smallest rejected one. The lanes' inputs are folded into two
+            # vectors: a dead lane's candidates start at n_blocks, and the "over" predicate C < C_last
+            # is C <= the float64 just below C_last (> 0 where a lane is owned)
+            blk = tl.multiple_of(blk, TAIL)
+            thr = tl.where(over, (z_last.to(tl.int64, bitcast=True) - 1).to(tl.float64, bitcast=True), t_r)
+            jt = tl.arange(0, TAIL)[None, :]
+            idx8 = tl.where(live, blk, n_blocks)[:, None] + jt
+            in8 = idx8 < n_blocks
+            v8 = tl.load(prow + idx8, mask=in8, other=float("inf"))
+            cand8 = in8 & (jt < TAIL - 1)
+            go8 = cand8 & (v8 <= thr[:, None])
+            cnt = tl.sum(go8.to(tl.int32), axis=1)
+            lo8 = tl.max(tl.where(go8, v8, float("-inf")), axis=1)
+            hi8 = tl.min(tl.where(cand8 & ~go8, v8, float("inf")), axis=1)
+            c_lo = tl.where(cnt > 0, lo8, c_lo)
+            c_hi = tl.where(hi8 < float("inf"), hi8, c_hi)
+            blk = blk + cnt
         blk = tl.minimum(blk, n_blocks - 1)
         # 4. fraction within the block (float64)
         frac = tl.minimum(tl.maximum((t_r - c_lo) / (c_hi - c_lo), 0.0), 1.0)
@@ -457,7 +509,7 @@ def _uniforms_kernel(KEYS, OUT, key_mix, K, KP: tl.constexpr, MIX_PTR: tl.conste
 def _grad_kernel(X, stride_x, OUT, stride_o, G, CPI, CQ, COLS, stride_c, WTS, stride_w, VALID, LOCAL, stride_l,
                  n_real, shard, S, INV_KAPPA: tl.constexpr,
                  SP: tl.constexpr, HAS_Q: tl.constexpr, HAS_LOCAL: tl.constexpr, RAGGED: tl.constexpr,
-                 NR: tl.constexpr, VEC: tl.constexpr, TILE: tl.constexpr):
+                 NR: tl.constexpr, VEC: tl.constexpr, TILE: tl.constexpr, GATHER: tl.constexpr):
     row = tl.program_id(0).to(tl.int64)
     xrow = X + row * stride_x
     orow = OUT + row * stride_o
@@ -510,12 +562,19 @@ def _grad_kernel(X, stride_x, OUT, stride_o, G, CPI, CQ, COLS, stride_c, WTS, st
         cols = tl.load(COLS + row * stride_c + js, mask=js < S, other=-1)
         act = cols >= 0
         wc = tl.load(WTS + row * stride_w + js, mask=act, other=0.0) * g
-        xs = tl.load(xrow + cols, mask=act, other=0.0).to(tl.float32)
-        tl.debug_barrier()
+        if GATHER:  # picked from the dense tiles as they pass (in registers before they are overwritten)
+            xs = tl.zeros([SP], dtype=tl.float32)
+        else:
+            xs = tl.load(xrow + cols, mask=act, other=0.0).to(tl.float32)
+            tl.debug_barrier()
         for start in range(0, shard, TILE):
             offs = start + tl.arange(0, TILE)
             inb = offs < shard
             x = tl.load(xrow + offs, mask=inb, other=float("-inf")).to(tl.float32)
+            if GATHER:
+                rc = cols - start
+                here = act & (rc >= 0) & (rc < TILE)
+                xs = tl.where(here, tl.gather(x, tl.minimum(tl.maximum(rc, 0), TILE - 1), 0), xs)
             val = tl.exp(x - msafe) * inv_s * a
             if HAS_Q:
                 val += tl.exp((x - msafe) * INV_KAPPA) * inv_sk * b
@@ -563,40 +622,58 @@ def _ragged(spec: Spec) -> bool:
     return spec.n_real < spec.shard
 
 
-# "sample" rows of at most NT_MAX tiles can keep their block (bmax, bsum) pairs in registers over
-# unrolled tiles (no round trip through memory: 2.5 instead of 3.5 B/elem in the statistics kernel),
-# otherwise they are parked in the prefix buffer. Off by default: on sm_90 SASS (CPU proxies, bf16,
-# B=16, V/tp=32768) the unrolled path issues 33.4 instead of 30.4 instructions per element over the
-# whole kernel (one float64 scan per tile instead of per 1024 blocks), at 64 instead of 61 registers;
-# the round trip it saves is mostly L2 traffic (the prefix row is rewritten while it is likely still
-# cached) and this kernel is instruction-bound, so the GPU launch sweep should decide (e.g. NT_MAX = 8).
-NT_MAX = 0
+# "sample" rows of at most NT_MAX tiles whose blocks hold 16 ids per lane (B >= 16) and whose prefix
+# rows are 16-byte aligned (n_blocks a multiple of 16) keep their block (bmax, bsum) pairs in registers
+# over unrolled tiles (no round trip through memory: 2.5 instead of 3.5 B/elem in the statistics
+# kernel); longer rows, B < 16 (8 ids per lane: a tile's float64 scan is amortised over half the ids)
+# and unaligned rows (scalar float64 stores per tile: 8 bytes of spills at 64 registers) park them in
+# the prefix buffer. On sm_90 SASS (CPU proxies, bf16, B=16, V/tp=32768: NT = 8) the unrolled path
+# issues 32.9 instead of 29.6 instructions per element over the whole kernel (one float64 scan per tile
+# instead of per 1024 blocks; the streaming part is the same code as the loop), at 64 registers
+# (.maxnreg 64, no spills) like the loop. The round trip it saves is mostly L2 traffic (the prefix row
+# is rewritten while it is likely still cached) and this kernel is instruction-bound by these counts:
+# a GPU launch sweep may set NT_MAX = 0 if the extra instructions cost more than the bytes.
+NT_MAX = 8
+MAX_REGS = 64  # .maxnreg of the "sample" statistics kernel (without it: 76 at NT = 8, 63-64 otherwise)
+
+
+LANE_IDS = 16  # ids of a "sample" block per lane: a block of B > 16 ids spans B / 16 lanes
 
 
 def stats_params(spec: Spec, elem_bytes: int, interpret: bool = INTERPRET) -> dict:
-    """Compile-time parameters of the statistics kernel. GPU: 8 warps, each thread one slot (a block
-    of B ids for "sample", 2 x 16 bytes otherwise) per iteration. Interpreter: few, large tiles.
-    NT: the tiles of a "sample" row when they are unrolled with their pairs in registers, else 0."""
+    """Compile-time parameters of the statistics kernel. GPU: 8 warps; "sample": R = B / L lanes per
+    block, L = min(B, 16) ids per lane, NB = 256 / R blocks per tile; otherwise each thread 2 x 16
+    bytes per iteration. Interpreter: few, large tiles. NT: the tiles of a "sample" row when they are
+    unrolled with their pairs in registers, else 0."""
     sample = spec.estimator == "sample"
     vec = _vec_elems(elem_bytes)
     b = spec.block if sample else 1
-    pv = min(b, vec)
-    warps = 8 if not sample or b <= 16 else 4
+    lane = min(b, LANE_IDS)
+    r = b // lane
+    warps = 8
     threads = 32 * warps
     if interpret:
         full = triton.next_power_of_2(max(spec.n_real, 1))
         nb = max(1, min(full, _MAX_TILE) // b) if sample else 1
         nr = max(1, min(full, _MAX_TILE) // vec)
     else:
-        nb = threads
+        nb = max(1, threads // r)
         nr = 2 * threads
     nt = -(-spec.n_blocks // nb)
-    return dict(SAMPLE=sample, EXPECTED=spec.estimator == "expected", B=b, PV=pv, P=b // pv, LOGP=(b // pv).bit_length() - 1, LOGPV=pv.bit_length() - 1, NB=nb,
-                VEC=vec, NR=nr, RAGGED=_ragged(spec),
-                EPI=min(triton.next_power_of_2(max(spec.n_blocks, 1)), 1024), NT=nt if sample and nt <= NT_MAX else 0,
-                PRECISE=not interpret, INTERP=interpret, num_warps=warps)
+    # the epilogue's chunk of blocks: 4 per thread, or 1 where the prefix rows (stride n_blocks) are not
+    # 16-byte aligned (scalar float64 loads and stores: 4 per thread would take 72 registers)
+    epi = min(triton.next_power_of_2(max(spec.n_blocks, 1)), 1024 if spec.n_blocks % 16 == 0 else threads)
+    out = dict(SAMPLE=sample, EXPECTED=spec.estimator == "expected", B=b, R=r, L=lane, LOGL=lane.bit_length() - 1,
+               LOGR=r.bit_length() - 1, NB=nb, VEC=vec, NR=nr, RAGGED=_ragged(spec), EPI=epi,
+               NT=nt if sample and nt <= NT_MAX and lane == LANE_IDS and spec.n_blocks % 16 == 0 else 0,
+               PRECISE=not interpret,
+               INTERP=interpret, num_warps=warps)
+    if sample:
+        out["maxnreg"] = MAX_REGS  # a launch option (the interpreter drops it), not a kernel argument
+    return out
 
 
+SEARCH_TAIL = 4  # the sampler's block search ends with one load of 4 prefix values (aligned rows)
 MAX_K = 2048  # the sampler packs 53 random bits and the lane index into one 64-bit sort key
 
 
@@ -607,12 +684,15 @@ def sample_params(spec: Spec, interpret: bool = INTERPRET) -> dict:
     expected share K / tp (at least 16), with KC * B <= 4096 keeping the [KC, B] block tiles in
     registers. Same rule in the interpreter, so the CPU tests run the chunked path. A chunked
     sampler runs on fewer warps (16 block ids per thread), so a row's total work shrinks too: at tp=8,
-    K=256, B=16, 2 warps x 3080 SASS instead of 8 x 1936 (sm_90, static counts)."""
+    K=256, B=16, 2 warps x 3280 SASS instead of 8 x 2072 (sm_90, static counts)."""
     kp = max(2, triton.next_power_of_2(spec.k))
     share = kp if spec.world == 1 else max(16, triton.next_power_of_2(-(-2 * spec.k // spec.world)))
     kc = min(kp, share, max(16, 4096 // spec.block))
+    nstep = spec.n_blocks.bit_length()
+    tail = SEARCH_TAIL if nstep >= 4 and spec.n_blocks % 16 == 0 else 0
     return dict(RANK=spec.rank, TP=spec.world, B=spec.block, KP=kp, KC=kc, LB=max(1, (kp - 1).bit_length()),
-                NSTEP=spec.n_blocks.bit_length(), RAGGED=_ragged(spec), PRECISE=not interpret,
+                NSTEP=nstep, TAIL=tail, LOGT=max(tail.bit_length() - 1, 0), RAGGED=_ragged(spec),
+                PRECISE=not interpret,
                 num_warps=8 if kc == kp else max(2, min(8, kc * spec.block // 512)))
 
 
@@ -621,8 +701,10 @@ def grad_params(spec: Spec, elem_bytes: int, s: int, interpret: bool = INTERPRET
     full = triton.next_power_of_2(max(spec.shard, 1))
     tile = min(full, _MAX_TILE if interpret else 2048)
     nr = max(1, min(full, _MAX_TILE) // vec) if interpret else 512
-    return dict(SP=triton.next_power_of_2(max(s, 2)), RAGGED=_ragged(spec), NR=nr, VEC=vec, TILE=tile,
-                num_warps=8)
+    sp = triton.next_power_of_2(max(s, 2))
+    # GATHER: the sparse logits picked from the dense tiles (a shared-memory gather per tile) instead of
+    # S scattered loads (one sector each) before the dense pass; for K-sample lists, not a label
+    return dict(SP=sp, RAGGED=_ragged(spec), NR=nr, VEC=vec, TILE=tile, GATHER=sp >= 16, num_warps=8)
 
 
 def _inv_kappa(spec: Spec) -> float:
@@ -676,10 +758,13 @@ def local_stats(x, label_col, owns_label, valid, spec: Spec, stats_out, prefix_o
     prefix = prefix_out if sample else stats_out  # a dummy pointer when unused
     if sample:
         _check_rows("prefix_out", prefix_out)
+    params = dict(stats_params(spec, x.element_size()))
+    if params["NT"] * params["NB"] < spec.n_blocks:  # NB overridden (bench_gpu's sweep): NT unrolled tiles
+        params["NT"] = 0  # would not cover the row; park the pairs instead
     LAST_LAUNCH["stats"] = _stats_kernel[(rows,)](
         x, x.stride(0), _vec(label_col), _vec(owns_label), _vec(valid), stats_out, stats_out.stride(0), prefix,
         prefix.stride(0), spec.n_real, spec.shard, spec.n_blocks, INV_KAPPA=_inv_kappa(spec), KAPPA=float(spec.kappa),
-        **stats_params(spec, x.element_size()))
+        **params)
 
 
 def sample(x, keys, key_mix, label_col, owns_label, ok, total, rank_cum, rank_scale, prefix, spec: Spec, partial_out,

@@ -37,31 +37,23 @@ def main(argv=None):
 
     target = GPUTarget("cuda", 90, 32)
     rows = []
-    # ints whose run-time value is a multiple of 16 at the benchmark sizes (strides of [N, C] stats
-    # with C in 3..5 and tp-sized cum rows are not)
-    div16_ints = {"stride_x", "stride_o", "n_real", "n_blocks", "shard", "stride_p", "stride_c", "stride_w", "stride_l", "K", "S"}
     picked = aot.variants()
     if a.only:
         keys = a.only.split(",")
         picked = [v for v in picked if any(v[0].startswith(k) for k in keys)]
     picked = picked[: a.max]
-    for label, kernel, types, const, warps, *_ in picked:
+    for label, kernel, types, const, warps, d16, opts in picked:
         sig = aot._sig(kernel, types, const)
         modes = [("aot (no attrs)", {})]
-        attrs = {}
-        for i, name in enumerate(kernel.arg_names):
-            if name in const:
-                continue
-            # v2 adaptation: a ragged-vocabulary variant (label has n_real=) has n_real, n_blocks not div16
-            if sig[name].startswith("*") or (name in div16_ints and not ("n_real=" in label and name in ("n_real", "n_blocks"))):
-                attrs[(i,)] = [["tt.divisibility", 16]]
+        # the variant's own run-time specialisation (ints whose values are multiples of 16)
+        attrs = aot.attrs_for(kernel, sig, const, d16)
         modes.append(("runtime (div16)", attrs))
         if a.ragged and "n_real" in kernel.arg_names:
             i = kernel.arg_names.index("n_real")
             modes.append(("runtime, n_real%16!=0", {k: v for k, v in attrs.items() if k != (i,)}))
         for mode, at in modes:
             t0 = time.perf_counter()
-            c = triton.compile(ASTSource(kernel, sig, const, at), target=target, options={"num_warps": warps})
+            c = triton.compile(ASTSource(kernel, sig, const, at), target=target, options=opts)
             sec = time.perf_counter() - t0
             ptx = c.asm["ptx"]
             res = aot._resources(ptx, 90)

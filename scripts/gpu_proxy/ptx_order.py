@@ -10,15 +10,13 @@ import triton
 from triton.backends.compiler import GPUTarget
 from triton.compiler import ASTSource
 from otr_megatron.core import triton_aot as aot
-div16 = {"stride_x", "stride_o", "n_real", "n_blocks", "shard", "stride_p", "stride_c", "stride_w", "K", "S"}
 want = sys.argv[2:] or ["grad sample bf16 V/tp=131072 tp=1 K=256 B=16 S=256 local", "stats sample bf16 V/tp=131072"]
-for label, kernel, types, const, warps, *_ in aot.variants():
+for label, kernel, types, const, warps, div16, opts in aot.variants():
     if not any(label.startswith(w) for w in want):
         continue
     sig = aot._sig(kernel, types, const)
-    attrs = {(i,): [["tt.divisibility", 16]] for i, n in enumerate(kernel.arg_names)
-             if n not in const and (sig[n].startswith("*") or n in div16)}
-    c = triton.compile(ASTSource(kernel, sig, const, attrs), target=GPUTarget("cuda", 90, 32), options={"num_warps": warps})
+    attrs = aot.attrs_for(kernel, sig, const, div16)  # the variant's run-time specialisation
+    c = triton.compile(ASTSource(kernel, sig, const, attrs), target=GPUTarget("cuda", 90, 32), options=opts)
     seq = []
     for line in c.asm["ptx"].splitlines():
         s = line.strip()

@@ -63,18 +63,15 @@ def main(argv=None):
     from otr_megatron.core import triton_aot as aot
 
     tool = os.path.join(os.path.dirname(triton.__file__), "backends", "nvidia", "bin", "nvdisasm")
-    div16_ints = {"stride_x", "stride_o", "n_real", "n_blocks", "shard", "stride_p", "stride_c", "stride_w", "stride_l", "K", "S"}
     keys = a.only.split(",")
-    for label, kernel, types, const, warps, *_ in aot.variants():
+    for label, kernel, types, const, warps, d16, opts in aot.variants():
         if not any(label.startswith(k) for k in keys):
             continue
         sig = aot._sig(kernel, types, const)
-        # v2 adaptation: a ragged-vocabulary variant (label has n_real=) has n_real, n_blocks not div16
-        d16 = div16_ints - ({"n_real", "n_blocks"} if "n_real=" in label else set())
-        attrs = {(i,): [["tt.divisibility", 16]] for i, n in enumerate(kernel.arg_names)
-                 if n not in const and (sig[n].startswith("*") or n in d16)}
+        # the variant's own run-time specialisation (ints by value: divisible by 16, or 1 as a constexpr)
+        attrs = aot.attrs_for(kernel, sig, const, d16)
         c = triton.compile(ASTSource(kernel, sig, const, attrs), target=GPUTarget("cuda", 90, 32),
-                           options={"num_warps": warps})
+                           options=opts)
         with tempfile.TemporaryDirectory() as d:
             f = os.path.join(d, "k.cubin")
             open(f, "wb").write(c.asm["cubin"])

@@ -25,16 +25,16 @@ def test_kernels_compile_for_sm90_without_spills():
         assert any(n.startswith(kind) for n in names), f"no {kind} variant compiled"
     assert any("n_real=" in n for n in names), "no ragged-vocabulary variant compiled"
     for r in rows:
-        # compiled with the run-time specialisation (divisibility 16), so this is what runs: no spills,
-        # <= 80 registers at 8 warps (3 CTAs, 24 warps, per SM), the dense loops <= 64
+        # compiled with the run-time specialisation (ints by their values) and the launch options, so
+        # this is what runs: no spills; every streaming kernel at most 64 registers (4 CTAs of 8 warps
+        # per SM): the "sample" statistics run at .maxnreg 64 (B >= 32 spreads a block over B / 16
+        # lanes, rows of <= 8 tiles keep their pairs in registers), the gradient and the dense
+        # statistics need about half
         assert r["spill_stores"] == 0 and r["spill_loads"] == 0, r
-        if "pairs in registers" in r["variant"]:  # opt-in (NT_MAX): 2 CTAs of 8 warps per SM
-            assert r["regs"] <= 128, r
-        elif r["variant"].startswith("stats sample"):  # B >= 32 runs 4 warps: the same registers per SM
-            assert r["regs"] <= 80 * (8 // r["num_warps"]), r
-        elif r["variant"].startswith("sampler"):  # one short pass per row, not a streaming loop
-            assert r["regs"] <= 128, r
-        else:
-            assert r["regs"] <= 80, r
-        if r["variant"].startswith("grad") or r["variant"].startswith(("stats sft", "stats expected")):
+        if r["variant"].startswith("sampler"):  # one short pass per row, not a streaming loop
+            assert r["regs"] <= 112, r
+        elif r["variant"].startswith("stats sample"):
             assert r["regs"] <= 64, r
+        else:
+            assert r["regs"] <= 40, r
+    assert any("pairs in registers" in n for n in names) and any(n.endswith(" parked") for n in names)

@@ -197,16 +197,28 @@ def test_sample_stats_pairs_in_registers_or_parked_agree(monkeypatch, ragged):
     in the prefix buffer. Both give the same bits, over several tiles per row (small tiles here)."""
     vocab = 997 if ragged else VOCAB
     x, y = make_logits(vocab=vocab, seed=4)
-    spec = spec_for("sample", vocab=vocab, k=8)
-    monkeypatch.setattr(trb, "_MAX_TILE", 32 * spec.block)  # 32 blocks per tile: 4 tiles
+    spec = spec_for("sample", vocab=vocab, k=1)
+    assert spec.block == 32 and spec.n_blocks == 32  # 16 ids per lane, aligned prefix rows
+    monkeypatch.setattr(trb, "_MAX_TILE", 8 * spec.block)  # 8 blocks per tile: 4 tiles
     monkeypatch.setattr(trb, "NT_MAX", 8)
-    assert trb.stats_params(spec, x.element_size())["NT"] > 1
+    assert trb.stats_params(spec, x.element_size())["NT"] == 4
+    # parked whatever NT_MAX: B < 16 (8 ids per lane), prefix rows not 16-byte aligned (29 blocks)
+    assert trb.stats_params(spec_for("sample", vocab=vocab, k=8), x.element_size())["NT"] == 0
+    assert trb.stats_params(spec_for("sample", vocab=900, k=1), x.element_size())["NT"] == 0
     kept = stats_of(trb, x, y, spec)
     monkeypatch.setattr(trb, "NT_MAX", 0)
     assert trb.stats_params(spec, x.element_size())["NT"] == 0
     parked = stats_of(trb, x, y, spec)
     for a, b in zip(kept, parked):
         assert torch.equal(a.isnan(), b.isnan()) and torch.equal(a.nan_to_num(), b.nan_to_num())
+    # a launch sweep overriding NB (bench_gpu) after NT was chosen: the wrapper parks the pairs instead
+    monkeypatch.setattr(trb, "NT_MAX", 8)
+    params = trb.stats_params
+    monkeypatch.setattr(trb, "stats_params", lambda *a, **k: {**params(*a, **k), "NB": params(*a, **k)["NB"] // 2})
+    swept = stats_of(trb, x, y, spec)  # the same prefix bits; the sum of exps over other slots
+    assert torch.equal(swept[1].isnan(), parked[1].isnan())
+    assert torch.equal(swept[1].nan_to_num(), parked[1].nan_to_num())
+    assert_close_nan(swept[0], parked[0], 1e-6, "statistics with half the blocks per tile (fp32 slots)")
     ref, ref_prefix = stats_of(tb, x, y, spec)
     valid = (y != -100).cpu()
     assert_close_nan(kept[1][valid], ref_prefix[valid], 1e-6 if trb.INTERPRET else 1e-12, "block prefix sums")
@@ -221,18 +233,28 @@ def _exp32(t):
     return torch.exp(t)
 
 
-@pytest.mark.parametrize("dtype,vocab", [(torch.bfloat16, VOCAB), (torch.float32, VOCAB), (torch.bfloat16, 997)])
-def test_sample_block_sums_are_the_pairwise_tree_bit_for_bit(dtype, vocab):
-    """Blocks of B = 32 ids (K = 1): several 16-byte pieces per block (bf16: 4 of 8 ids, fp32: 8 of 4),
-    so the tree's piece levels and in-thread levels both run. The prefix sums equal, bit for bit, an
-    independent computation of docs/sampling.md sections 2-3 with the kernels' own float32 exp:
-    e[i] + e[i + B/2], ... down to one value, then float64 weights and a sequential cumsum."""
-    x, y = make_logits(vocab=vocab, dtype=dtype, seed=12, special=False)
+@pytest.mark.parametrize("tiles", ["one", "several, parked", "several, in registers"])
+@pytest.mark.parametrize("dtype,vocab,v_pad", [(torch.bfloat16, VOCAB, V_PAD), (torch.float32, VOCAB, V_PAD),
+                                               (torch.bfloat16, 997, V_PAD), (torch.bfloat16, 3072, 3072)])
+def test_sample_block_sums_are_the_pairwise_tree_bit_for_bit(monkeypatch, dtype, vocab, v_pad, tiles):
+    """Blocks of B = 32 or 64 ids (K = 1) spread over R = B / 16 lanes of L = 16 ids (the ids
+    i = j * R + c of lane c), so the tree's in-lane levels and its cross-lane levels both run; with
+    several tiles per row either the loop runs (whole tiles unmasked, the row's last one masked; ragged:
+    997) with the pairs parked in the prefix buffer, or the tiles are unrolled with the pairs in
+    registers. The prefix sums equal, bit for bit, an independent computation of docs/sampling.md
+    sections 2-3 with the kernels' own float32 exp: e[i] + e[i + B/2], ... down to one value, then
+    float64 weights and a sequential cumsum."""
+    x, y = make_logits(v_pad=v_pad, vocab=vocab, dtype=dtype, seed=12, special=False)
     x[3, 64:80] = -math.inf  # half a block masked
     x[5, 96:128] = -math.inf  # a whole block masked
-    spec = spec_for("sample", vocab=vocab, k=1)
+    spec = spec_for("sample", vocab=vocab, k=1, shard=v_pad)
+    if tiles != "one":
+        monkeypatch.setattr(trb, "_MAX_TILE", 8 * spec.block)  # 8 blocks per tile: 4 to 6 tiles
+        monkeypatch.setattr(trb, "NT_MAX", 0 if tiles == "several, parked" else 8)
     params = trb.stats_params(spec, x.element_size())
-    assert spec.block == 32 and params["P"] > 1 and params["PV"] > 1, params
+    assert spec.block in (32, 64) and params["R"] > 1 and params["L"] > 1, params
+    assert (params["NB"] < spec.n_blocks) == (tiles != "one"), params
+    assert (params["NT"] > 1) == (tiles == "several, in registers"), params
     _, got = stats_of(trb, x, y, spec)
     n, bsz, nb = x.size(0), spec.block, spec.n_blocks
     xb = torch.full((n, nb * bsz), -math.inf, dtype=torch.float32, device=x.device)
@@ -318,12 +340,15 @@ def run_sampler(backend, x, spec, inputs, key_mix=None):
     return partial, cols, weights, cols
 
 
-@pytest.mark.parametrize("k", [1, 8, 64, 256])
-def test_sampler_matches_torch_backend_and_float64_draw(k):
-    x, y = make_logits(n=8, seed=k)
+@pytest.mark.parametrize("k,vocab", [(1, VOCAB), (8, VOCAB), (64, VOCAB), (256, VOCAB), (8, V_PAD), (256, V_PAD)])
+def test_sampler_matches_torch_backend_and_float64_draw(k, vocab):
+    """vocab = V_PAD: n_blocks a multiple of 16 (aligned prefix rows), so the block search ends with
+    one 4-wide load instead of its last two levels (as K = 1 at VOCAB: 32 blocks)."""
+    x, y = make_logits(n=8, seed=k, vocab=vocab)
     x[0, 3] = 40.0  # one dominant id: duplicates
     y[0] = 3
-    spec = spec_for("sample", k=k)
+    spec = spec_for("sample", k=k, vocab=vocab)
+    assert (trb.sample_params(spec)["TAIL"] > 0) == (spec.n_blocks % 16 == 0), spec
     inputs = sampler_inputs(x, y, spec)
     ok = inputs[3]
     got = run_sampler(trb, x, spec, inputs)
@@ -346,10 +371,57 @@ def test_sampler_matches_torch_backend_and_float64_draw(k):
     assert all(torch.equal(a, b) for a, b in zip(got, again)), "key_mix tensor and int draw differently"
     # against the independent float64 single-device inverse-CDF draw (sorted: order within a
     # token is not part of the contract)
-    draw = ref_samples(x.double().cpu(), inputs[0].cpu(), k, KAPPA, SEED, STEP, vocab_size=VOCAB)
+    draw = ref_samples(x.double().cpu(), inputs[0].cpu(), k, KAPPA, SEED, STEP, vocab_size=vocab)
     okc = ok.cpu()
     moved = (got[3].cpu()[okc].sort(-1).values != draw[okc].sort(-1).values).sum().item()
     assert moved <= max(1, int(1e-3 * okc.sum() * k)), f"{moved} samples differ from the float64 draw"
+
+
+@pytest.mark.parametrize("vocab", [VOCAB, V_PAD])
+def test_sampler_block_search_edges_match_torch_backend(vocab):
+    """The block search on plateaus of equal prefix sums (zero-mass blocks: runs of equal candidates,
+    the first and last blocks masked) against the torch backend, with (vocab = V_PAD: aligned prefix
+    rows) and without the search's 4-wide tail."""
+    k = 256
+    x, y = make_logits(n=6, seed=21, vocab=vocab, special=False)
+    x[0, : vocab // 2] = -math.inf  # a plateau over the first half
+    x[2, 64:512] = -math.inf  # a plateau in the middle
+    x[3, 1::2] = -math.inf  # every other id
+    spec = spec_for("sample", k=k, vocab=vocab)
+    assert (trb.sample_params(spec)["TAIL"] > 0) == (vocab == V_PAD)
+    x[4, vocab - 40:] = -math.inf  # the last blocks masked: C_last is reached before the end
+    inputs = sampler_inputs(x, y, spec)
+    ok = inputs[3]
+    got = run_sampler(trb, x, spec, inputs)
+    ref = run_sampler(tb, x, spec, inputs)
+    assert torch.equal(got[3], ref[3]), f"samples differ in {(got[3] != ref[3]).sum().item()} of {got[3].numel()}"
+    assert torch.equal(got[0][:, 0], ref[0][:, 0]), "hit counts"
+    want_c, want_w = merge_duplicates(ref[3], ref[2])
+    assert torch.equal(got[1].cpu(), want_c), "merged columns"
+    assert bool((got[3][ok] >= 0).all()), "every lane of a supervised row draws"
+
+
+def test_sampler_search_tail_equals_the_full_binary_search(monkeypatch):
+    """The 4-wide tail is the binary search's last two levels, for any inputs: on plateaus, and on
+    draws past the rank's last prefix value (a rank scale of 1/2, inconsistent on purpose, maps the
+    upper half of the draws to t_r >= C_last, where the search takes the last block with C_b < C_last),
+    the Triton sampler gives the same samples with and without it."""
+    k = 256
+    x, y = make_logits(n=6, seed=22, vocab=V_PAD, special=False)
+    x[0, : V_PAD // 2] = -math.inf
+    x[3, 1::2] = -math.inf
+    x[4, V_PAD - 40:] = -math.inf
+    spec = spec_for("sample", k=k, vocab=V_PAD)
+    keys, col, owns, ok, total, cum, scale, prefix = sampler_inputs(x, y, spec)
+    inputs = (keys, col, owns, ok, total, cum, scale * 0.5, prefix)
+    assert trb.sample_params(spec)["TAIL"] == 4
+    tail = run_sampler(trb, x, spec, inputs)
+    monkeypatch.setattr(trb, "SEARCH_TAIL", 0)
+    assert trb.sample_params(spec)["TAIL"] == 0
+    full = run_sampler(trb, x, spec, inputs)
+    for a, b in zip(tail, full):
+        assert torch.equal(a, b)
+    assert bool((tail[3][ok] == spec.n_real - 1).any()), "some draws are past C_last"
 
 
 # --------------------------------------------------------------------------------------------
@@ -461,8 +533,13 @@ def grad_inputs(x, spec, s, with_q, seed=0):
 
 
 @pytest.mark.parametrize("case", ["sample-bf16", "sample-bf16-inplace", "expected-bf16", "sft-fp16",
-                                  "expected-fp32-local", "dft-bf16-local-inplace"])
-def test_grad_matches_torch_backend(case):
+                                  "expected-fp32-local", "dft-bf16-local-inplace", "sample-bf16-tiles",
+                                  "sample-bf16-tiles-inplace-local"])
+def test_grad_matches_torch_backend(monkeypatch, case):
+    """"tiles": 8 tiles per row, so the sampled columns' logits are picked from the tile they fall in
+    (in place: before that tile is overwritten)."""
+    if "tiles" in case:
+        monkeypatch.setattr(trb, "_MAX_TILE", V_PAD // 8)
     est, dt = case.split("-")[:2]
     dtype = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}[dt]
     inplace, use_local = "inplace" in case, "local" in case
@@ -481,6 +558,9 @@ def test_grad_matches_torch_backend(case):
     # contract v2: the Triton gradient gets int32 columns without duplicates (its sampler merged them)
     mcols, mweights = merge_duplicates(cols, weights)
     mcols, mweights = mcols.to(torch.int32).to(DEV), mweights.to(DEV)
+    if "tiles" in case:
+        params = trb.grad_params(spec, x.element_size(), s)
+        assert params["GATHER"] and params["TILE"] == V_PAD // 8, params
     trb.grad(out if inplace else x, out, g, coef_pi, coef_q, mcols, mweights, valid, spec, None, local=local)
     # fp32 output: the two backends' softmax formulas (exp((x - m) / kappa) vs exp(x / kappa - m / kappa))
     # differ by ~|x| * 2**-24 in the exponent, a few fp32 ulps; bf16/fp16 hide that
