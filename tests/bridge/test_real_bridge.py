@@ -37,8 +37,10 @@ def _metric(line: str, name: str) -> float:
 def _console_lines(text: str):
     """(Bridge's training_log lines, OTRConsoleMetrics lines)."""
     lines = text.splitlines()
+    # under torchrun two ranks share the pipe: rank 0's block-buffered output may end mid-line just
+    # before the last rank's line, so a line is found where it starts, not only at a line start
     return ([ln for ln in lines if "] iteration" in ln and "consumed samples:" in ln],
-            [ln for ln in lines if ln.startswith(" [otr] iteration")])
+            [ln[ln.index(" [otr] iteration"):] for ln in lines if " [otr] iteration" in ln])
 
 
 @pytest.fixture(scope="module")
