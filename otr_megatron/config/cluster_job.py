@@ -162,17 +162,18 @@ def load_cluster_job(path: str, overrides: typing.Sequence[str] = (), *, nodes: 
         cfg = resolve_interpolations(apply_overrides(load_yaml(path), overrides, path), path)
     except OverrideError as exc:  # the reader's messages name the file already
         raise JobConfigError(str(exc)) from None
-    if nodes is not None or gpus_per_node is not None:
-        cluster = dict(cfg.get("cluster") or {})
-        cluster.update({k: v for k, v in (("nodes", nodes), ("gpus_per_node", gpus_per_node)) if v is not None})
-        cfg["cluster"] = cluster
-    return job_from_dict(cfg, path)
+    return job_from_dict(cfg, path, nodes=nodes, gpus_per_node=gpus_per_node)
 
 
-def job_from_dict(cfg: dict, source: str = "config") -> ClusterJob:
-    """The checks of `load_cluster_job` on an already-parsed mapping."""
+def job_from_dict(cfg: dict, source: str = "config", *, nodes: int | None = None,
+                  gpus_per_node: int | None = None) -> ClusterJob:
+    """The checks of `load_cluster_job` on an already-parsed mapping (`nodes`, `gpus_per_node` win
+    over its `cluster:` section)."""
     from otr_megatron.planning.budget import from_config, layout_from_config, loss_from_config
 
+    counts = {k: v for k, v in (("nodes", nodes), ("gpus_per_node", gpus_per_node)) if v is not None}
+    if counts:
+        cfg = {**cfg, "cluster": {**(cfg.get("cluster") or {}), **counts}}
     check_schema(cfg, source)
     try:
         if isinstance(cfg.get("model"), dict):
@@ -196,10 +197,10 @@ REMEDIES = {
 
 
 def preflight(job: ClusterJob, *, force: bool = False):
-    """What Megatron requires of the layout (`planning.budget.check_layout`) and, with a model, the
+    """What Megatron requires of the layout (`planning.budget.check_layout`, via `plan`) and, with a model, the
     planner's memory verdict: a layout over `cluster.gpu_memory_gib` is refused naming the largest
     term unless `force`. Returns the Budget (None without `model:`); raises JobConfigError."""
-    from otr_megatron.planning.budget import GIB, check_layout, plan
+    from otr_megatron.planning.budget import GIB, plan
 
     if job.dims is None:
         try:
@@ -208,8 +209,7 @@ def preflight(job: ClusterJob, *, force: bool = False):
             raise JobConfigError(f"{job.source}: {exc}") from None
         return None
     try:
-        check_layout(job.dims, job.layout)
-        budget = plan(job.dims, job.layout, job.loss, name=job.name)
+        budget = plan(job.dims, job.layout, job.loss, name=job.name)  # plan checks the layout first
     except (TypeError, ValueError) as exc:
         raise JobConfigError(f"{job.source}: {exc}") from None
     if not budget.fits() and not force:

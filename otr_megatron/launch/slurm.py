@@ -357,15 +357,6 @@ def _parse_env(items: list[str]) -> dict[str, str]:
     return env
 
 
-def _config_int(path: str, key: str, value) -> int | None:
-    """A count from the config file: an integer, never a float or string silently converted."""
-    if value is None:
-        return None
-    if isinstance(value, bool) or not isinstance(value, int):
-        raise SlurmSpecError(f"--config {path}: {key}={value!r}; expected a positive integer")
-    return value
-
-
 def build_parser() -> argparse.ArgumentParser:
     ap = argparse.ArgumentParser(
         prog="otr-megatron slurm",
@@ -409,11 +400,12 @@ def build_parser() -> argparse.ArgumentParser:
     return ap
 
 
-def preflight_config(ns: argparse.Namespace, overrides: list[str], derive_command: bool) -> tuple[dict, list[str], str]:
+def preflight_config(ns: argparse.Namespace, overrides: list[str], derive_command: bool) -> tuple[object, list[str], str]:
     """The `--config` job checked before anything is written (`otr_megatron/config/cluster_job.py`: the
     schema, the OTR settings, the layout against the model, the memory verdict unless --force; and,
     where Megatron-Bridge is installed and the command is the one derived from the file, the recipe
-    built and validated on CPU). Returns (config, command or [], what was checked, in words)."""
+    built and validated on CPU). Returns (the checked ClusterJob, command or [], what was checked, in
+    words)."""
     from otr_megatron.config.cluster_job import JobConfigError, load_cluster_job, preflight
     from otr_megatron.launch.bridge_job import BridgeJobError, bridge_command
 
@@ -432,7 +424,7 @@ def preflight_config(ns: argparse.Namespace, overrides: list[str], derive_comman
                        + ("" if budget.fits() else " (DOES NOT FIT; --force)"))
     if derive_command:
         checked.append(_bridge_check(ns, job))
-    return job.cfg, command, "; ".join(checked)
+    return job, command, "; ".join(checked)
 
 
 def _bridge_check(ns: argparse.Namespace, job) -> str:
@@ -465,12 +457,10 @@ def spec_from_args(ns: argparse.Namespace) -> tuple[SlurmSpec, str]:
         raise SlurmSpecError(f"{overrides[0]!r} before `--`: KEY=VALUE overrides need --config")
     checked = ""
     if ns.config:
-        cfg, derived, checked = preflight_config(ns, overrides, derive_command=not command)
+        job, derived, checked = preflight_config(ns, overrides, derive_command=not command)
         command = command or derived
-        cluster = cfg.get("cluster") or {}
-        nodes = nodes if nodes is not None else _config_int(ns.config, "cluster.nodes", cluster.get("nodes"))
-        gpus = gpus if gpus is not None else _config_int(ns.config, "cluster.gpus_per_node", cluster.get("gpus_per_node"))
-        name = name or cfg.get("name")
+        nodes, gpus = job.layout.nodes, job.layout.gpus_per_node  # the command line's counts win there
+        name = name or job.cfg.get("name")
     env = dict(DEFAULT_ENV)
     if ns.hf_home:
         env["HF_HOME"] = check_text("--hf-home", ns.hf_home, "a directory path")

@@ -498,9 +498,4 @@ def check_config(cfg: dict[str, Any], nodes: int | None = None, gpus_per_node: i
     (`otr_megatron.config.cluster_job.preflight`). Raises ValueError naming the key and the value."""
     from otr_megatron.config.cluster_job import job_from_dict, preflight
 
-    cfg = dict(cfg)
-    if nodes is not None or gpus_per_node is not None:
-        cluster = dict(cfg.get("cluster") or {})
-        cluster.update({k: v for k, v in (("nodes", nodes), ("gpus_per_node", gpus_per_node)) if v is not None})
-        cfg["cluster"] = cluster
-    preflight(job_from_dict(cfg), force=True)
+    preflight(job_from_dict(cfg, nodes=nodes, gpus_per_node=gpus_per_node), force=True)
