@@ -28,6 +28,7 @@ from __future__ import annotations
 
 import struct
 import zlib
+from dataclasses import dataclass
 
 import torch
 import torch.distributed as dist
@@ -83,44 +84,48 @@ def _check_step(step, device) -> None:
                          f"on the logits' device, got {step!r}")
 
 
-def _check_args(logits, labels, cfg, token_keys, vocab_size, padded_vocab_size, step, world):
-    if not isinstance(cfg, OTRConfig):
-        raise TypeError(f"cfg must be an otr_megatron.OTRConfig, got {type(cfg).__name__}")
+def _check_logits(logits) -> None:
     if not isinstance(logits, torch.Tensor) or logits.dtype not in _FLOAT_DTYPES:
         got = logits.dtype if isinstance(logits, torch.Tensor) else type(logits).__name__
         raise TypeError(f"logits must be a bf16, fp16, fp32 or fp64 tensor, got {got}")
     if logits.dim() < 1 or logits.size(-1) < 1:
         raise ValueError(f"logits must have shape [..., V/tp] with V/tp >= 1, got {tuple(logits.shape)}")
+
+
+def _check_args(shard, lead_shape, device, tokens_in, labels, cfg, token_keys, vocab_size, padded_vocab_size,
+                step, world):
+    """The checks every entry point shares; ``lead_shape`` is the token shape of ``tokens_in``."""
+    if not isinstance(cfg, OTRConfig):
+        raise TypeError(f"cfg must be an otr_megatron.OTRConfig, got {type(cfg).__name__}")
     if not isinstance(labels, torch.Tensor) or labels.dtype not in _INT_DTYPES:
         got = labels.dtype if isinstance(labels, torch.Tensor) else type(labels).__name__
         raise TypeError(f"labels must be an int64 (or int32) tensor of token ids, got {got}")
-    if tuple(labels.shape) != tuple(logits.shape[:-1]):
-        raise ValueError(
-            f"labels shape {tuple(labels.shape)} must equal logits shape without its last dimension "
-            f"{tuple(logits.shape[:-1])}"
-        )
-    if labels.device != logits.device:
-        raise ValueError(f"labels are on {labels.device} but logits on {logits.device}")
+    if tuple(labels.shape) != tuple(lead_shape):
+        what = "logits shape without its last dimension" if tokens_in == "logits" else tokens_in
+        raise ValueError(f"labels shape {tuple(labels.shape)} must equal {what} {tuple(lead_shape)}")
+    if labels.device != device:
+        raise ValueError(f"labels are on {labels.device} but {tokens_in.split()[0]} on {device}")
     if token_keys is not None:
         if not isinstance(token_keys, torch.Tensor) or token_keys.dtype not in _INT_DTYPES:
             got = token_keys.dtype if isinstance(token_keys, torch.Tensor) else type(token_keys).__name__
             raise TypeError(f"token_keys must be an int64 tensor like labels, got {got}")
         if tuple(token_keys.shape) != tuple(labels.shape):
             raise ValueError(f"token_keys shape {tuple(token_keys.shape)} must equal labels shape {tuple(labels.shape)}")
-        if token_keys.device != logits.device:
-            raise ValueError(f"token_keys are on {token_keys.device} but logits on {logits.device}")
-    _check_step(step, logits.device)
-    shard = logits.size(-1)
+        if token_keys.device != device:
+            raise ValueError(f"token_keys are on {token_keys.device} but {tokens_in.split()[0]} on {device}")
+    _check_step(step, device)
     if padded_vocab_size is not None and shard * world != padded_vocab_size:
+        got = "logits last dimension" if tokens_in == "logits" else "weight rows"
         raise ValueError(
-            f"logits last dimension {shard} x tensor-parallel size {world} = {shard * world} does not match "
-            f"padded_vocab_size={padded_vocab_size}; pass this rank's vocabulary shard, not gathered logits"
+            f"{got} {shard} x tensor-parallel size {world} = {shard * world} does not match "
+            f"padded_vocab_size={padded_vocab_size}; pass this rank's vocabulary shard, not the gathered vocabulary"
         )
     if vocab_size is None:
         vocab_size = shard * world
     if isinstance(vocab_size, bool) or not isinstance(vocab_size, int) or not 1 <= vocab_size <= shard * world:
+        what = "logits.size(-1)" if tokens_in == "logits" else "weight.size(0)"
         raise ValueError(
-            f"vocab_size must be an integer in [1, logits.size(-1) * tp = {shard * world}], got {vocab_size!r}"
+            f"vocab_size must be an integer in [1, {what} * tp = {shard * world}], got {vocab_size!r}"
         )
     return vocab_size
 
@@ -153,7 +158,7 @@ def _chunks(n_tok: int, chunk: int):
     return [(lo, min(n_tok, lo + chunk)) for lo in range(0, n_tok, chunk)]  # [] for no rows: nothing to do
 
 
-def local_statistics(backend: Backend, spec: Spec, logits, label_col, owns_label, chunk: int, valid=None):
+def local_statistics(backend: Backend, spec: Spec, logits, label_col, owns_label, chunk: int, valid=None, scratch=None):
     """Step 1: this rank's statistics, chunk by chunk. Returns (stats [N, C] float64, prefix
     [N, n_blocks] float64 or None), see `core/contract.py`."""
     n_tok = logits.size(0)
@@ -162,7 +167,8 @@ def local_statistics(backend: Backend, spec: Spec, logits, label_col, owns_label
     stats = torch.empty(n_tok, spec.stat_columns, dtype=torch.float64, device=logits.device)
     prefix = (torch.empty(n_tok, spec.n_blocks, dtype=torch.float64, device=logits.device)
               if spec.estimator == "sample" else None)
-    scratch = backend.scratch(min(chunk, n_tok), spec.n_real, logits.device)
+    if scratch is None:
+        scratch = backend.scratch(min(chunk, n_tok), spec.n_real, logits.device)
     parts = _chunks(n_tok, chunk)
     if parts is None:
         backend.local_stats(logits, label_col, owns_label, valid, spec, stats, prefix, scratch)
@@ -188,6 +194,95 @@ def draw_samples(backend: Backend, spec: Spec, logits, keys, label_col, owns_lab
     return partial, cols, weights
 
 
+@dataclass
+class Rows:
+    """What the forward of a range of rows produced: the loss, what the backward reads, and the
+    statistics outputs. `forward_rows` builds one; the linear loss concatenates several."""
+
+    loss: torch.Tensor  # float32 [R]
+    coef_pi: torch.Tensor
+    coef_q: torch.Tensor | None
+    cols: torch.Tensor  # int32 [R, S]
+    weights: torch.Tensor  # float32 [R, S]
+    valid: torch.Tensor  # bool [R]
+    local: torch.Tensor | None  # [R, C] float64, kept only when the backend's grad reads it
+    stats: tuple | None = None  # want_stats: (label_logprob, label_prob_tempered, hits, reward_mean, lanes)
+
+    def saved(self) -> "Rows":
+        """The part the backward reads (the statistics outputs are returned, not saved)."""
+        return Rows(None, self.coef_pi, self.coef_q, self.cols, self.weights, self.valid, self.local)
+
+    def stat_outputs(self, device) -> tuple:
+        return tuple(torch.empty(0, device=device) if t is None else t for t in self.stats)
+
+    def take(self, lo: int, hi: int) -> "Rows":
+        def part(t):
+            return None if t is None else t[lo:hi]
+
+        return Rows(None, self.coef_pi[lo:hi], part(self.coef_q), self.cols[lo:hi], self.weights[lo:hi],
+                    self.valid[lo:hi], part(self.local))
+
+    @staticmethod
+    def cat(parts: list["Rows"]) -> "Rows":
+        if len(parts) == 1:
+            return parts[0]
+
+        def cat(ts):
+            return None if ts[0] is None else torch.cat(ts)
+
+        fields_ = [cat([getattr(p, f) for p in parts]) for f in
+                   ("loss", "coef_pi", "coef_q", "cols", "weights", "valid", "local")]
+        stats = None if parts[0].stats is None else tuple(cat([p.stats[i] for p in parts]) for i in range(5))
+        return Rows(*fields_, stats=stats)
+
+
+def forward_rows(backend: Backend, spec: Spec, logits, pro: Prologue, keys, group, chunk: int, want_stats: bool,
+                 scratch=None) -> Rows:
+    """Steps 1-5 (statistics, all-gather, normalisers, sampling and all-reduce, finish) for rows of
+    this rank's logits, whose prologue and keys are ``pro`` and ``keys``. Every rank calls it for the
+    same rows (the collectives pair up)."""
+    valid, owns, col = pro.valid, pro.owns_label, pro.label_col
+    stats, prefix = local_statistics(backend, spec, logits, col, owns, chunk, valid, scratch)
+    allstats = _all_gather(stats, group, spec.world)  # [tp, N, C]
+    norms = partial = cols = weights = lanes = None
+    if spec.estimator == "sample":
+        norms = backend.combine.normalise(allstats, spec, valid)
+        if want_stats:
+            lanes = torch.empty(logits.size(0), spec.k, dtype=torch.int32, device=logits.device)
+        partial, cols, weights = draw_samples(backend, spec, logits, keys, col, owns, norms, prefix, pro.key_mix,
+                                              lanes)
+        if group is not None:
+            dist.all_reduce(partial, group=group)
+    fin = backend.combine.finish(allstats, spec, valid, pro, norms, partial, want_stats)
+    if cols is None:  # closed forms: the label entry
+        cols, weights = fin.cols, fin.weights
+    out = Rows(fin.loss, fin.coef_pi, fin.coef_q, cols, weights, valid,
+               stats if backend.grad_reads_local else None)
+    if want_stats:
+        out.stats = (fin.label_logprob, fin.label_prob_tempered, fin.hits, fin.reward_mean, lanes)
+    return out
+
+
+def grad_rows(backend: Backend, spec: Spec, logits, out, grad_loss, rows: Rows, chunk: int, scratch=None) -> None:
+    """The backward's gradient step for rows of logits, chunk by chunk, into ``out``."""
+    n_tok = logits.size(0)
+    g = grad_loss if grad_loss.dim() == 1 else grad_loss.reshape(-1)
+    if g.dtype != torch.float32:
+        g = g.float()
+    if scratch is None:
+        scratch = backend.scratch(min(chunk, n_tok), spec.n_real, logits.device)
+    parts = _chunks(n_tok, chunk)
+    if parts is None:  # one chunk of every row: no slicing (fewer host ops)
+        extra = {"local": rows.local} if rows.local is not None else {}
+        backend.grad(logits, out, g, rows.coef_pi, rows.coef_q, rows.cols, rows.weights, rows.valid, spec, scratch,
+                     **extra)
+    for lo, hi in parts or ():
+        part = rows.take(lo, hi)
+        extra = {"local": part.local} if part.local is not None else {}
+        backend.grad(logits[lo:hi], out[lo:hi], g[lo:hi], part.coef_pi, part.coef_q, part.cols, part.weights,
+                     part.valid, spec, scratch, **extra)
+
+
 # --------------------------------------------------------------------------------------------
 # the autograd function: orchestration only
 # --------------------------------------------------------------------------------------------
@@ -202,36 +297,15 @@ class _VocabParallelOTR(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, logits, pro: Prologue, keys, spec: Spec, backend: Backend, group, chunk, inplace, want_stats):
-        valid, owns, col = pro.valid, pro.owns_label, pro.label_col
-        stats, prefix = local_statistics(backend, spec, logits, col, owns, chunk, valid)
-        allstats = _all_gather(stats, group, spec.world)  # [tp, N, C]
-        norms = partial = cols = weights = lanes = None
-        if spec.estimator == "sample":
-            norms = backend.combine.normalise(allstats, spec, valid)
-            if want_stats:
-                lanes = torch.empty(logits.size(0), spec.k, dtype=torch.int32, device=logits.device)
-            partial, cols, weights = draw_samples(backend, spec, logits, keys, col, owns, norms, prefix, pro.key_mix,
-                                                  lanes)
-            if group is not None:
-                dist.all_reduce(partial, group=group)
-        fin = backend.combine.finish(allstats, spec, valid, pro, norms, partial, want_stats)
-        if cols is None:  # closed forms: the label entry
-            cols, weights = fin.cols, fin.weights
-
+        rows = forward_rows(backend, spec, logits, pro, keys, group, chunk, want_stats)
         ctx.set_materialize_grads(False)  # the statistics outputs get no gradient: none is built
         ctx.save_for_backward(logits)
-        ctx.coef_pi, ctx.coef_q, ctx.cols, ctx.weights, ctx.valid = fin.coef_pi, fin.coef_q, cols, weights, valid
-        ctx.spec, ctx.backend, ctx.chunk, ctx.inplace = spec, backend, chunk, inplace
-        ctx.local = stats if backend.grad_reads_local else None
+        ctx.rows, ctx.spec, ctx.backend, ctx.chunk, ctx.inplace = rows.saved(), spec, backend, chunk, inplace
         if not want_stats:
-            return fin.loss
-
-        def stat(t):
-            return torch.empty(0, device=logits.device) if t is None else t
-
-        outs = (fin.label_logprob, stat(fin.label_prob_tempered), stat(fin.hits), stat(fin.reward_mean), stat(lanes))
+            return rows.loss
+        outs = rows.stat_outputs(logits.device)
         ctx.mark_non_differentiable(*outs)
-        return (fin.loss,) + outs
+        return (rows.loss,) + outs
 
     @staticmethod
     def backward(ctx, grad_loss, *unused):
@@ -239,22 +313,8 @@ class _VocabParallelOTR(torch.autograd.Function):
         if grad_loss is None:
             return (None,) + nones
         (logits,) = ctx.saved_tensors
-        spec, backend, chunk = ctx.spec, ctx.backend, ctx.chunk
-        n_tok = logits.size(0)
-        g = grad_loss if grad_loss.dim() == 1 else grad_loss.reshape(-1)
-        if g.dtype != torch.float32:
-            g = g.float()
         out = logits if ctx.inplace else torch.empty_like(logits)
-        scratch = backend.scratch(min(chunk, n_tok), spec.n_real, logits.device)
-        local, coef_q = ctx.local, ctx.coef_q
-        parts = _chunks(n_tok, chunk)
-        if parts is None:
-            backend.grad(logits, out, g, ctx.coef_pi, coef_q, ctx.cols, ctx.weights, ctx.valid, spec, scratch,
-                         **({"local": local} if local is not None else {}))
-        for lo, hi in parts or ():
-            backend.grad(logits[lo:hi], out[lo:hi], g[lo:hi], ctx.coef_pi[lo:hi],
-                         coef_q[lo:hi] if coef_q is not None else None, ctx.cols[lo:hi], ctx.weights[lo:hi],
-                         ctx.valid[lo:hi], spec, scratch, **({"local": local[lo:hi]} if local is not None else {}))
+        grad_rows(ctx.backend, ctx.spec, logits, out, grad_loss, ctx.rows, ctx.chunk)
         return (out,) + nones
 
 
@@ -297,16 +357,69 @@ def vocab_parallel_otr_loss(
     the K samples equal the label), ``reward_mean`` (sum_j R_j / K) and ``owned_samples``, a pair
     (flat token index, global id) of 1-D tensors listing the samples this rank drew (one host sync).
     """
-    world, rank = _tp_layout(tp_group)
-    vocab_size = _check_args(logits, labels, cfg, token_keys, vocab_size, padded_vocab_size, step, world)
-    mode = cfg.check_inputs
-    if mode != "off":
-        checks.check_ready()  # earlier calls' deferred checks whose copies have arrived
-    shape = labels.shape
+    _check_logits(logits)
+    call = prepare_call(cfg, labels, token_keys, tp_group, step, vocab_size, ignore_index, padded_vocab_size,
+                        shard=logits.size(-1), device=logits.device, lead_shape=tuple(logits.shape[:-1]),
+                        tokens_in="logits")
     shard = logits.size(-1)
     flat_logits = logits if logits.dim() == 2 else logits.reshape(-1, shard)
     if not flat_logits.is_contiguous():
         flat_logits = flat_logits.contiguous()
+    if cfg.chunk_tokens:
+        chunk = cfg.chunk_tokens
+    elif call.backend.one_pass:
+        chunk = max(1, flat_logits.size(0))
+    else:
+        chunk = _default_chunk_tokens(shard, flat_logits.device.type == "cuda")
+    out = _VocabParallelOTR.apply(flat_logits, call.pro, call.keys, call.spec, call.backend, tp_group, chunk,
+                                  cfg.inplace_backward, return_stats)
+    return call.results(out, return_stats)
+
+
+@dataclass
+class Call:
+    """One call's checked, flattened inputs (shared by the logits and the linear entry points)."""
+
+    shape: torch.Size  # the labels' shape: the loss's
+    keys: torch.Tensor  # [N] int64
+    spec: Spec
+    backend: Backend
+    pro: Prologue
+
+    def results(self, out, return_stats: bool):
+        """The entry points' return value from the autograd function's outputs."""
+        shape, spec, valid = self.shape, self.spec, self.pro.valid
+        if not return_stats:
+            return out if len(shape) == 1 else out.view(shape)
+        loss, label_logprob, q_label, hits, reward_mean, lanes = out
+        loss = loss if len(shape) == 1 else loss.view(shape)
+
+        def per_token(value):
+            return torch.where(valid, value, 0.0).view(shape)
+
+        stats = {"label_logprob": per_token(label_logprob), "valid": valid.view(shape)}
+        if spec.tempered:
+            stats["label_prob_tempered"] = per_token(q_label)
+        if spec.estimator == "sample":
+            stats["hits"] = torch.where(valid, hits, 0.0).round().to(torch.int64).view(shape)
+            stats["reward_mean"] = per_token(reward_mean)
+            # this rank's draws, one entry per sample (duplicates repeated): (flat token index, global id)
+            tok, j = (lanes >= 0).nonzero(as_tuple=True)  # the one host sync (return_stats only)
+            stats["owned_samples"] = (tok, lanes[tok, j].to(torch.int64) + spec.rank * spec.shard)
+        return loss, stats
+
+
+def prepare_call(cfg, labels, token_keys, tp_group, step, vocab_size, ignore_index, padded_vocab_size, *,
+                 shard: int, device, lead_shape: tuple, tokens_in: str) -> Call:
+    """Checks the arguments every entry point shares, flattens labels and keys, runs the prologue and
+    submits the input fingerprint. ``lead_shape``: the token shape the labels must have (named after
+    ``tokens_in`` in the error)."""
+    world, rank = _tp_layout(tp_group)
+    vocab_size = _check_args(shard, lead_shape, device, tokens_in, labels, cfg, token_keys, vocab_size,
+                             padded_vocab_size, step, world)
+    mode = cfg.check_inputs
+    if mode != "off":
+        checks.check_ready()  # earlier calls' deferred checks whose copies have arrived
     flat_labels = labels if labels.dim() == 1 else labels.reshape(-1)
     if flat_labels.dtype != torch.int64:
         flat_labels = flat_labels.to(torch.int64)
@@ -316,42 +429,15 @@ def vocab_parallel_otr_loss(
         keys = token_keys if token_keys.dim() == 1 else token_keys.reshape(-1)
         if keys.dtype != torch.int64:
             keys = keys.to(torch.int64)
-
     spec = make_spec(cfg, rank, world, shard, vocab_size)
-    backend = get_backend(cfg.backend, flat_logits.device)
+    backend = get_backend(cfg.backend, device)
     pro = backend.combine.prologue(flat_labels, keys, step, spec, ignore_index, vocab_size,
                                    _settings_id(cfg, ignore_index), mode != "off")
     if mode != "off":
         # only the fields that must agree cross ranks (FP_COMPARED numbers per rank)
         gathered = _all_gather(pro.prints[:FP_COMPARED], tp_group, world)
         checks.submit(gathered, pro.prints, mode, vocab_size, ignore_index, labels=flat_labels)
-    if cfg.chunk_tokens:
-        chunk = cfg.chunk_tokens
-    elif backend.one_pass:
-        chunk = max(1, flat_logits.size(0))
-    else:
-        chunk = _default_chunk_tokens(shard, flat_logits.device.type == "cuda")
-    out = _VocabParallelOTR.apply(flat_logits, pro, keys, spec, backend, tp_group, chunk, cfg.inplace_backward,
-                                  return_stats)
-    if not return_stats:
-        return out if len(shape) == 1 else out.view(shape)
-    loss, label_logprob, q_label, hits, reward_mean, lanes = out
-    loss = loss if len(shape) == 1 else loss.view(shape)
-    valid = pro.valid
-
-    def per_token(value):
-        return torch.where(valid, value, 0.0).view(shape)
-
-    stats = {"label_logprob": per_token(label_logprob), "valid": valid.view(shape)}
-    if spec.tempered:
-        stats["label_prob_tempered"] = per_token(q_label)
-    if spec.estimator == "sample":
-        stats["hits"] = torch.where(valid, hits, 0.0).round().to(torch.int64).view(shape)
-        stats["reward_mean"] = per_token(reward_mean)
-        # this rank's draws, one entry per sample (duplicates repeated): (flat token index, global id)
-        tok, j = (lanes >= 0).nonzero(as_tuple=True)  # the one host sync (return_stats only)
-        stats["owned_samples"] = (tok, lanes[tok, j].to(torch.int64) + rank * shard)
-    return loss, stats
+    return Call(labels.shape, keys, spec, backend, pro)
 
 
 def check_pending() -> None:
