@@ -140,6 +140,72 @@ def check_layout(group, report):
         assert "padded_vocab_size" in str(e)
 
 
+D = 24  # hidden size of the fused output-layer checks
+
+
+def linear_inputs(dtype=torch.float32, padded=1024):
+    g = torch.Generator().manual_seed(99)
+    h = torch.randn(N // 4, 4, D, generator=g)  # [s, b, d]: s = 24 divides by every tp here
+    w = torch.randn(padded, D, generator=g) * 0.6
+    y = torch.randint(0, VOCAB, (N // 4, 4), generator=g)
+    y[::5, 1] = -100
+    return h.to(dtype), w.to(dtype), y
+
+
+def run_linear(h, w, y, cfg, group=None, sp=False, keys=None):
+    hh, ww = h.clone().requires_grad_(), w.clone().requires_grad_()
+    loss, st = otr.vocab_parallel_linear_otr_loss(hh, ww, y, cfg, tp_group=group, sequence_parallel=sp, step=4,
+                                                  vocab_size=VOCAB, token_keys=keys, return_stats=True)
+    loss.backward(torch.linspace(0.5, 2.0, loss.numel()).view(loss.shape))
+    return loss.detach(), st, hh.grad, ww.grad
+
+
+def check_linear_layout(group, report):
+    """The fused output layer + loss at TP=tp, with and without sequence parallelism, equals TP=1."""
+    tp, r = dist.get_world_size(group), dist.get_rank(group)
+    h, w, y = linear_inputs()
+    shard = w.size(0) // tp
+    keys = (torch.arange(y.numel()) * 31 + 5).view(y.shape)
+    seq = h.size(0) // tp
+    for est in ["sample", "expected", "sft", "dft"]:
+        cfg = otr.OTRConfig(estimator=est, num_samples=K, chunk_tokens=10)
+        loss1, st1, gh1, gw1 = run_linear(h, w, y, cfg, keys=keys)
+        for sp in (False, True):
+            h_in = h[r * seq : (r + 1) * seq] if sp else h
+            loss, st, gh, gw = run_linear(h_in, w[r * shard : (r + 1) * shard], y, cfg, group, sp, keys)
+            torch.testing.assert_close(loss, loss1, atol=2e-5, rtol=2e-5)
+            torch.testing.assert_close(gw, gw1[r * shard : (r + 1) * shard], atol=1e-5, rtol=1e-5)
+            torch.testing.assert_close(gh, gh1[r * seq : (r + 1) * seq] if sp else gh1, atol=1e-5, rtol=1e-5)
+            if est == "sample":
+                gathered = [None] * tp
+                dist.all_gather_object(gathered, st["owned_samples"], group=group)
+                ours = samples_matrix((torch.cat([g[0] for g in gathered]), torch.cat([g[1] for g in gathered])),
+                                      y.numel(), K)
+                ref = samples_matrix(st1["owned_samples"], y.numel(), K)
+                report[f"tp{tp}{'_sp' if sp else ''}_linear_sample_mismatch"] = int((ours != ref).sum())
+                assert torch.equal(st["hits"], st1["hits"]), (tp, sp)
+    # communication: the unfused path's per-token numbers (per chunk) forward; backward only the
+    # output layer's own collective (all-reduce of the hidden gradient, or SP's all-gather + reduce-scatter)
+    for sp in (False, True):
+        cfg = otr.OTRConfig(num_samples=K, chunk_tokens=48)
+        h_in = (h[r * seq : (r + 1) * seq] if sp else h).clone().requires_grad_()
+        with CommAudit() as fwd:
+            loss = otr.vocab_parallel_linear_otr_loss(h_in, w[r * shard : (r + 1) * shard], y, cfg, tp_group=group,
+                                                      sequence_parallel=sp, vocab_size=VOCAB)
+        with CommAudit() as bwd:
+            loss.sum().backward()
+        names = [n for n, _ in fwd.calls]
+        chunks = -(-y.numel() // 48)
+        expect = ["all_gather_into_tensor"] * sp + ["all_gather_into_tensor"] + \
+            ["all_gather_into_tensor", "all_reduce"] * chunks
+        assert names == expect, (sp, fwd.calls)
+        loss_numbers = sum(n for _, n in fwd.calls[1 + sp:])
+        assert loss_numbers == 6 * y.numel(), fwd.calls  # 4 statistics + 2 partials per token
+        expect_bwd = ["all_gather_into_tensor", "reduce_scatter_tensor"] if sp else ["all_reduce"]
+        assert [n for n, _ in bwd.calls] == expect_bwd, bwd.calls
+        report[f"tp{tp}{'_sp' if sp else ''}_linear_collectives"] = [fwd.calls, bwd.calls]
+
+
 def main(rank, world, port, out_dir):
     os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
     torch.set_num_threads(1)
@@ -150,6 +216,7 @@ def main(rank, world, port, out_dir):
     for tp in (4, 2):
         ps.initialize_model_parallel(tensor_model_parallel_size=tp)
         check_layout(ps.get_tensor_model_parallel_group(), report)
+        check_linear_layout(ps.get_tensor_model_parallel_group(), report)
         ps.destroy_model_parallel()
     with open(os.path.join(out_dir, f"rank{rank}.json"), "w") as f:
         json.dump(report, f)

@@ -1,4 +1,5 @@
-"""Real tensor parallelism: 4 gloo processes with megatron-core parallel_state, TP=4 then TP=2.
+"""Real tensor parallelism: 4 gloo processes with megatron-core parallel_state, TP=4 then TP=2; the
+logits loss and the fused output layer + loss (with and without sequence parallelism).
 
 Per-token losses, statistics and sharded gradients must equal the single-rank result; the
 communication audit proves O(tp) numbers per token, independent of K, and no backward collective.
@@ -22,3 +23,9 @@ def test_tp2_and_tp4_equal_tp1(tmp_path):
     report = json.loads((tmp_path / "rank0.json").read_text())
     print("\nlayout report:", json.dumps(report, indent=1))
     assert report["tp4_sample_collectives"][0][0] == "all_gather_into_tensor"
+    # the fused output layer + loss (vocab_parallel_linear_otr_loss): TP=4 and TP=2, with and without
+    # sequence parallelism, draw exactly TP=1's samples (losses and gradients are checked in the worker)
+    for tp in (4, 2):
+        for sp in ("", "_sp"):
+            assert report[f"tp{tp}{sp}_linear_sample_mismatch"] == 0
+            assert report[f"tp{tp}{sp}_linear_collectives"][1][-1][0] == ("reduce_scatter_tensor" if sp else "all_reduce")
