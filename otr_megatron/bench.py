@@ -61,11 +61,18 @@ def _sync(device):
 
 def _measure(fns, leaf, device, repeats, inputs=()):
     """Median fwd+bwd seconds per method, timed round-robin so machine noise hits all methods alike,
-    and the peak extra bytes of one run of each."""
+    and the peak extra bytes of one run of each. ``leaf`` is the tensor receiving the gradient, or a
+    tuple of them (e.g. hidden and weight): their gradients are not counted as extra memory."""
+    leaves = tuple(leaf) if isinstance(leaf, (tuple, list)) else (leaf,)
+
+    def clear():
+        for t in leaves:
+            t.grad = None
+
     times = [[] for _ in fns]
     for fn in fns:  # warm-up
         fn()
-        leaf.grad = None
+        clear()
     for _ in range(repeats):
         for i, fn in enumerate(fns):
             _sync(device)
@@ -73,8 +80,8 @@ def _measure(fns, leaf, device, repeats, inputs=()):
             fn()
             _sync(device)
             times[i].append(time.perf_counter() - t0)
-            leaf.grad = None
-    grad_bytes = leaf.numel() * leaf.element_size()
+            clear()
+    grad_bytes = sum(t.numel() * t.element_size() for t in leaves)
     peaks = []
     for fn in fns:
         if device.type == "cuda":
@@ -83,10 +90,10 @@ def _measure(fns, leaf, device, repeats, inputs=()):
             fn()
             peak = torch.cuda.max_memory_allocated() - base
         else:
-            with LiveBytes(leaf, *inputs) as tracker:
+            with LiveBytes(*leaves, *inputs) as tracker:
                 fn()
             peak = tracker.peak
-        leaf.grad = None
+        clear()
         peaks.append(max(peak - grad_bytes, 0))
     return [statistics.median(t) for t in times], peaks
 

@@ -53,6 +53,10 @@ class OTRConfig:
         at the next call or at `otr_megatron.check_pending()`, naming the step, with no blocking host
         sync; on CPU at the end of the call itself), "eager" (raise in the call: one blocking sync per
         call, for debugging) or "off" (no check, no fingerprint collective). See `core/checks.py`.
+    fuse_output_layer: the Megatron-Core integration computes the output layer's matmul and the loss
+        together (`vocab_parallel_linear_otr_loss`): the ``[s, b, V/tp]`` logits and their gradient
+        exist one chunk (`chunk_tokens` rows) at a time. Same numbers as unfused, one more matmul in
+        the backward (docs/fused_output_layer.md). The loss functions themselves ignore it.
     """
 
     num_samples: int = 256
@@ -65,6 +69,7 @@ class OTRConfig:
     normalization: str = "token"
     backend: str = "auto"
     check_inputs: str = "deferred"
+    fuse_output_layer: bool = False
 
     def __post_init__(self):
         if isinstance(self.num_samples, bool) or not isinstance(self.num_samples, int) or self.num_samples < 1:
@@ -96,6 +101,8 @@ class OTRConfig:
         if isinstance(self.seed, bool) or not isinstance(self.seed, int) or not 0 <= self.seed < SEED_LIMIT:
             raise ValueError(f"OTRConfig.seed must be an integer in [0, 2**64) (the sampling stream is keyed on 64 "
                              f"bits), got {self.seed!r}")
+        if not isinstance(self.fuse_output_layer, bool):
+            raise ValueError(f"OTRConfig.fuse_output_layer must be true or false, got {self.fuse_output_layer!r}")
         c = self.chunk_tokens
         if c is not None and (isinstance(c, bool) or not isinstance(c, int) or c < 1):
             raise ValueError(f"OTRConfig.chunk_tokens must be None or an integer >= 1, got {c!r}")

@@ -32,6 +32,22 @@ whose labels are shifted copies of the main labels; applying OTR there multiplie
 per depth and changes a head the paper never studied. `mtp_loss="otr"` opts in (each depth gets its
 own random stream: seed offset by depth).
 
+Fused output layer (`OTRConfig.fuse_output_layer=True`): the logits are never materialised. The
+seam is the same on every line (0.15 ... 0.19+): the output layer's `forward` is bound per instance
+(as `compute_language_model_loss` is) so that, in a forward that has labels, it returns a
+`DeferredLogits` (its input hidden states, the weight it would use, and whether it would gather the
+sequence) instead of logits; `compute_language_model_loss` then receives that object and computes
+`vocab_parallel_linear_otr_loss`. This is what Megatron's own `LinearCrossEntropyModule` achieves by
+replacing the output layer, without a new module (checkpoints and `state_dict` keys are untouched).
+It reaches the MTP heads (they call the same output layer and the same loss method: with
+`mtp_loss="ce"` they get Megatron's cross entropy through the fused path: the "sft" estimator over
+the padded vocabulary, as `vocab_parallel_cross_entropy` computes it), tied
+embeddings (the weight passed in is `shared_embedding_or_output_weight()`, so the gradient reaches the
+shared parameter), the last pipeline stage only (other stages have no output layer) and sequence
+parallelism (the fused loss all-gathers the hidden states and reduce-scatters their gradient, as
+`ColumnParallelLinear` does). A forward without labels (generation, logits for evaluation) gets real
+logits from Megatron's own forward. On 0.18+ `make_output_processor` takes the fused route too.
+
 Masked tokens: Megatron's labels are real ids even where `loss_mask == 0`. By default
 (`mask_labels=True`) the hook replaces those labels with `ignore_index` before the loss, so the
 core loss draws no samples for them and returns exactly 0 there (no NaN/Inf can leak through a
@@ -49,9 +65,20 @@ from typing import Callable, Optional
 
 import torch
 
+from otr_megatron.core.linear_loss import vocab_parallel_linear_otr_loss
 from otr_megatron.core.loss import vocab_parallel_otr_loss
 
 _HOOK_ATTR = "_otr_hook"
+
+
+@dataclass(frozen=True, eq=False)
+class DeferredLogits:
+    """What the fused output layer returns in place of logits: the loss computes them chunk by chunk.
+    Not a tensor on purpose: code that would read the logits fails loudly instead of silently."""
+
+    hidden: torch.Tensor  # the output layer's input [s or s/tp, b, d]
+    weight: torch.Tensor  # this rank's [V/tp, d] (the shared embedding weight when tied)
+    sequence_parallel: bool  # the output layer would all-gather the sequence first
 
 
 def unwrap_model(model, max_depth: int = 16):
@@ -154,6 +181,26 @@ class OTRLossHook:
         self._calls = 0
         self._original = type(model).compute_language_model_loss.__get__(model)
         self._handle = None
+        self.fused = bool(getattr(cfg, "fuse_output_layer", False))
+        self._with_labels = False  # the current forward has labels (the fused output layer defers)
+        if self.fused:
+            _check_fusable(model, loss_fn)
+
+    def _forward_starts(self, module, args, kwargs):
+        self._calls = 0
+        labels = kwargs.get("labels", args[4] if len(args) > 4 else None)
+        self._with_labels = labels is not None and kwargs.get("inference_context") is None \
+            and kwargs.get("inference_params") is None
+
+    def output_layer_forward(self, layer, original):
+        """The fused output layer's forward: deferred logits when a loss follows, else Megatron's."""
+        def forward(input_, weight=None, runtime_gather_output=None, **kwargs):
+            if not self._with_labels or runtime_gather_output or kwargs:
+                return original(input_, weight=weight, runtime_gather_output=runtime_gather_output, **kwargs)
+            w = layer.weight if weight is None else weight
+            return DeferredLogits(input_, w, bool(layer.sequence_parallel)), None
+
+        return forward
 
     # -- per-micro-batch state: in through set_context, out through pop_stats -----------------
     def set_context(self, ctx: OTRBatchContext) -> None:
@@ -175,9 +222,6 @@ class OTRLossHook:
         stats, self._stats = self._stats, None
         return stats
 
-    def _reset_calls(self, module, args, kwargs=None):
-        self._calls = 0
-
     def _cfg_for_mtp(self, depth: int):
         cfg = self.cfg
         seed = getattr(cfg, "seed", 0) + 1_000_003 * (depth + 1)
@@ -194,11 +238,15 @@ class OTRLossHook:
         self._calls += 1
         is_main = call % (n_mtp + 1) == n_mtp  # MTP depths are computed first, then the main head
         if not is_main and self.mtp_loss == "ce":
+            if isinstance(logits, DeferredLogits):  # Megatron's cross entropy, through the fused path
+                return self.loss_from_logits(model, labels, logits, mtp_depth=call % (n_mtp + 1), megatron_ce=True)
             return self._original(labels, logits)
         return self.loss_from_logits(model, labels, logits, mtp_depth=None if is_main else call % (n_mtp + 1))
 
-    def loss_from_logits(self, model, labels, logits, mtp_depth=None):
-        """Per-token OTR loss [b, s] from `labels` [b, s] and this TP rank's logits [s, b, V/tp]."""
+    def loss_from_logits(self, model, labels, logits, mtp_depth=None, megatron_ce=False):
+        """Per-token OTR loss [b, s] from `labels` [b, s] and this TP rank's logits [s, b, V/tp] (or the
+        fused output layer's `DeferredLogits`). ``megatron_ce``: Megatron's cross entropy instead (the
+        "sft" estimator over the padded vocabulary, as `vocab_parallel_cross_entropy` computes it)."""
         ctx = self.context
         if ctx is None:
             raise RuntimeError(
@@ -206,14 +254,25 @@ class OTRLossHook:
                 "otr_megatron.mcore.set_otr_context(model, OTRBatchContext(step=..., token_keys=...)) before "
                 "the forward (otr_megatron.mcore.forward_step / prepare_batch do it for you)"
             )
-        if logits.dim() != 3 or labels.dim() != 2 or tuple(labels.shape) != (logits.size(1), logits.size(0)):
-            raise ValueError(f"labels {tuple(labels.shape)} / logits {tuple(logits.shape)}: expected "
-                             "labels [b, s] and logits [s, b, V/tp]")
         group = _tp_group_of(model)
         tp = torch.distributed.get_world_size(group) if group is not None else 1
-        if logits.size(-1) * tp != self.padded_vocab_size:
+        deferred = isinstance(logits, DeferredLogits)
+        if deferred:
+            seq = logits.hidden.size(0) * (tp if logits.sequence_parallel else 1) if logits.hidden.dim() == 3 else -1
+            if labels.dim() != 2 or tuple(labels.shape) != (logits.hidden.size(1), seq):
+                raise ValueError(f"labels {tuple(labels.shape)} / output-layer input {tuple(logits.hidden.shape)}"
+                                 f"{' (sequence parallel, tp=%d)' % tp if logits.sequence_parallel else ''}: expected "
+                                 "labels [b, s] and hidden states [s, b, d] ([s/tp, b, d] with sequence parallelism)")
+            shard = logits.weight.size(0)
+        else:
+            if logits.dim() != 3 or labels.dim() != 2 or tuple(labels.shape) != (logits.size(1), logits.size(0)):
+                raise ValueError(f"labels {tuple(labels.shape)} / logits {tuple(logits.shape)}: expected "
+                                 "labels [b, s] and logits [s, b, V/tp]")
+            shard = logits.size(-1)
+        if shard * tp != self.padded_vocab_size:
+            what = "output-layer weight rows" if deferred else "logits last dim"
             raise ValueError(
-                f"logits last dim {logits.size(-1)} x tp {tp} != padded vocab {self.padded_vocab_size}: "
+                f"{what} {shard} x tp {tp} != padded vocab {self.padded_vocab_size}: "
                 "the OTR loss needs this rank's vocab shard (parallel_output=True), not gathered logits"
             )
         if tuple(ctx.token_keys.shape) != tuple(labels.shape):
@@ -228,16 +287,45 @@ class OTRLossHook:
                                  f"{tuple(labels.shape)}")
             eff = labels.masked_fill(ctx.loss_mask == 0, self.ignore_index)
         cfg = self.cfg if mtp_depth is None else self._cfg_for_mtp(mtp_depth)
-        fn = self.loss_fn or vocab_parallel_otr_loss
-        loss, stats = fn(
-            logits, eff.t(), cfg, tp_group=group if tp > 1 else None, step=int(ctx.step),
-            vocab_size=self.vocab_size, token_keys=ctx.token_keys.t(), ignore_index=self.ignore_index,
-            return_stats=True,
-        )
+        if megatron_ce:
+            cfg = dataclasses.replace(cfg, estimator="sft")
+        common = dict(tp_group=group if tp > 1 else None, step=int(ctx.step),
+                      vocab_size=self.padded_vocab_size if megatron_ce else self.vocab_size,
+                      token_keys=ctx.token_keys.t(), ignore_index=self.ignore_index, return_stats=True)
+        if deferred:
+            loss, stats = vocab_parallel_linear_otr_loss(
+                logits.hidden, logits.weight, eff.t(), cfg, sequence_parallel=logits.sequence_parallel and tp > 1,
+                **common)
+        else:
+            loss, stats = (self.loss_fn or vocab_parallel_otr_loss)(logits, eff.t(), cfg, **common)
         if mtp_depth is None:
             self._stats = {k: v.t().detach() for k, v in stats.items()
                                if torch.is_tensor(v) and v.shape == eff.t().shape}
         return loss.t().contiguous()
+
+
+def _check_fusable(model, loss_fn) -> None:
+    """Refuse the output-layer settings the fused loss cannot reproduce (never a silently different loss)."""
+    if loss_fn is not None:
+        raise ValueError("fuse_output_layer=True computes the OTR loss itself; it cannot take loss_fn")
+    if not getattr(model, "post_process", True):
+        return  # not the last pipeline stage: no output layer, nothing to fuse
+    layer = getattr(model, "output_layer", None)
+    if layer is None or not hasattr(layer, "sequence_parallel"):
+        raise ValueError(f"fuse_output_layer=True needs Megatron's ColumnParallelLinear output layer; "
+                         f"{type(model).__name__}.output_layer is {type(layer).__name__}")
+    if getattr(layer, "bias", None) is not None and not getattr(layer, "skip_bias_add", False):
+        raise ValueError("fuse_output_layer=True: the output layer has a bias; the fused loss computes "
+                         "hidden @ weight.T only (set otr.fuse_output_layer=false)")
+    if getattr(layer, "gather_output", False):
+        raise ValueError("fuse_output_layer=True: the output layer gathers its output (gather_output=True / "
+                         "parallel_output=False); the OTR loss needs the vocab-parallel shard")
+    config = getattr(model, "config", None)
+    for name, why in (("use_mup", "MuP scales the logits after the output layer"),
+                      ("defer_embedding_wgrad_compute", "the output layer's weight gradient is deferred")):
+        if getattr(config, name, False):
+            raise ValueError(f"fuse_output_layer=True is not supported with {name}=True ({why}); set "
+                             "otr.fuse_output_layer=false")
 
 
 def enable_otr(model, cfg, *, vocab_size: Optional[int] = None, mtp_loss: str = "ce",
@@ -260,7 +348,10 @@ def enable_otr(model, cfg, *, vocab_size: Optional[int] = None, mtp_loss: str = 
     inner.compute_language_model_loss = types.MethodType(
         lambda self, labels, logits: hook.compute(self, labels, logits), inner
     )
-    hook._handle = inner.register_forward_pre_hook(hook._reset_calls)
+    hook._handle = inner.register_forward_pre_hook(hook._forward_starts, with_kwargs=True)
+    layer = getattr(inner, "output_layer", None)
+    if hook.fused and getattr(inner, "post_process", True) and layer is not None:
+        layer.forward = hook.output_layer_forward(layer, type(layer).forward.__get__(layer))
     return hook
 
 
@@ -275,6 +366,9 @@ def disable_otr(model) -> None:
     if hook is not None and hook._handle is not None:
         hook._handle.remove()
     inner.__dict__.pop("compute_language_model_loss", None)
+    layer = getattr(inner, "output_layer", None)
+    if layer is not None:
+        layer.__dict__.pop("forward", None)
 
 
 def get_otr_hook(model) -> Optional[OTRLossHook]:
@@ -319,8 +413,8 @@ def make_output_processor(model):
 
     Use: `model(tokens, pos, mask, labels=labels, output_processor=make_output_processor(model))`.
     It runs Megatron's output layer (and logit scaling) itself, then the OTR loss on the
-    `[s, b, V/tp]` shard with the context set by `set_otr_context`. It is the starting point for a
-    chunked LM head; today it only proves the route equivalent to `compute_language_model_loss`.
+    `[s, b, V/tp]` shard with the context set by `set_otr_context`; with `fuse_output_layer=True` it
+    computes the output layer and the loss together (`vocab_parallel_linear_otr_loss`) instead.
     """
     if not output_processor_supported():
         raise RuntimeError("output_processor needs megatron-core >= 0.18; use enable_otr's bound "
@@ -332,6 +426,10 @@ def make_output_processor(model):
 
     def processor(*, hidden_states, output_layer, output_weight, labels, runtime_gather_output=None,
                   scale_logits=None, **unused):
+        if hook.fused and labels is not None:
+            weight = output_layer.weight if output_weight is None else output_weight
+            return hook.loss_from_logits(inner, labels,
+                                         DeferredLogits(hidden_states, weight, bool(output_layer.sequence_parallel)))
         logits, _ = output_layer(hidden_states, weight=output_weight,
                                  runtime_gather_output=runtime_gather_output)
         if scale_logits is not None:

@@ -36,17 +36,23 @@ SEQUENCE_LAYOUTS = ("tp2_dp2", "pp2_dp2_1f1b", "cp2_dp2_zigzag_sim")
 
 
 def layouts_worker(rank, world, estimators):
-    """Reference single-model run vs every layout, for each estimator ("name:sequence" = per-sequence)."""
+    """Reference single-model run vs every layout, for each estimator ("name:sequence" = per-sequence,
+    "name+fused" = the fused output layer in every layout against the unfused reference)."""
+    import dataclasses
+
     import otr_megatron as otr
     from tests import harness as T
 
     report = {}
     for est in estimators:
-        name, _, norm = est.partition(":")
+        spec, _, norm = est.partition(":")
+        name, _, fused = spec.partition("+")
         ocfg = otr.OTRConfig(num_samples=4, temperature=1.3, neg_reward=-0.1, estimator=name, seed=7,
                              normalization=norm or "token")
         T.init_parallel(1, 1)
         ref = T.reference_run(TINY, ocfg, steps=STEPS, batch_size=4)
+        if fused:
+            ocfg = dataclasses.replace(ocfg, fuse_output_layer=True, chunk_tokens=12)
         runs = dict(LAYOUTS)
         runs["tp2_dp2_full_recompute"] = dict(tp=2)
         if norm:
@@ -165,4 +171,71 @@ def api_worker(rank, world):
         mm(bb["tokens"], bb["position_ids"], None, labels=bb["labels"], loss_mask=bb["loss_mask"])
         out[f"mtp_{mode}_otr_calls"] = len(calls)
         out[f"mtp_{mode}_seeds"] = sorted({c.seed for c in calls})
+    return out
+
+
+def fused_worker(rank, world):
+    """TP=2: the fused output layer (`fuse_output_layer=True`) against the unfused hook on the same model
+    and batch, per variant: loss and every parameter's gradient (max relative error), plus the routes
+    that must stay Megatron's (no labels: real logits) and the settings it refuses."""
+    import dataclasses
+
+    import otr_megatron as otr
+    from otr_megatron.mcore import hook as H
+    from tests import harness as T
+    from otr_megatron.mcore.model import build_model_chunks, layout_invariant_init_
+    from otr_megatron.mcore.training import prepare_batch
+
+    out = {}
+    base = otr.OTRConfig(num_samples=8, estimator="sample", seed=3)
+    fused_cfg = dataclasses.replace(base, fuse_output_layer=True, chunk_tokens=6)
+    batch = T.synthetic_batch(0, 2, 16, 60, seed=5)
+    variants = {"plain": {}, "sp": dict(sequence_parallel=True), "tied": dict(share_embeddings_and_output_weights=True),
+                "tied_sp": dict(share_embeddings_and_output_weights=True, sequence_parallel=True),
+                "mtp_ce": dict(mtp_num_layers=1), "mtp_otr": dict(mtp_num_layers=1)}
+    for name, extra in variants.items():
+        T.init_parallel(2, 1)
+        (m,) = build_model_chunks(dict(TINY, tensor_model_parallel_size=2, **extra))
+        layout_invariant_init_([m], 11)
+        mtp = "otr" if name == "mtp_otr" else "ce"
+        runs = []
+        for cfg in (base, fused_cfg):
+            H.enable_otr(m, cfg, mtp_loss=mtp)
+            m.zero_grad(set_to_none=True)
+            b = prepare_batch(batch, m)
+            loss = m(b["tokens"], b["position_ids"], None, labels=b["labels"], loss_mask=b["loss_mask"])
+            stats = H.pop_otr_stats(m)
+            (loss * b["loss_mask"]).sum().backward()
+            grads = {k: p.grad.clone() for k, p in m.named_parameters() if p.grad is not None}
+            runs.append((loss.detach(), stats["hits"], grads))
+        (l0, h0, g0), (l1, h1, g1) = runs
+        assert set(g0) == set(g1), (name, set(g0) ^ set(g1))
+        out[name] = {
+            "loss_err": float((l0 - l1).abs().max()),
+            "hits_equal": bool(torch.equal(h0, h1)),
+            "grad_rel_err": max(float((g0[k] - g1[k]).abs().max() / g0[k].abs().max().clamp(min=1e-12)) for k in g0),
+            "n_grads": len(g0),
+        }
+        if name == "tied":
+            emb = [k for k in g0 if "word_embeddings" in k]
+            out["tied_output_layer_has_no_weight"] = not any("output_layer.weight" in k for k in g0) and bool(emb)
+        if name == "plain":
+            # no labels: Megatron's own output layer gives the logits
+            logits = m(b["tokens"], b["position_ids"], None)
+            H.disable_otr(m)
+            out["no_labels_gives_logits"] = bool(torch.equal(logits, m(b["tokens"], b["position_ids"], None)))
+            out["disable_restores_output_layer"] = "forward" not in m.output_layer.__dict__
+            try:
+                H.enable_otr(m, fused_cfg, loss_fn=otr.vocab_parallel_otr_loss)
+                out["loss_fn_refused"] = False
+            except ValueError as e:
+                out["loss_fn_refused"] = "loss_fn" in str(e)
+            if H.output_processor_supported():
+                H.enable_otr(m, fused_cfg)
+                H.set_otr_context(m, H.OTRBatchContext(step=0, token_keys=b["token_keys"], loss_mask=b["loss_mask"]))
+                via = m(b["tokens"], b["position_ids"], None, labels=b["labels"], loss_mask=b["loss_mask"],
+                        output_processor=H.make_output_processor(m))
+                out["output_processor_fused_err"] = float((via.detach() - l0).abs().max())
+            else:
+                out["output_processor_fused_err"] = "unsupported"
     return out

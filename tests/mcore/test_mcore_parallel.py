@@ -19,10 +19,11 @@ pytestmark = pytest.mark.slow
 
 @pytest.fixture(scope="module")
 def layout_report():
-    return T.launch(W.layouts_worker, 4, ("sample", "expected", "sample:sequence"))
+    return T.launch(W.layouts_worker, 4, ("sample", "expected", "sample:sequence", "sample+fused"))
 
 
-CASES = ([(est, lay) for est in ("sample", "expected") for lay in list(W.LAYOUTS) + ["tp2_dp2_full_recompute"]]
+CASES = ([(est, lay) for est in ("sample", "expected", "sample+fused")
+          for lay in list(W.LAYOUTS) + ["tp2_dp2_full_recompute"]]
          + [("sample:sequence", lay) for lay in W.SEQUENCE_LAYOUTS])
 
 
@@ -84,3 +85,31 @@ def test_mtp_heads_default_to_ce(api_report):
     assert r["mtp_ce_otr_calls"] == 1, "default: only the main head uses OTR"
     assert r["mtp_otr_otr_calls"] == 2, "mtp_loss='otr': main head and the MTP depth"
     assert len(r["mtp_otr_seeds"]) == 2, "the MTP depth must draw from its own random stream"
+
+
+@pytest.fixture(scope="module")
+def fused_report():
+    return T.launch(W.fused_worker, 2)
+
+
+@pytest.mark.parametrize("variant", ["plain", "sp", "tied", "tied_sp", "mtp_ce", "mtp_otr"])
+def test_fused_output_layer_equals_unfused_tp2(fused_report, variant):
+    """otr.fuse_output_layer=true: the same loss, samples and gradients (every parameter, the tied
+    embedding's included) as the unfused hook, with SP, tied embeddings and MTP heads."""
+    for rank, r in enumerate(fused_report):
+        e = r[variant]
+        assert e["loss_err"] < 1e-5 and e["hits_equal"], (variant, rank, e)
+        assert e["grad_rel_err"] < 1e-5, (variant, rank, e)
+        assert e["n_grads"] > 0
+
+
+def test_fused_output_layer_routes_tp2(fused_report):
+    from otr_megatron.mcore.hook import output_processor_supported
+
+    for r in fused_report:
+        assert r["tied_output_layer_has_no_weight"], "tied: the gradient must reach the shared embedding weight"
+        assert r["no_labels_gives_logits"] and r["disable_restores_output_layer"] and r["loss_fn_refused"]
+        if output_processor_supported():
+            assert r["output_processor_fused_err"] < 1e-5
+        else:
+            assert r["output_processor_fused_err"] == "unsupported"
