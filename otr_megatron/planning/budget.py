@@ -173,6 +173,7 @@ class LossSettings:
     chunk_fp32_temporaries: int = 3  # live fp32 [chunk, V/tp] buffers inside one chunk
     stats_per_token: int = 4  # float64 per-token scalars saved for backward (coefficients, shares)
     bytes_per_sample: int = 12  # int64 column + fp32 weight: the fixed-shape [tokens, K] list, on every rank
+    fuse_output_layer: bool = False  # otr.fuse_output_layer: logits one chunk at a time (`loss_memory`)
 
     def __post_init__(self):
         _int_at_least("otr.num_samples", self.num_samples)
@@ -243,6 +244,9 @@ def loss_memory(dims: ModelDims, layout: Layout, loss: LossSettings) -> dict[str
     the draw: the same shape on every rank, so nothing syncs with the host), and needs
     `chunk_fp32_temporaries` fp32 [chunk, V/tp] buffers plus the forward's float64 block prefix sums
     [tokens, V/tp / B] (B from the real vocabulary and K, docs/sampling.md).
+    Fused output layer (`otr.fuse_output_layer`): no [tokens, V/tp] logits; one chunk of them (bf16, its
+    gradient written in place), its fp32 temporaries and block prefix sums, plus the same saved list;
+    `otr_total` is then that amount (`otr_unfused_total` stays for comparison).
     """
     tokens = layout.seq_length // layout.cp * layout.micro_batch_size
     v_local = dims.padded_vocab_size(layout.tp) // layout.tp
@@ -256,6 +260,11 @@ def loss_memory(dims: ModelDims, layout: Layout, loss: LossSettings) -> dict[str
     block_table = 8.0 * tokens * (v_local // block)  # float64 prefix sums, forward only
     otr_temporaries = 4.0 * chunk * v_local * loss.chunk_fp32_temporaries + block_table
     otr_saved = tokens * (8.0 * loss.stats_per_token + loss.bytes_per_sample * loss.num_samples)
+    from otr_megatron.core.linear_loss import default_linear_chunk
+
+    fchunk = min(loss.chunk_tokens or default_linear_chunk(v_local, on_gpu=True), tokens)
+    fused_chunk = fchunk * v_local * (2.0 + 4.0 * loss.chunk_fp32_temporaries) + 8.0 * fchunk * (v_local // block)
+    unfused = logits + otr_saved + otr_temporaries
     return {
         "tokens": float(tokens),
         "vocab_per_rank": float(v_local),
@@ -264,7 +273,10 @@ def loss_memory(dims: ModelDims, layout: Layout, loss: LossSettings) -> dict[str
         "ce_total": logits + ce_saved,
         "otr_saved": otr_saved,
         "otr_chunk_temporaries": otr_temporaries,
-        "otr_total": logits + otr_saved + otr_temporaries,
+        "otr_fused_chunk": fused_chunk,
+        "otr_unfused_total": unfused,
+        "otr_fused_total": otr_saved + fused_chunk,
+        "otr_total": otr_saved + fused_chunk if loss.fuse_output_layer else unfused,
     }
 
 
@@ -461,7 +473,8 @@ def layout_from_config(cfg: dict[str, Any]) -> Layout:
 def loss_from_config(cfg: dict[str, Any]) -> LossSettings:
     """What the loss keeps alive, from the `otr:` section as the job reads it."""
     otr = check_otr(cfg)
-    return LossSettings(num_samples=otr.num_samples, chunk_tokens=otr.chunk_tokens)
+    return LossSettings(num_samples=otr.num_samples, chunk_tokens=otr.chunk_tokens,
+                        fuse_output_layer=otr.fuse_output_layer)
 
 
 def _layout_values(cfg: dict[str, Any]) -> dict[str, Any]:

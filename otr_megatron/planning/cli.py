@@ -41,11 +41,19 @@ def format_table(b: Budget) -> str:
         if key in b.memory:
             rows.append(f"    {key:<24} {_gib(b.memory[key])}")
     ls = b.loss
+    fused = ls["otr_total"] == ls["otr_fused_total"] and ls["otr_fused_total"] != ls["otr_unfused_total"]
     rows += [
-        f"    logits [s/cp,b,V/tp]     {_gib(ls['logits_bf16'])}  ({int(ls['tokens'])} tokens x {int(ls['vocab_per_rank'])} bf16)",
+        f"    logits [s/cp,b,V/tp]     {_gib(ls['logits_bf16'])}  ({int(ls['tokens'])} tokens x {int(ls['vocab_per_rank'])} bf16)"
+        + ("  (CE only: otr.fuse_output_layer)" if fused else ""),
         f"    Megatron CE fp32 softmax {_gib(ls['ce_fp32_softmax'])}",
         f"    OTR saved (stats+ids)    {_gib(ls['otr_saved'])}",
-        f"    OTR chunk temporaries    {_gib(ls['otr_chunk_temporaries'])}",
+    ]
+    if fused:
+        rows.append(f"    OTR fused chunk          {_gib(ls['otr_fused_chunk'])}  (logits, gradient and temporaries "
+                    f"of one chunk; unfused OTR: {_gib(ls['otr_unfused_total'])})")
+    else:
+        rows.append(f"    OTR chunk temporaries    {_gib(ls['otr_chunk_temporaries'])}")
+    rows += [
         f"    total with CE            {_gib(b.memory['total_ce'])}",
         f"    total with OTR           {_gib(b.memory['total_otr'])}  of {lay.gpu_memory_gib:.0f} GiB: "
         + ("fits" if b.fits() else "DOES NOT FIT"),

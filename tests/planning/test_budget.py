@@ -1,5 +1,6 @@
 """Planning calculator against numbers worked out by hand."""
 
+import dataclasses
 import json
 import pytest
 import yaml
@@ -129,3 +130,18 @@ def test_cli_refuses_unresolvable_interpolation(tmp_path, capsys):
     p.write_text((CONFIGS / "llama3_8b.yaml").read_text().replace("seq_length: 4096", "seq_length: ${nope}"))
     assert main(["--config", str(p)]) == 2
     assert "nope" in capsys.readouterr().err
+
+
+def test_loss_memory_fused_output_layer():
+    """otr.fuse_output_layer: no [tokens, V/tp] logits on the last stage, one chunk of them instead."""
+    lay = Layout(tp=1, seq_length=8192, micro_batch_size=1, global_batch_size=8, nodes=1)
+    v = 151936  # a Qwen-style vocabulary at TP=1 (MoE with expert parallelism instead of TP)
+    dims = dataclasses.replace(LLAMA3_70B, vocab_size=v)
+    unfused = loss_memory(dims, lay, LossSettings(num_samples=256, chunk_tokens=128))
+    fused = loss_memory(dims, lay, LossSettings(num_samples=256, chunk_tokens=128, fuse_output_layer=True))
+    block = unfused["otr_chunk_temporaries"] - 3 * 4 * 128 * v
+    assert fused["otr_fused_chunk"] == 128 * v * (2 + 3 * 4) + block * 128 / 8192
+    assert fused["otr_total"] == fused["otr_saved"] + fused["otr_fused_chunk"]
+    assert unfused["otr_total"] == unfused["otr_unfused_total"] == fused["otr_unfused_total"]
+    assert fused["otr_total"] < 0.2 * unfused["otr_total"]  # 2.3 GiB of bf16 logits gone
+    assert unfused["logits_bf16"] == 2 * 8192 * v
