@@ -25,7 +25,10 @@ measured): the CUDA-graph check (forward + backward of `vocab_parallel_otr_loss`
 device step, captured, replayed, compared with eager calls; on CPU the same calls without capture),
 a short sweep of each Triton kernel's launch settings (``num_warps`` and tile sizes, overriding what
 `stats_params` / `sample_params` / `grad_params` return; every candidate must reproduce the default's
-results, the fastest is picked and used for the benchmark), then the benchmark per V/tp.
+results, the fastest is picked and used for the benchmark), then the benchmark per V/tp, then the
+output layer + loss per V/tp (hidden ``[N, d]``, weight ``[V/tp, d]``, bf16; Megatron's CE after the
+matmul, unfused OTR after the matmul, and the fused `vocab_parallel_linear_otr_loss` at
+`default_linear_chunk` and 4x it; time and peak memory beyond inputs, weight and both gradients).
 """
 
 from __future__ import annotations
@@ -47,6 +50,8 @@ TARGETS = {  # ratio to Megatron's fused CE, forward + backward (issue 10; gpu-k
 KERNEL_BW_TARGET = 0.5  # each kernel >= 50% of the measured copy bandwidth
 SAMPLER_SHARE_TARGET = 0.10  # sampler <= 10% of the sample estimator's time
 MEM_TARGET = {"sample": 0.30, "expected": 0.05, "sft": 0.05, "dft": 0.05}  # extra memory / logits
+LINEAR_TIME_TARGET = 1.3  # fused output layer + loss: time / (matmul + unfused OTR)
+LINEAR_MEM_TARGET = 0.10  # and its extra peak memory / the unfused path's
 BASELINE_MODULES = {"megatron": "megatron.core", "liger": "liger_kernel", "te": "transformer_engine"}
 BASELINE_NAMES = {"megatron": ("megatron fused CE", "megatron CE"), "liger": ("liger CE",),
                   "te": ("TE parallel CE",)}
@@ -103,9 +108,14 @@ def _parse(argv):
     p.add_argument("--sweep-s", type=float, default=100.0, help="budget of the launch-settings sweep")
     p.add_argument("--no-sweep", action="store_true", help="skip the launch-settings sweep")
     p.add_argument("--no-graph-check", action="store_true", help="skip the CUDA-graph check")
+    p.add_argument("--hidden", type=int, default=4096, help="d of the output-layer stage")
+    p.add_argument("--linear-chunks", type=int, nargs="*", default=None,
+                   help="chunk_tokens values of the fused output layer (default: default_linear_chunk and 4x it; "
+                        "dry run: 1 and default_linear_chunk)")
+    p.add_argument("--no-linear", action="store_true", help="skip the output layer + loss stage")
     a = p.parse_args(argv)
     if a.dry_run:
-        a.tokens, a.shards, a.repeats, a.warmup, a.num_samples = 2, [256], 1, 0, 8
+        a.tokens, a.shards, a.repeats, a.warmup, a.num_samples, a.hidden = 2, [256], 1, 0, 8, 16
     if a.repeats < 1 or a.tokens < 1:
         p.error(f"--repeats and --tokens must be >= 1, got {a.repeats} and {a.tokens}")
     return a
@@ -322,6 +332,105 @@ def kernel_timings(case: KernelCase, timer, repeats, copy_bw, rows=None, save=No
             add(dict(kernel=f"grad [{est}, {tag}]", ms=t * 1e3, bytes=moved, tbps=moved / t / 1e12,
                      frac_copy=moved / t / copy_bw, regs=_regs("grad")))
     return rows
+
+
+# --------------------------------------------------------------------------------------------
+# output layer + loss: the matmul and a loss, against the fused vocab_parallel_linear_otr_loss
+# --------------------------------------------------------------------------------------------
+
+
+def linear_bench(device, n, d, v, k, chunks, repeats, warmup, timer, group, entry, save, t_end):
+    """Forward + backward of hidden ``[n, d]`` @ weight ``[v, d]``.T and a loss (tp = 1), per method:
+    Megatron's CEs and unfused OTR (Triton) after ``torch.mm``, the fused path per chunk size. Fills
+    ``entry["methods"]`` (saved after every repetition); peak memory beyond the inputs, the weight
+    and the two gradients. Stops repeating at ``t_end`` (perf_counter) and says so."""
+    import torch
+
+    import otr_megatron as otr
+
+    gen = torch.Generator(device=device).manual_seed(5)
+    hidden = torch.randn(n, d, device=device, generator=gen).to(torch.bfloat16).requires_grad_()
+    weight = (torch.randn(v, d, device=device, generator=gen) * (2.0 / d**0.5)).to(torch.bfloat16).requires_grad_()
+    labels = torch.randint(0, v, (n,), device=device, generator=gen)
+    mask = (torch.rand(n, device=device, generator=gen) > 0.1).float()
+    grads_bytes = (hidden.numel() + weight.numel()) * hidden.element_size()
+
+    def mm():
+        return torch.mm(hidden, weight.t())  # ColumnParallelLinear's compute at tp = 1, no bias
+
+    methods = []  # (name, kind, chunk, fn)
+    try:
+        from megatron.core.fusions.fused_cross_entropy import fused_vocab_parallel_cross_entropy
+        from megatron.core.tensor_parallel import vocab_parallel_cross_entropy
+
+        if group is not None:
+            methods.append(("mm + megatron fused CE", "baseline", None,
+                            lambda: (fused_vocab_parallel_cross_entropy(mm(), labels, group) * mask).sum().backward()))
+        methods.append(("mm + megatron CE", "baseline", None,
+                        lambda: (vocab_parallel_cross_entropy(mm(), labels) * mask).sum().backward()))
+    except Exception as e:  # noqa: BLE001 (any import failure means: not available here)
+        entry["notes"].append(f"megatron CE not run: {type(e).__name__}: {e}")
+    cfg = otr.OTRConfig(estimator="sample", num_samples=k, backend="triton")
+    methods.append((f"mm + OTR K={k} [triton]", "unfused", None,
+                    lambda: (otr.vocab_parallel_otr_loss(mm(), labels, cfg) * mask).sum().backward()))
+    for c in chunks:
+        ccfg = dataclasses.replace(cfg, chunk_tokens=c)
+
+        def fused(ccfg=ccfg):
+            (otr.vocab_parallel_linear_otr_loss(hidden, weight, labels, ccfg) * mask).sum().backward()
+
+        methods.append((f"fused OTR K={k} c={c} [triton]", "fused", c, fused))
+
+    def clear():
+        hidden.grad = weight.grad = None
+
+    for _, _, _, fn in methods:  # warm-up (compiles the kernels at the chunk shapes)
+        for _ in range(max(warmup, 1) if device.type == "cuda" else 1):
+            fn()
+            clear()
+    times = {m[0]: [] for m in methods}
+    rows = entry["methods"]
+    for rep in range(repeats):
+        if rep and time.perf_counter() > t_end:
+            entry["truncated"] = f"budget spent after {rep} repetitions"
+            break
+        for name, _, _, fn in methods:
+            times[name].append(timer(fn))
+            clear()
+        rows[:] = [dict(method=name, kind=kind, chunk=c, ms=statistics.median(times[name]) * 1e3,
+                        peak_extra_bytes=None) for name, kind, c, _ in methods]
+        entry["repeats_done"] = rep + 1
+        save()
+    for row, (_, _, _, fn) in zip(rows, methods):
+        row["peak_extra_bytes"] = _peak_extra(fn, device, grads_bytes)
+        clear()
+    base = next((r for r in rows if r["kind"] == "baseline"), None)
+    unfused = next(r for r in rows if r["kind"] == "unfused")
+    for r in rows:
+        r["vs_baseline"] = r["ms"] / base["ms"] if base else None
+        r["vs_unfused"] = r["ms"] / unfused["ms"]
+        pu, pr = unfused["peak_extra_bytes"], r["peak_extra_bytes"]
+        r["peak_vs_unfused"] = pr / pu if pu and pr is not None else None
+        if r["kind"] == "fused" and device.type == "cuda":
+            r["meets_time_target"] = r["vs_unfused"] <= LINEAR_TIME_TARGET
+            r["meets_memory_target"] = r["peak_vs_unfused"] is not None and r["peak_vs_unfused"] <= LINEAR_MEM_TARGET
+    save()
+    return rows
+
+
+def _print_linear(entry):
+    print(f"\noutput layer + loss: N={entry['tokens']}  d={entry['hidden']}  V/tp={entry['shard']}  bf16  "
+          f"forward+backward  (base: {entry['methods'][0]['method'] if entry['methods'] else '-'})", flush=True)
+    print(f"{'method':<34}{'ms':>9}{'x base':>8}{'x unfused':>10}{'peak MiB':>10}{'x unfused':>10}  "
+          f"targets (time <= {LINEAR_TIME_TARGET}, memory <= {LINEAR_MEM_TARGET} x unfused)")
+    for r in entry["methods"]:
+        peak = None if r["peak_extra_bytes"] is None else r["peak_extra_bytes"] / 2**20
+        tgt = ""
+        if "meets_time_target" in r:
+            tgt = (f"time {'PASS' if r['meets_time_target'] else 'FAIL'}, "
+                   f"memory {'PASS' if r['meets_memory_target'] else 'FAIL'}")
+        print(f"{r['method']:<34}{r['ms']:>9.3f}{_fmt(r['vs_baseline'], '>8.3f')}{r['vs_unfused']:>10.3f}"
+              f"{_fmt(peak, '>10.1f')}{_fmt(r['peak_vs_unfused'], '>10.3f')}  {tgt}", flush=True)
 
 
 # --------------------------------------------------------------------------------------------
@@ -583,7 +692,7 @@ def run(args) -> Report:
         triton=triton.__version__, tokens=args.tokens, num_samples=args.num_samples,
         repeats=args.repeats, warmup=args.warmup, dtype="bf16", shards=[], notes=[], errors=[],
         required_baselines=list(args.require_baselines), baselines_missing={}, stage_seconds={},
-        launch_sweep={}, launch_picks={}, graph_check=None, complete=False,
+        launch_sweep={}, launch_picks={}, graph_check=None, linear=[], hidden=args.hidden, complete=False,
     )
     report["baselines_missing"] = _missing_baselines(args.require_baselines)
     report.save()
@@ -700,6 +809,28 @@ def run(args) -> Report:
             stage(f"kernels V/tp={v}", t0)
             _print_shard(n, v, rows, kernels)
             del leaf, case
+        if not args.no_linear:
+            from otr_megatron.core.linear_loss import default_linear_chunk
+
+            for v in args.shards:
+                left = args.budget_s - (time.perf_counter() - t_start)
+                if left < (5.0 if args.dry_run else 25.0):
+                    report["notes"].append(f"output layer V/tp={v} not run: {left:.0f} s of the budget left")
+                    continue
+                t0 = time.perf_counter()
+                base_chunk = default_linear_chunk(v, device.type == "cuda")
+                # the dry run's 2 tokens: one chunk per token, and all in one
+                chunks = args.linear_chunks or ([1, base_chunk] if args.dry_run else [base_chunk, 4 * base_chunk])
+                entry = dict(shard=v, tokens=n, hidden=args.hidden, default_chunk=base_chunk, chunks=chunks,
+                             methods=[], notes=[], repeats_done=0)
+                report["linear"].append(entry)
+                overrides.active = dict(report["launch_picks"].get(str(v), {}))
+                linear_bench(device, n, args.hidden, v, k, chunks, args.repeats, args.warmup, timer, group, entry,
+                             report.save, t_start + args.budget_s - 5.0)
+                stage(f"output layer V/tp={v}", t0)
+                _print_linear(entry)
+                if device.type == "cuda":
+                    torch.cuda.empty_cache()
     finally:
         overrides.restore()
     teardown_parallel()

@@ -8,10 +8,13 @@
 #      a 0-dim int64 device step, replayed, equal to eager calls), a short sweep of each Triton
 #      kernel's launch settings (num_warps, tile sizes; the picks are used and recorded), then the
 #      benchmark: ratios to Megatron's fused CE, TB/s, peak memory, per-kernel bandwidth against copy
-#      bandwidth, the torch path too. OUTDIR/bench_gpu.json is rewritten after every measurement
-#      (a run cut short keeps what it measured); the logs go next to it.
-# Time budget (seconds): wheels ~20, tests 150, benchmark 290 (graph check ~20, sweep <= 100,
-# two V/tp sizes ~150); each stage has its own timeout, the whole script stays under 480.
+#      bandwidth, the torch path too; then the output layer + loss (N=8192, d=4096, per V/tp: matmul +
+#      Megatron's CE, matmul + unfused OTR, fused vocab_parallel_linear_otr_loss: time, peak memory).
+#      OUTDIR/bench_gpu.json is rewritten after every measurement (a run cut short keeps what it
+#      measured); the logs go next to it.
+# Time budget (seconds): wheels ~20, tests 150, benchmark 290 (graph check ~20, sweep <= 75,
+# two V/tp sizes ~150, output layer ~25); each stage has its own timeout, the whole script stays
+# under 480.
 # Usage: bash scripts/gpu_check.sh [OUTDIR]            default OUTDIR: $OUT if set, else gpu_results
 #        bash scripts/gpu_check.sh --dry-run [OUTDIR]  CPU, Triton interpreter, tiny sizes (CI runs it)
 # REQUIRE_BASELINES overrides the required baselines (default: "megatron liger"; dry run: "megatron",
@@ -72,7 +75,7 @@ timeout 150 "$PY" -m pytest tests/core/test_triton_backend.py -q -rfE -p no:cach
   | tee "$OUTDIR/tests.log" || rc=$?
 echo "=== 2/2 graph check, launch sweep, benchmark ==="
 # shellcheck disable=SC2086
-timeout 300 "$PY" -m otr_megatron.bench_gpu --out "$OUTDIR/bench_gpu.json" --budget-s 290 --sweep-s 100 \
+timeout 300 "$PY" -m otr_megatron.bench_gpu --out "$OUTDIR/bench_gpu.json" --budget-s 290 --sweep-s 75 \
   --require-baselines $REQUIRE 2>&1 | tee "$OUTDIR/bench.log" || rc=$((rc ? rc : $?))
 echo "gpu_check exit status: $rc"
 exit $rc

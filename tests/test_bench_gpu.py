@@ -58,7 +58,15 @@ def test_dry_run_writes_a_complete_report(tmp_path):
         assert all("matches_default" in c or "error" in c for c in entry["candidates"]), key
         assert isinstance(entry["pick"], dict)
     assert report["launch_picks"]["256"] == {k: e["pick"] for k, e in sweep.items()} == shard["launch_overrides"]
-    assert set(report["stage_seconds"]) >= {"graph check", "sweep V/tp=256", "methods V/tp=256", "total"}
+    # the output layer + loss: matmul + Megatron's CEs, matmul + unfused OTR, the fused path per chunk size
+    (lin,) = report["linear"]
+    assert lin["shard"] == 256 and lin["hidden"] == report["hidden"] and lin["repeats_done"] == report["repeats"]
+    kinds = [r["kind"] for r in lin["methods"]]
+    assert kinds == ["baseline", "baseline", "unfused"] + ["fused"] * len(lin["chunks"]) and len(lin["chunks"]) == 2
+    assert all(r["ms"] > 0 and r["vs_unfused"] > 0 for r in lin["methods"])
+    assert "output layer + loss" in proc.stdout and "fused OTR K=8 c=1 [triton]" in proc.stdout
+    assert set(report["stage_seconds"]) >= {"graph check", "sweep V/tp=256", "methods V/tp=256",
+                                            "output layer V/tp=256", "total"}
     assert "OTR sft [triton]" in proc.stdout and "wrote" in proc.stdout
     assert (tmp_path / "bench.log").read_text().count("OTR ") >= 8
 

@@ -25,6 +25,9 @@ Design (docs/fused_output_layer.md has the reasoning and the measurements):
   replicated and its gradient all-reduced; with it each rank passes its sequence shard, all-gathered
   in the forward (and again in the backward, instead of keeping the gathered copy) and the gradient
   reduce-scattered. The weight gradient needs no collective (each rank owns its rows).
+* Under `torch.autocast` the matmuls run with autocast off, in the inputs' dtype (Megatron casts the
+  model itself and uses no autocast); otherwise the backward, where autocast is not active, would
+  recompute different logits than the forward sampled from.
 * The weight gradient accumulates chunk by chunk in the weight's dtype (``addmm_``, as Liger's fused
   linear cross entropy): no extra ``[V/tp, d]`` buffer; with bf16 weights that is one bf16 rounding
   of the running sum per chunk instead of one in total (measured in the docs).
@@ -88,6 +91,12 @@ def _reduce_scatter_rows(t: torch.Tensor, group, world: int) -> torch.Tensor:
     return out
 
 
+def _no_autocast(device):
+    """The matmuls run in the inputs' dtype with autocast off, forward and backward alike (autocast is
+    not active in a backward): the backward must recompute the forward's logits exactly."""
+    return torch.autocast(device_type=device.type, enabled=False)
+
+
 def _ranges(n: int, chunk: int):
     return [(lo, min(n, lo + chunk)) for lo in range(0, n, chunk)] or [(0, 0)]
 
@@ -107,11 +116,12 @@ class _LinearOTR(torch.autograd.Function):
         wt = weight.t()
         scratch = backend.scratch(min(chunk, n), spec.n_real, h.device)
         parts = []
-        for lo, hi in _ranges(n, chunk):
-            logits = torch.mm(h[lo:hi], wt)  # the output layer's matmul, one chunk
-            parts.append(forward_rows(backend, spec, logits, _take(pro, lo, hi), keys[lo:hi], group, max(hi - lo, 1),
-                                      want_stats, scratch))
-            del logits
+        with _no_autocast(h.device):
+            for lo, hi in _ranges(n, chunk):
+                logits = torch.mm(h[lo:hi], wt)  # the output layer's matmul, one chunk
+                parts.append(forward_rows(backend, spec, logits, _take(pro, lo, hi), keys[lo:hi], group,
+                                          max(hi - lo, 1), want_stats, scratch))
+                del logits
         rows = Rows.cat(parts)
         ctx.set_materialize_grads(False)
         ctx.save_for_backward(hidden, weight)
@@ -137,16 +147,17 @@ class _LinearOTR(torch.autograd.Function):
         gh = torch.empty_like(h) if want_h else None
         gw = torch.zeros_like(weight) if want_w else None
         scratch = backend.scratch(min(chunk, n), spec.n_real, h.device)
-        for lo, hi in _ranges(n, chunk):
-            if hi == lo:
-                continue
-            logits = torch.mm(h[lo:hi], wt)  # recomputed: the forward's logits bit for bit
-            grad_rows(backend, spec, logits, logits, g[lo:hi], ctx.rows.take(lo, hi), hi - lo, scratch)
-            if want_h:
-                torch.mm(logits, weight, out=gh[lo:hi])
-            if want_w:
-                gw.addmm_(logits.t(), h[lo:hi])
-            del logits
+        with _no_autocast(h.device):
+            for lo, hi in _ranges(n, chunk):
+                if hi == lo:
+                    continue
+                logits = torch.mm(h[lo:hi], wt)  # recomputed: the forward's logits bit for bit
+                grad_rows(backend, spec, logits, logits, g[lo:hi], ctx.rows.take(lo, hi), hi - lo, scratch)
+                if want_h:
+                    torch.mm(logits, weight, out=gh[lo:hi])
+                if want_w:
+                    gw.addmm_(logits.t(), h[lo:hi])
+                del logits
         if want_h and group is not None and spec.world > 1:
             if ctx.sp:
                 gh = _reduce_scatter_rows(gh, group, spec.world)

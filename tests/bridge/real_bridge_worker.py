@@ -19,6 +19,7 @@ from __future__ import annotations
 import contextlib
 import io
 import json
+import dataclasses
 import os
 import sys
 
@@ -133,8 +134,9 @@ class _KeepBatches:
         return batch
 
 
-def oracle(tp: int) -> dict:
-    """Bridge's loop vs the project's megatron-core path on the same weights and micro-batches."""
+def oracle(tp: int, fused: bool = False) -> dict:
+    """Bridge's loop vs the project's megatron-core path on the same weights and micro-batches
+    (``fused``: Bridge's with otr.fuse_output_layer=true, the megatron-core path's unfused)."""
     from megatron.bridge.training.pretrain import pretrain
     from megatron.core import parallel_state as ps
     from megatron.core.pipeline_parallel import get_forward_backward_func
@@ -183,7 +185,8 @@ def oracle(tp: int) -> dict:
                 grad_max_abs=max(float(g.abs().max()) for g in bridge_grads.values()),
                 weights_unchanged=self.start_sum == self.end_sum)
 
-    pretrain(cfg, Step(otr_cfg, vocab_size=VOCAB), callbacks=[Mcore()])
+    step_cfg = dataclasses.replace(otr_cfg, fuse_output_layer=True, chunk_tokens=24) if fused else otr_cfg
+    pretrain(cfg, Step(step_cfg, vocab_size=VOCAB), callbacks=[Mcore()])
     return results
 
 
@@ -225,6 +228,7 @@ def bridge_runs(rank: int, world_size: int, workdir: str) -> dict:
     out["finetune"] = otr_finetune(ckpt, tok_dir, os.path.join(workdir, "sft"))
     out["oracle_tp2"] = oracle(tp=2)
     out["oracle_tp1_dp2"] = oracle(tp=1)
+    out["oracle_tp2_fused"] = oracle(tp=2, fused=True)
     if rank == 0:
         out["hf"] = hf_path_checks(workdir)
     out["stub_modules"] = sorted(m for m in sys.modules if m.split(".")[0] in ("transformer_engine", "nvidia_resiliency_ext"))

@@ -87,15 +87,16 @@ def test_console_shows_every_otr_metric(runs):
     assert runs[0]["finetune"]["console"].count("[otr]") == 0  # only the last rank prints
 
 
-@pytest.mark.parametrize("layout", ["oracle_tp2", "oracle_tp1_dp2"])
+@pytest.mark.parametrize("layout", ["oracle_tp2", "oracle_tp1_dp2", "oracle_tp2_fused"])
 def test_bridge_loop_equals_mcore_path(runs, layout):
     """Loss, hit rate, mean reward and every gradient of one Bridge iteration equal the project's
-    megatron-core path on the same weights and micro-batches."""
+    megatron-core path on the same weights and micro-batches (oracle_tp2_fused: Bridge's iteration
+    with otr.fuse_output_layer=true against the unfused megatron-core path)."""
     for rank, r in enumerate(runs):
         o = r[layout]
         print(f"{layout} rank {rank}: max|grad diff| {o['grad_max_abs_diff']:.3e} of max|grad| {o['grad_max_abs']:.3e}; "
               + ", ".join(f"{k} {o['bridge'][k]:.9g} vs {o['mcore'][k]:.9g}" for k in sorted(o["mcore"])))
-        assert o["weights_unchanged"] and o["microbatches"] == (2 if layout == "oracle_tp2" else 1)
+        assert o["weights_unchanged"] and o["microbatches"] == (1 if layout == "oracle_tp1_dp2" else 2)
         for name in ("lm loss", "otr loss", "otr hit rate", "otr mean reward"):
             assert o["mcore"][name] == pytest.approx(o["bridge"][name], rel=1e-6, abs=1e-7), name
         assert o["grad_max_abs"] > 1e-4  # gradients are not trivially zero
@@ -110,13 +111,15 @@ def test_hf_path_builds_a_llama_recipe_offline(runs):
 
 
 def test_cli_yaml_overrides_tp2_under_torchrun(tmp_path):
-    """The command as a user runs it: YAML with an `otr:` section, key=value overrides on top, TP=2."""
+    """The command as a user runs it: YAML with an `otr:` section, key=value overrides on top, TP=2, the
+    fused output layer switched on from the command line."""
     conf = tmp_path / "otr.yaml"
     conf.write_text(yaml.safe_dump({"otr": {"num_samples": 4, "temperature": 2, "seed": 5},
                                     "train": {"global_batch_size": 2, "micro_batch_size": 1}}))
     cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", "2", "-m", "otr_megatron", "bridge",
            "--recipe", "otr_megatron.bridge.recipes:tiny_gpt_cpu_config", "--config", str(conf),
-           "train.train_iters=3", "otr.num_samples=8", "model.tensor_model_parallel_size=2"]
+           "train.train_iters=3", "otr.num_samples=8", "model.tensor_model_parallel_size=2",
+           "otr.fuse_output_layer=true"]
     env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONPATH=str(REPO))
     proc = subprocess.run(cmd, cwd=tmp_path, env=env, capture_output=True, text=True, timeout=600)
     out = proc.stdout + proc.stderr
@@ -124,6 +127,7 @@ def test_cli_yaml_overrides_tp2_under_torchrun(tmp_path):
     assert "CPU mode (no CUDA device)" in out
     assert "mode pretrain (from the recipe's initialization" in out and "tp=2" in out
     assert "OTRConfig(num_samples=8, temperature=2.0, neg_reward=-0.1, estimator='sample', seed=5" in out
+    assert "fuse_output_layer=True" in out
     bridge, otr = _console_lines(out)
     assert len(bridge) == 3 and len(otr) == 3
     assert "global batch size:     2" in bridge[-1]  # from the YAML

@@ -172,3 +172,18 @@ def test_bad_inputs_name_the_argument():
         otr.vocab_parallel_linear_otr_loss(h, w, y, cfg, sequence_parallel="yes")
     with pytest.raises(TypeError, match="hidden must be a bf16, fp16, fp32 or fp64 tensor, got torch.int64"):
         otr.vocab_parallel_linear_otr_loss(y, w, y, cfg)
+
+
+def test_autocast_does_not_change_the_recomputed_logits():
+    """Under torch.autocast the fused matmuls run in the inputs' dtype forward and backward (the backward
+    runs outside autocast): the result equals the call without autocast."""
+    h, w, y = inputs()
+    cfg = otr.OTRConfig(num_samples=16, chunk_tokens=8)
+    g_out = torch.ones(y.shape)
+    plain = fused(h, w, y, cfg, g_out)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        hh, ww = h.clone().requires_grad_(), w.clone().requires_grad_()
+        loss, st = otr.vocab_parallel_linear_otr_loss(hh, ww, y, cfg, step=7, vocab_size=V_REAL, return_stats=True)
+    loss.backward(g_out)
+    assert torch.equal(loss, plain[0]) and torch.equal(st["hits"], plain[1]["hits"])
+    assert torch.equal(hh.grad, plain[2]) and torch.equal(ww.grad, plain[3])

@@ -59,20 +59,27 @@ def test_without_nemo_the_command_says_what_to_install(capsys):
 
 @pytest.mark.slow
 def test_cli_trains_tiny_recipe_with_tp2_under_torchrun(tmp_path):
-    """The real NeMo loop (llm.pretrain, MegatronStrategy over gloo) started by torchrun, TP=2."""
+    """The real NeMo loop (llm.pretrain, MegatronStrategy over gloo) started by torchrun, TP=2; then the
+    same run with otr.fuse_output_layer=true reports the same metrics."""
     pytest.importorskip("nemo.collections.llm", reason="NeMo 2.x not installed (NEMO=2.7.3 line)")
     env = {**os.environ, "PYTHONPATH": str(REPO), "OMP_NUM_THREADS": "1"}
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", "2", "-m", "otr_megatron", "nemo",
-           "tensor_model_parallel_size=2", "max_steps=3", "otr.num_samples=8", f"log_dir={tmp_path}",
-           "trainer.log_every_n_steps=1"]
-    out = subprocess.run(cmd, cwd=tmp_path, env=env, capture_output=True, text=True, timeout=600)
-    assert out.returncode == 0, out.stdout[-3000:] + out.stderr[-3000:]
-    text = out.stdout + out.stderr
-    assert "otr_megatron NeMo CPU mode" in text
-    last = [ln for ln in text.splitlines() if ln.startswith("otr-megatron nemo: last step")]
-    assert len(last) == 2 and last[0] == last[1]  # both TP ranks report the same reduced metrics
-    values = dict(re.findall(r"(otr [a-z ]+|lm loss) (-?[0-9.]+)", last[0]))
-    assert set(values) == {"lm loss", "otr loss", "otr hit rate", "otr mean reward"}
-    assert all(math.isfinite(float(v)) for v in values.values())
-    assert 0 < float(values["lm loss"]) < 10 and 0 <= float(values["otr hit rate"]) <= 1
-    assert list(tmp_path.rglob("events.out.tfevents.*")), "NeMo's logger wrote no TensorBoard file"
+    reported = []
+    for fused in (False, True):
+        logs = tmp_path / ("fused" if fused else "unfused")
+        cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", "2", "-m", "otr_megatron", "nemo",
+               "tensor_model_parallel_size=2", "max_steps=3", "otr.num_samples=8", f"log_dir={logs}",
+               "trainer.log_every_n_steps=1"] + (["otr.fuse_output_layer=true"] if fused else [])
+        out = subprocess.run(cmd, cwd=tmp_path, env=env, capture_output=True, text=True, timeout=600)
+        assert out.returncode == 0, out.stdout[-3000:] + out.stderr[-3000:]
+        text = out.stdout + out.stderr
+        assert "otr_megatron NeMo CPU mode" in text
+        last = [ln for ln in text.splitlines() if ln.startswith("otr-megatron nemo: last step")]
+        assert len(last) == 2 and last[0] == last[1]  # both TP ranks report the same reduced metrics
+        values = dict(re.findall(r"(otr [a-z ]+|lm loss) (-?[0-9.]+)", last[0]))
+        assert set(values) == {"lm loss", "otr loss", "otr hit rate", "otr mean reward"}
+        assert all(math.isfinite(float(v)) for v in values.values())
+        assert 0 < float(values["lm loss"]) < 10 and 0 <= float(values["otr hit rate"]) <= 1
+        assert list(logs.rglob("events.out.tfevents.*")), "NeMo's logger wrote no TensorBoard file"
+        reported.append({k: float(v) for k, v in values.items()})
+    for name, value in reported[0].items():
+        assert reported[1][name] == pytest.approx(value, rel=1e-4, abs=1e-5), name
