@@ -47,10 +47,13 @@ __all__ = ["vocab_parallel_linear_otr_loss", "default_linear_chunk"]
 _FLOAT_DTYPES = (torch.float32, torch.bfloat16, torch.float16, torch.float64)
 
 
-def default_linear_chunk(shard: int, on_gpu: bool) -> int:
-    """Rows per chunk: ~2M logits (8 MB of fp32 temporaries each) on CPU, where a 64-128 row matmul
-    already runs near full speed, and ~16M on a GPU (fewer, larger launches); at least 16 rows."""
-    target = 1 << 24 if on_gpu else 1 << 21
+def default_linear_chunk(shard: int, on_gpu: bool, one_pass: bool = False) -> int:
+    """Rows per chunk, at least 16: about 2M logits on CPU (8 MB per fp32 temporary; a 64-128 row
+    matmul already runs near full speed there); on a GPU about 16M with the torch backend (three fp32
+    temporaries per logit) and 64M with the Triton kernels (``one_pass``: no temporaries, the gradient
+    written in place of the chunk's bf16 logits: 128 MB), so a long sequence over a 150k vocabulary
+    at TP=1 is ~20 chunks, not ~80: each chunk costs a fixed number of host-side launches."""
+    target = (1 << 26 if one_pass else 1 << 24) if on_gpu else 1 << 21
     return max(16, target // max(shard, 1))
 
 
@@ -191,8 +194,8 @@ def vocab_parallel_linear_otr_loss(
         sequence parallelism; identical on every TP rank.
     cfg, tp_group, step, vocab_size, token_keys, ignore_index, return_stats, padded_vocab_size: as
         `otr_megatron.vocab_parallel_otr_loss`, with the same results (loss, stats, samples) as that
-        function on ``hidden @ weight.T``. ``cfg.chunk_tokens`` sets the rows per chunk (default:
-        `default_linear_chunk`).
+        function on ``hidden @ weight.T``. ``cfg.chunk_tokens`` sets the rows per chunk, which bounds
+        the logits alive at a time (default: `default_linear_chunk`).
 
     Gradients flow to ``hidden`` and ``weight``.
     """
@@ -210,7 +213,8 @@ def vocab_parallel_linear_otr_loss(
     flat = hidden.reshape(-1, d) if hidden.dim() != 2 else hidden
     if not flat.is_contiguous():
         flat = flat.contiguous()
-    chunk = cfg.chunk_tokens or default_linear_chunk(weight.size(0), hidden.device.type == "cuda")
+    chunk = cfg.chunk_tokens or default_linear_chunk(weight.size(0), hidden.device.type == "cuda",
+                                                     call.backend.one_pass)
     out = _LinearOTR.apply(flat, weight, call.pro, call.keys, call.spec, call.backend, tp_group, sp, chunk,
                            return_stats)
     return call.results(out, return_stats)

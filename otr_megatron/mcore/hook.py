@@ -188,9 +188,10 @@ class OTRLossHook:
 
     def _forward_starts(self, module, args, kwargs):
         self._calls = 0
+        # GPTModel.forward(input_ids, position_ids, attention_mask, decoder_input, labels, inference_context, ...)
         labels = kwargs.get("labels", args[4] if len(args) > 4 else None)
-        self._with_labels = labels is not None and kwargs.get("inference_context") is None \
-            and kwargs.get("inference_params") is None
+        inference = kwargs.get("inference_context", args[5] if len(args) > 5 else None)
+        self._with_labels = labels is not None and inference is None and kwargs.get("inference_params") is None
 
     def output_layer_forward(self, layer, original):
         """The fused output layer's forward: deferred logits when a loss follows, else Megatron's."""
