@@ -41,7 +41,9 @@ sequence) instead of logits; `compute_language_model_loss` then receives that ob
 replacing the output layer, without a new module (checkpoints and `state_dict` keys are untouched).
 It reaches the MTP heads (they call the same output layer and the same loss method: with
 `mtp_loss="ce"` they get Megatron's cross entropy through the fused path: the "sft" estimator over
-the padded vocabulary, as `vocab_parallel_cross_entropy` computes it), tied
+the padded vocabulary, as `vocab_parallel_cross_entropy` computes it), except on megatron-core
+0.19+, whose MTP code reads the heads' logits itself (an argmax for its acceptance metric): there
+the MTP heads keep materialised logits and only the main head is fused; tied
 embeddings (the weight passed in is `shared_embedding_or_output_weight()`, so the gradient reaches the
 shared parameter), the last pipeline stage only (other stages have no output layer) and sequence
 parallelism (the fused loss all-gathers the hidden states and reduce-scatters their gradient, as
@@ -183,20 +185,30 @@ class OTRLossHook:
         self._handle = None
         self.fused = bool(getattr(cfg, "fuse_output_layer", False))
         self._with_labels = False  # the current forward has labels (the fused output layer defers)
+        self._layer_calls = 0  # output-layer calls in the current forward (MTP depths first, then the main head)
         if self.fused:
             _check_fusable(model, loss_fn)
 
     def _forward_starts(self, module, args, kwargs):
         self._calls = 0
+        self._layer_calls = 0
         # GPTModel.forward(input_ids, position_ids, attention_mask, decoder_input, labels, inference_context, ...)
         labels = kwargs.get("labels", args[4] if len(args) > 4 else None)
         inference = kwargs.get("inference_context", args[5] if len(args) > 5 else None)
         self._with_labels = labels is not None and inference is None and kwargs.get("inference_params") is None
 
     def output_layer_forward(self, layer, original):
-        """The fused output layer's forward: deferred logits when a loss follows, else Megatron's."""
+        """The fused output layer's forward: deferred logits when a loss follows, else Megatron's.
+        MTP heads (called first, one per depth) keep real logits where megatron-core reads them
+        itself (0.19+: its MTP acceptance metric takes an argmax over them)."""
+        n_mtp = int(getattr(getattr(layer, "config", None), "mtp_num_layers", None) or 0)
+        mtp_reads_logits = _mtp_reads_logits()
+
         def forward(input_, weight=None, runtime_gather_output=None, **kwargs):
-            if not self._with_labels or runtime_gather_output or kwargs:
+            call = self._layer_calls
+            self._layer_calls += 1
+            is_mtp = call % (n_mtp + 1) != n_mtp
+            if not self._with_labels or runtime_gather_output or kwargs or (is_mtp and mtp_reads_logits):
                 return original(input_, weight=weight, runtime_gather_output=runtime_gather_output, **kwargs)
             w = layer.weight if weight is None else weight
             return DeferredLogits(input_, w, bool(layer.sequence_parallel)), None
@@ -303,6 +315,15 @@ class OTRLossHook:
             self._stats = {k: v.t().detach() for k, v in stats.items()
                                if torch.is_tensor(v) and v.shape == eff.t().shape}
         return loss.t().contiguous()
+
+
+def _mtp_reads_logits() -> bool:
+    """megatron-core computes an MTP metric from the MTP heads' logits (0.19+: acceptance counts)."""
+    try:
+        from megatron.core.transformer import multi_token_prediction as mtp
+    except ImportError:
+        return False
+    return hasattr(mtp, "_compute_mtp_acceptance_counts")
 
 
 def _check_fusable(model, loss_fn) -> None:
