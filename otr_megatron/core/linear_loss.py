@@ -57,7 +57,7 @@ def default_linear_chunk(shard: int, on_gpu: bool, one_pass: bool = False) -> in
     return max(16, target // max(shard, 1))
 
 
-def _check_linear(hidden, weight, sequence_parallel, world):
+def _check_linear(hidden, weight, sequence_parallel):
     for name, t in (("hidden", hidden), ("weight", weight)):
         if not isinstance(t, torch.Tensor) or t.dtype not in _FLOAT_DTYPES:
             got = t.dtype if isinstance(t, torch.Tensor) else type(t).__name__
@@ -138,11 +138,11 @@ class _LinearOTR(torch.autograd.Function):
     @staticmethod
     def backward(ctx, grad_loss, *unused):
         nones = (None,) * 8
-        if grad_loss is None:
+        want_h, want_w = ctx.needs_input_grad[0], ctx.needs_input_grad[1]
+        if grad_loss is None or not (want_h or want_w):
             return (None, None) + nones
         hidden, weight = ctx.saved_tensors
         spec, backend, group, chunk = ctx.spec, ctx.backend, ctx.group, ctx.chunk
-        want_h, want_w = ctx.needs_input_grad[0], ctx.needs_input_grad[1]
         h = _gather_rows(hidden, group, spec.world) if ctx.sp else hidden  # re-gathered, as Megatron's SP backward
         n = h.size(0)
         g = grad_loss.reshape(-1)
@@ -200,7 +200,7 @@ def vocab_parallel_linear_otr_loss(
     Gradients flow to ``hidden`` and ``weight``.
     """
     world = _tp_layout(tp_group)[0]
-    _check_linear(hidden, weight, sequence_parallel, world)
+    _check_linear(hidden, weight, sequence_parallel)
     sp = sequence_parallel and world > 1
     lead = list(hidden.shape[:-1])
     if sp:
