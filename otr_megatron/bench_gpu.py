@@ -28,7 +28,7 @@ a short sweep of each Triton kernel's launch settings (``num_warps`` and tile si
 results, the fastest is picked and used for the benchmark), then the benchmark per V/tp, then the
 output layer + loss per V/tp (hidden ``[N, d]``, weight ``[V/tp, d]``, bf16; Megatron's CE after the
 matmul, unfused OTR after the matmul, and the fused `vocab_parallel_linear_otr_loss` at
-`default_linear_chunk` and 4x it; time and peak memory beyond inputs, weight and both gradients).
+`default_linear_chunk` and 1/4 of it; time and peak memory beyond inputs, weight and both gradients).
 """
 
 from __future__ import annotations
@@ -110,7 +110,7 @@ def _parse(argv):
     p.add_argument("--no-graph-check", action="store_true", help="skip the CUDA-graph check")
     p.add_argument("--hidden", type=int, default=4096, help="d of the output-layer stage")
     p.add_argument("--linear-chunks", type=int, nargs="*", default=None,
-                   help="chunk_tokens values of the fused output layer (default: default_linear_chunk and 4x it; "
+                   help="chunk_tokens values of the fused output layer (default: default_linear_chunk and 1/4 of it; "
                         "dry run: 1 and default_linear_chunk)")
     p.add_argument("--no-linear", action="store_true", help="skip the output layer + loss stage")
     a = p.parse_args(argv)
@@ -818,9 +818,11 @@ def run(args) -> Report:
                     report["notes"].append(f"output layer V/tp={v} not run: {left:.0f} s of the budget left")
                     continue
                 t0 = time.perf_counter()
-                base_chunk = default_linear_chunk(v, device.type == "cuda")
+                # the Triton backend's default (one_pass: the gradient in place of the chunk's logits)
+                base_chunk = _call(default_linear_chunk, shard=v, on_gpu=device.type == "cuda", one_pass=True)
                 # the dry run's 2 tokens: one chunk per token, and all in one
-                chunks = args.linear_chunks or ([1, base_chunk] if args.dry_run else [base_chunk, 4 * base_chunk])
+                chunks = args.linear_chunks or ([1, base_chunk] if args.dry_run
+                                                else [max(16, base_chunk // 4), base_chunk])
                 entry = dict(shard=v, tokens=n, hidden=args.hidden, default_chunk=base_chunk, chunks=chunks,
                              methods=[], notes=[], repeats_done=0)
                 report["linear"].append(entry)
