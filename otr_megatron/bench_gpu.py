@@ -110,7 +110,7 @@ def _parse(argv):
     p.add_argument("--no-graph-check", action="store_true", help="skip the CUDA-graph check")
     p.add_argument("--hidden", type=int, default=4096, help="d of the output-layer stage")
     p.add_argument("--linear-chunks", type=int, nargs="*", default=None,
-                   help="chunk_tokens values of the fused output layer (default: default_linear_chunk and 1/4 of it; "
+                   help="fused_chunk_tokens values of the fused output layer (default: default_linear_chunk and 1/4 of it; "
                         "dry run: 1 and default_linear_chunk)")
     p.add_argument("--no-linear", action="store_true", help="skip the output layer + loss stage")
     a = p.parse_args(argv)
@@ -374,7 +374,7 @@ def linear_bench(device, n, d, v, k, chunks, repeats, warmup, timer, group, entr
     methods.append((f"mm + OTR K={k} [triton]", "unfused", None,
                     lambda: (otr.vocab_parallel_otr_loss(mm(), labels, cfg) * mask).sum().backward()))
     for c in chunks:
-        ccfg = dataclasses.replace(cfg, chunk_tokens=c)
+        ccfg = dataclasses.replace(cfg, fused_chunk_tokens=c)
 
         def fused(ccfg=ccfg):
             (otr.vocab_parallel_linear_otr_loss(hidden, weight, labels, ccfg) * mask).sum().backward()

@@ -10,7 +10,7 @@ rank's output-layer shard ``[V/tp, d]`` held by a real Megatron `ColumnParallelL
 
 * ``megatron CE``: `ColumnParallelLinear` + `vocab_parallel_cross_entropy` (the baseline);
 * ``OTR K=k unfused``: `ColumnParallelLinear` + `vocab_parallel_otr_loss` (sample estimator);
-* ``OTR K=k fused c=C``: `vocab_parallel_linear_otr_loss` on the same weight, ``chunk_tokens=C``
+* ``OTR K=k fused c=C``: `vocab_parallel_linear_otr_loss` on the same weight, ``fused_chunk_tokens=C``
   for each ``--chunk-tokens`` value and `default_linear_chunk` (marked ``*``).
 
 Time: median of ``--repeats`` round-robin runs after a warm-up. Memory: peak live bytes beyond the
@@ -98,7 +98,7 @@ def run_layout(rank: int, world: int, args, port: int) -> dict:
 
         methods.append(dict(method=f"OTR K={k} unfused", k=k, chunk=None, fn=unfused))
         for c in chunks:
-            ccfg = otr.OTRConfig(estimator="sample", num_samples=k, chunk_tokens=c)
+            ccfg = otr.OTRConfig(estimator="sample", num_samples=k, fused_chunk_tokens=c)
 
             def fused(cfg=ccfg):
                 loss = otr.vocab_parallel_linear_otr_loss(hidden, weight, labels, cfg, tp_group=group)

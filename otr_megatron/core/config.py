@@ -55,8 +55,11 @@ class OTRConfig:
         call, for debugging) or "off" (no check, no fingerprint collective). See `core/checks.py`.
     fuse_output_layer: the Megatron-Core integration computes the output layer's matmul and the loss
         together (`vocab_parallel_linear_otr_loss`): the ``[s, b, V/tp]`` logits and their gradient
-        exist one chunk (`chunk_tokens` rows) at a time. Same numbers as unfused, one more matmul in
-        the backward (docs/fused_output_layer.md). The loss functions themselves ignore it.
+        exist one chunk (`fused_chunk_tokens` rows) at a time. Same numbers as unfused, one more matmul
+        in the backward (docs/fused_output_layer.md). The loss functions themselves ignore it.
+    fused_chunk_tokens: rows of logits the fused output layer materialises at a time (None: 256 on
+        CPU; on a GPU about 16M (torch backend) or 64M (Triton) logits' worth); `chunk_tokens` still
+        bounds the loss's fp32 temporaries inside each.
     """
 
     num_samples: int = 256
@@ -70,6 +73,7 @@ class OTRConfig:
     backend: str = "auto"
     check_inputs: str = "deferred"
     fuse_output_layer: bool = False
+    fused_chunk_tokens: int | None = None
 
     def __post_init__(self):
         if isinstance(self.num_samples, bool) or not isinstance(self.num_samples, int) or self.num_samples < 1:
@@ -103,9 +107,10 @@ class OTRConfig:
                              f"bits), got {self.seed!r}")
         if not isinstance(self.fuse_output_layer, bool):
             raise ValueError(f"OTRConfig.fuse_output_layer must be true or false, got {self.fuse_output_layer!r}")
-        c = self.chunk_tokens
-        if c is not None and (isinstance(c, bool) or not isinstance(c, int) or c < 1):
-            raise ValueError(f"OTRConfig.chunk_tokens must be None or an integer >= 1, got {c!r}")
+        for name in ("chunk_tokens", "fused_chunk_tokens"):
+            c = getattr(self, name)
+            if c is not None and (isinstance(c, bool) or not isinstance(c, int) or c < 1):
+                raise ValueError(f"OTRConfig.{name} must be None or an integer >= 1, got {c!r}")
 
     @classmethod
     def check_keys(cls, values: Mapping[str, Any]) -> None:

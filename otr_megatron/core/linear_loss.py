@@ -8,7 +8,7 @@ every estimator, both backends and the layout-exact sampler come with it.
 
 Design (docs/fused_output_layer.md has the reasoning and the measurements):
 
-* Forward, per chunk of rows: ``logits_c = hidden_c @ weight.T`` in the input dtype (the output
+* Forward, per chunk of rows (``fused_chunk_tokens``): ``logits_c = hidden_c @ weight.T`` in the input dtype (the output
   layer's own matmul), then steps 1-5 on that chunk (its own statistics all-gather and, for the
   sampled estimator, its own all-reduce: the O(tp) numbers per token of the unfused path, in
   ceil(N / chunk) messages). Only per-token numbers and the ``[N, K]`` sampled columns are kept.
@@ -40,7 +40,7 @@ import torch.distributed as dist
 
 from otr_megatron.core.config import OTRConfig
 from otr_megatron.core.contract import Backend, Prologue, Spec
-from otr_megatron.core.loss import Rows, _tp_layout, forward_rows, grad_rows, prepare_call
+from otr_megatron.core.loss import Rows, _default_chunk_tokens, _tp_layout, forward_rows, grad_rows, prepare_call
 
 __all__ = ["vocab_parallel_linear_otr_loss", "default_linear_chunk"]
 
@@ -48,13 +48,15 @@ _FLOAT_DTYPES = (torch.float32, torch.bfloat16, torch.float16, torch.float64)
 
 
 def default_linear_chunk(shard: int, on_gpu: bool, one_pass: bool = False) -> int:
-    """Rows per chunk, at least 16: about 2M logits on CPU (8 MB per fp32 temporary; a 64-128 row
-    matmul already runs near full speed there); on a GPU about 16M with the torch backend (three fp32
-    temporaries per logit) and 64M with the Triton kernels (``one_pass``: no temporaries, the gradient
-    written in place of the chunk's bf16 logits: 128 MB), so a long sequence over a 150k vocabulary
-    at TP=1 is ~20 chunks, not ~80: each chunk costs a fixed number of host-side launches."""
-    target = (1 << 26 if one_pass else 1 << 24) if on_gpu else 1 << 21
-    return max(16, target // max(shard, 1))
+    """Rows of logits materialised at a time. CPU: 256 rows, where BLAS runs near full speed (the four
+    matmuls of a fused call cost 1.26x the unfused three at 256 rows, 1.64x at 64); the loss's fp32
+    temporaries stay bounded separately by its own chunk (`OTRConfig.chunk_tokens`). GPU: about 16M
+    logits with the torch backend, 64M with the Triton kernels (``one_pass``: no temporaries, the
+    gradient written in place of the chunk's bf16 logits: 128 MB), so a long sequence over a 150k
+    vocabulary at TP=1 is ~20 chunks, not ~80: each chunk costs a fixed number of host launches."""
+    if not on_gpu:
+        return 256
+    return max(16, (1 << 26 if one_pass else 1 << 24) // max(shard, 1))
 
 
 def _check_linear(hidden, weight, sequence_parallel):
@@ -113,22 +115,23 @@ class _LinearOTR(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, hidden, weight, pro: Prologue, keys, spec: Spec, backend: Backend, group, sp: bool, chunk: int,
-                want_stats: bool):
+                sub: int, want_stats: bool):
         h = _gather_rows(hidden, group, spec.world) if sp else hidden
         n = h.size(0)
         wt = weight.t()
-        scratch = backend.scratch(min(chunk, n), spec.n_real, h.device)
+        scratch = backend.scratch(min(sub, chunk, n), spec.n_real, h.device)
         parts = []
         with _no_autocast(h.device):
             for lo, hi in _ranges(n, chunk):
                 logits = torch.mm(h[lo:hi], wt)  # the output layer's matmul, one chunk
                 parts.append(forward_rows(backend, spec, logits, _take(pro, lo, hi), keys[lo:hi], group,
-                                          max(hi - lo, 1), want_stats, scratch))
+                                          max(min(sub, hi - lo), 1), want_stats, scratch))
                 del logits
         rows = Rows.cat(parts)
         ctx.set_materialize_grads(False)
         ctx.save_for_backward(hidden, weight)
-        ctx.rows, ctx.spec, ctx.backend, ctx.group, ctx.sp, ctx.chunk = rows.saved(), spec, backend, group, sp, chunk
+        ctx.rows, ctx.spec, ctx.backend, ctx.group, ctx.sp = rows.saved(), spec, backend, group, sp
+        ctx.chunk, ctx.sub = chunk, sub
         if not want_stats:
             return rows.loss
         outs = rows.stat_outputs(h.device)
@@ -137,25 +140,25 @@ class _LinearOTR(torch.autograd.Function):
 
     @staticmethod
     def backward(ctx, grad_loss, *unused):
-        nones = (None,) * 8
+        nones = (None,) * 9
         want_h, want_w = ctx.needs_input_grad[0], ctx.needs_input_grad[1]
         if grad_loss is None or not (want_h or want_w):
             return (None, None) + nones
         hidden, weight = ctx.saved_tensors
-        spec, backend, group, chunk = ctx.spec, ctx.backend, ctx.group, ctx.chunk
+        spec, backend, group, chunk, sub = ctx.spec, ctx.backend, ctx.group, ctx.chunk, ctx.sub
         h = _gather_rows(hidden, group, spec.world) if ctx.sp else hidden  # re-gathered, as Megatron's SP backward
         n = h.size(0)
         g = grad_loss.reshape(-1)
         wt = weight.t()
         gh = torch.empty_like(h) if want_h else None
         gw = torch.zeros_like(weight) if want_w else None
-        scratch = backend.scratch(min(chunk, n), spec.n_real, h.device)
+        scratch = backend.scratch(min(sub, chunk, n), spec.n_real, h.device)
         with _no_autocast(h.device):
             for lo, hi in _ranges(n, chunk):
                 if hi == lo:
                     continue
                 logits = torch.mm(h[lo:hi], wt)  # recomputed: the forward's logits bit for bit
-                grad_rows(backend, spec, logits, logits, g[lo:hi], ctx.rows.take(lo, hi), hi - lo, scratch)
+                grad_rows(backend, spec, logits, logits, g[lo:hi], ctx.rows.take(lo, hi), min(sub, hi - lo), scratch)
                 if want_h:
                     torch.mm(logits, weight, out=gh[lo:hi])
                 if want_w:
@@ -194,8 +197,9 @@ def vocab_parallel_linear_otr_loss(
         sequence parallelism; identical on every TP rank.
     cfg, tp_group, step, vocab_size, token_keys, ignore_index, return_stats, padded_vocab_size: as
         `otr_megatron.vocab_parallel_otr_loss`, with the same results (loss, stats, samples) as that
-        function on ``hidden @ weight.T``. ``cfg.chunk_tokens`` sets the rows per chunk, which bounds
-        the logits alive at a time (default: `default_linear_chunk`).
+        function on ``hidden @ weight.T``. ``cfg.fused_chunk_tokens`` sets the rows of logits alive at
+        a time (default: `default_linear_chunk`); ``cfg.chunk_tokens`` the loss's own chunk inside
+        them, which bounds its fp32 temporaries as in the unfused loss.
 
     Gradients flow to ``hidden`` and ``weight``.
     """
@@ -213,8 +217,10 @@ def vocab_parallel_linear_otr_loss(
     flat = hidden.reshape(-1, d) if hidden.dim() != 2 else hidden
     if not flat.is_contiguous():
         flat = flat.contiguous()
-    chunk = cfg.chunk_tokens or default_linear_chunk(weight.size(0), hidden.device.type == "cuda",
-                                                     call.backend.one_pass)
-    out = _LinearOTR.apply(flat, weight, call.pro, call.keys, call.spec, call.backend, tp_group, sp, chunk,
+    on_gpu = hidden.device.type == "cuda"
+    chunk = cfg.fused_chunk_tokens or default_linear_chunk(weight.size(0), on_gpu, call.backend.one_pass)
+    # the loss's own chunk inside each: bounds its fp32 temporaries as in the unfused loss
+    sub = cfg.chunk_tokens or (chunk if call.backend.one_pass else _default_chunk_tokens(weight.size(0), on_gpu))
+    out = _LinearOTR.apply(flat, weight, call.pro, call.keys, call.spec, call.backend, tp_group, sp, chunk, sub,
                            return_stats)
     return call.results(out, return_stats)

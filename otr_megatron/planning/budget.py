@@ -174,11 +174,14 @@ class LossSettings:
     stats_per_token: int = 4  # float64 per-token scalars saved for backward (coefficients, shares)
     bytes_per_sample: int = 12  # int64 column + fp32 weight: the fixed-shape [tokens, K] list, on every rank
     fuse_output_layer: bool = False  # otr.fuse_output_layer: logits one chunk at a time (`loss_memory`)
+    fused_chunk_tokens: int | None = None  # None: the fused loss's GPU default (torch backend)
 
     def __post_init__(self):
         _int_at_least("otr.num_samples", self.num_samples)
         if self.chunk_tokens is not None:
             _int_at_least("otr.chunk_tokens", self.chunk_tokens)
+        if self.fused_chunk_tokens is not None:
+            _int_at_least("otr.fused_chunk_tokens", self.fused_chunk_tokens)
         for f in ("chunk_fp32_temporaries", "stats_per_token", "bytes_per_sample"):
             _int_at_least(f, getattr(self, f), 0)
 
@@ -244,8 +247,9 @@ def loss_memory(dims: ModelDims, layout: Layout, loss: LossSettings) -> dict[str
     the draw: the same shape on every rank, so nothing syncs with the host), and needs
     `chunk_fp32_temporaries` fp32 [chunk, V/tp] buffers plus the forward's float64 block prefix sums
     [tokens, V/tp / B] (B from the real vocabulary and K, docs/sampling.md).
-    Fused output layer (`otr.fuse_output_layer`): no [tokens, V/tp] logits; one chunk of them (bf16, its
-    gradient written in place), its fp32 temporaries and block prefix sums, plus the same saved list;
+    Fused output layer (`otr.fuse_output_layer`): no [tokens, V/tp] logits; one chunk of them
+    (`fused_chunk_tokens` rows, bf16, its gradient written in place), the fp32 temporaries of the
+    loss's own chunk inside it and the chunk's block prefix sums, plus the same saved list;
     `otr_total` is then that amount (`otr_unfused_total` stays for comparison).
     """
     tokens = layout.seq_length // layout.cp * layout.micro_batch_size
@@ -262,8 +266,10 @@ def loss_memory(dims: ModelDims, layout: Layout, loss: LossSettings) -> dict[str
     otr_saved = tokens * (8.0 * loss.stats_per_token + loss.bytes_per_sample * loss.num_samples)
     from otr_megatron.core.linear_loss import default_linear_chunk
 
-    fchunk = min(loss.chunk_tokens or default_linear_chunk(v_local, on_gpu=True), tokens)
-    fused_chunk = fchunk * v_local * (2.0 + 4.0 * loss.chunk_fp32_temporaries) + 8.0 * fchunk * (v_local // block)
+    fchunk = min(loss.fused_chunk_tokens or default_linear_chunk(v_local, on_gpu=True), tokens)
+    sub = min(chunk, fchunk)  # the loss's own chunk inside it bounds the fp32 temporaries
+    fused_chunk = (2.0 * fchunk * v_local + 4.0 * sub * v_local * loss.chunk_fp32_temporaries
+                   + 8.0 * fchunk * (v_local // block))
     unfused = logits + otr_saved + otr_temporaries
     return {
         "tokens": float(tokens),
@@ -474,7 +480,7 @@ def loss_from_config(cfg: dict[str, Any]) -> LossSettings:
     """What the loss keeps alive, from the `otr:` section as the job reads it."""
     otr = check_otr(cfg)
     return LossSettings(num_samples=otr.num_samples, chunk_tokens=otr.chunk_tokens,
-                        fuse_output_layer=otr.fuse_output_layer)
+                        fuse_output_layer=otr.fuse_output_layer, fused_chunk_tokens=otr.fused_chunk_tokens)
 
 
 def _layout_values(cfg: dict[str, Any]) -> dict[str, Any]:

@@ -185,7 +185,7 @@ def oracle(tp: int, fused: bool = False) -> dict:
                 grad_max_abs=max(float(g.abs().max()) for g in bridge_grads.values()),
                 weights_unchanged=self.start_sum == self.end_sum)
 
-    step_cfg = dataclasses.replace(otr_cfg, fuse_output_layer=True, chunk_tokens=24) if fused else otr_cfg
+    step_cfg = dataclasses.replace(otr_cfg, fuse_output_layer=True, fused_chunk_tokens=24) if fused else otr_cfg
     pretrain(cfg, Step(step_cfg, vocab_size=VOCAB), callbacks=[Mcore()])
     return results
 

@@ -168,7 +168,7 @@ def check_linear_layout(group, report):
     keys = (torch.arange(y.numel()) * 31 + 5).view(y.shape)
     seq = h.size(0) // tp
     for est in ["sample", "expected", "sft", "dft"]:
-        cfg = otr.OTRConfig(estimator=est, num_samples=K, chunk_tokens=10)
+        cfg = otr.OTRConfig(estimator=est, num_samples=K, fused_chunk_tokens=10, chunk_tokens=4)
         loss1, st1, gh1, gw1 = run_linear(h, w, y, cfg, keys=keys)
         for sp in (False, True):
             h_in = h[r * seq : (r + 1) * seq] if sp else h
@@ -187,7 +187,7 @@ def check_linear_layout(group, report):
     # communication: the unfused path's per-token numbers (per chunk) forward; backward only the
     # output layer's own collective (all-reduce of the hidden gradient, or SP's all-gather + reduce-scatter)
     for sp in (False, True):
-        cfg = otr.OTRConfig(num_samples=K, chunk_tokens=48)
+        cfg = otr.OTRConfig(num_samples=K, fused_chunk_tokens=48)
         h_in = (h[r * seq : (r + 1) * seq] if sp else h).clone().requires_grad_()
         with CommAudit() as fwd:
             loss = otr.vocab_parallel_linear_otr_loss(h_in, w[r * shard : (r + 1) * shard], y, cfg, tp_group=group,

@@ -41,7 +41,7 @@ def unfused(h, w, y, cfg, g_out, logits_fn=None):
 @pytest.mark.parametrize("chunk", [None, 7, 1000])
 def test_fp32_equals_unfused_and_the_float64_reference(estimator, chunk):
     h, w, y = inputs()
-    cfg = otr.OTRConfig(estimator=estimator, num_samples=16, chunk_tokens=chunk)
+    cfg = otr.OTRConfig(estimator=estimator, num_samples=16, fused_chunk_tokens=chunk, chunk_tokens=3)
     g_out = torch.rand(y.shape, generator=torch.Generator().manual_seed(1)) + 0.5  # any upstream gradient
     loss, st, gh, gw = fused(h, w, y, cfg, g_out)
     loss_u, st_u, gh_u, gw_u = unfused(h, w, y, cfg, g_out)
@@ -65,7 +65,7 @@ def test_fp32_equals_unfused_and_the_float64_reference(estimator, chunk):
 def test_samples_are_identical_where_the_chunk_logits_are_bitwise_equal():
     """With the unfused logits built from the same per-chunk matmuls, every output is bit-identical."""
     h, w, y = inputs(s=16, dtype=torch.bfloat16)
-    cfg = otr.OTRConfig(num_samples=32, chunk_tokens=9)
+    cfg = otr.OTRConfig(num_samples=32, fused_chunk_tokens=9)
     g_out = torch.ones(y.shape)
 
     def chunked_logits(hh, ww):
@@ -85,7 +85,7 @@ def test_bf16_against_float64_is_as_accurate_as_unfused():
     bit and a few samples move; the loss and gradients stay within bf16 rounding of the float64 values
     (errors measured against the float64 reference, fused at most twice the unfused path's)."""
     h, w, y = inputs(s=64, dtype=torch.bfloat16, seed=3)
-    cfg = otr.OTRConfig(estimator="expected", chunk_tokens=40)
+    cfg = otr.OTRConfig(estimator="expected", fused_chunk_tokens=40)
     g_out = torch.ones(y.shape)
     loss, _, gh, gw = fused(h, w, y, cfg, g_out)
     loss_u, _, gh_u, gw_u = unfused(h, w, y, cfg, g_out)
@@ -102,7 +102,7 @@ def test_bf16_against_float64_is_as_accurate_as_unfused():
 
 def test_sampled_bf16_fraction_of_moved_samples_is_small():
     h, w, y = inputs(s=64, dtype=torch.bfloat16, seed=5)
-    cfg = otr.OTRConfig(num_samples=64, chunk_tokens=24)
+    cfg = otr.OTRConfig(num_samples=64, fused_chunk_tokens=24)
     g_out = torch.ones(y.shape)
     _, st, _, _ = fused(h, w, y, cfg, g_out)
     _, st_u, _, _ = unfused(h, w, y, cfg, g_out)
@@ -113,7 +113,7 @@ def test_sampled_bf16_fraction_of_moved_samples_is_small():
 
 def test_two_dims_frozen_weight_and_no_tokens():
     h, w, y = inputs()
-    cfg = otr.OTRConfig(estimator="sft", chunk_tokens=5)
+    cfg = otr.OTRConfig(estimator="sft", fused_chunk_tokens=5)
     flat_h, flat_y = h.reshape(-1, D), y.reshape(-1)
     hh = flat_h.clone().requires_grad_()
     loss = otr.vocab_parallel_linear_otr_loss(hh, w, flat_y, cfg, vocab_size=V_REAL)  # weight needs no grad
@@ -143,12 +143,12 @@ class _LargestTensor(TorchDispatchMode):
 
 @pytest.mark.parametrize("estimator", ["sample", "expected"])
 def test_at_most_one_chunk_of_logits_is_alive(estimator):
-    """No op forward or backward returns more than one chunk of logits (N = 512 tokens, chunk 32)."""
+    """No op forward or backward returns more than one chunk of logits (N = 512 tokens, 32 rows)."""
     g = torch.Generator().manual_seed(2)
     h = torch.randn(512, 8, generator=g).requires_grad_()
     w = torch.randn(1024, 8, generator=g).requires_grad_()
     y = torch.randint(0, 1000, (512,), generator=g)
-    cfg = otr.OTRConfig(estimator=estimator, num_samples=8, chunk_tokens=32)
+    cfg = otr.OTRConfig(estimator=estimator, num_samples=8, fused_chunk_tokens=32)
     with _LargestTensor() as seen:
         otr.vocab_parallel_linear_otr_loss(h, w, y, cfg, vocab_size=1000).sum().backward()
     assert seen.largest <= 32 * 1024, seen.largest  # the unfused path would hold 512 x 1024
@@ -178,7 +178,7 @@ def test_autocast_does_not_change_the_recomputed_logits():
     """Under torch.autocast the fused matmuls run in the inputs' dtype forward and backward (the backward
     runs outside autocast): the result equals the call without autocast."""
     h, w, y = inputs()
-    cfg = otr.OTRConfig(num_samples=16, chunk_tokens=8)
+    cfg = otr.OTRConfig(num_samples=16, fused_chunk_tokens=8)
     g_out = torch.ones(y.shape)
     plain = fused(h, w, y, cfg, g_out)
     with torch.autocast("cpu", dtype=torch.bfloat16):

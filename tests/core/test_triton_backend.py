@@ -683,7 +683,7 @@ def test_fused_output_layer_on_the_triton_kernels(estimator):
     y[3] = -100
     out = {}
     for backend in ("torch", "triton"):
-        cfg = otr.OTRConfig(estimator=estimator, num_samples=8, chunk_tokens=7, backend=backend)
+        cfg = otr.OTRConfig(estimator=estimator, num_samples=8, fused_chunk_tokens=7, chunk_tokens=3, backend=backend)
         hh, ww = h.clone().requires_grad_(), w.clone().requires_grad_()
         loss, st = otr.vocab_parallel_linear_otr_loss(hh, ww, y, cfg, step=2, vocab_size=VOCAB, return_stats=True)
         loss.backward(torch.linspace(0.5, 1.5, 20, device=DEV))

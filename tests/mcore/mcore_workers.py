@@ -52,7 +52,7 @@ def layouts_worker(rank, world, estimators):
         T.init_parallel(1, 1)
         ref = T.reference_run(TINY, ocfg, steps=STEPS, batch_size=4)
         if fused:
-            ocfg = dataclasses.replace(ocfg, fuse_output_layer=True, chunk_tokens=12)
+            ocfg = dataclasses.replace(ocfg, fuse_output_layer=True, fused_chunk_tokens=12)
         runs = dict(LAYOUTS)
         runs["tp2_dp2_full_recompute"] = dict(tp=2)
         if norm:
@@ -188,7 +188,7 @@ def fused_worker(rank, world):
 
     out = {}
     base = otr.OTRConfig(num_samples=8, estimator="sample", seed=3)
-    fused_cfg = dataclasses.replace(base, fuse_output_layer=True, chunk_tokens=6)
+    fused_cfg = dataclasses.replace(base, fuse_output_layer=True, fused_chunk_tokens=6)
     batch = T.synthetic_batch(0, 2, 16, 60, seed=5)
     variants = {"plain": {}, "sp": dict(sequence_parallel=True), "tied": dict(share_embeddings_and_output_weights=True),
                 "tied_sp": dict(share_embeddings_and_output_weights=True, sequence_parallel=True),

@@ -137,10 +137,11 @@ def test_loss_memory_fused_output_layer():
     lay = Layout(tp=1, seq_length=8192, micro_batch_size=1, global_batch_size=8, nodes=1)
     v = 151936  # a Qwen-style vocabulary at TP=1 (MoE with expert parallelism instead of TP)
     dims = dataclasses.replace(LLAMA3_70B, vocab_size=v)
-    unfused = loss_memory(dims, lay, LossSettings(num_samples=256, chunk_tokens=128))
-    fused = loss_memory(dims, lay, LossSettings(num_samples=256, chunk_tokens=128, fuse_output_layer=True))
-    block = unfused["otr_chunk_temporaries"] - 3 * 4 * 128 * v
-    assert fused["otr_fused_chunk"] == 128 * v * (2 + 3 * 4) + block * 128 / 8192
+    unfused = loss_memory(dims, lay, LossSettings(num_samples=256, chunk_tokens=32))
+    fused = loss_memory(dims, lay, LossSettings(num_samples=256, chunk_tokens=32, fuse_output_layer=True,
+                                                fused_chunk_tokens=128))
+    block = unfused["otr_chunk_temporaries"] - 3 * 4 * 32 * v
+    assert fused["otr_fused_chunk"] == 128 * v * 2 + 32 * v * 3 * 4 + block * 128 / 8192
     assert fused["otr_total"] == fused["otr_saved"] + fused["otr_fused_chunk"]
     assert unfused["otr_total"] == unfused["otr_unfused_total"] == fused["otr_unfused_total"]
     assert fused["otr_total"] < 0.2 * unfused["otr_total"]  # 2.3 GiB of bf16 logits gone

@@ -13,7 +13,7 @@ from tests.train.test_train_e2e import _run, _train
 @pytest.mark.slow
 def test_fused_output_layer_gives_the_unfused_job(tmp_path):
     plain = _run(tmp_path / "plain")
-    fused = _run(tmp_path / "fused", "otr.fuse_output_layer=true", "otr.chunk_tokens=48")
+    fused = _run(tmp_path / "fused", "otr.fuse_output_layer=true", "otr.fused_chunk_tokens=48")
     a, b = _train(plain), _train(fused)
     assert sorted(a) == sorted(b) == [1, 2, 3, 4, 5, 6]
     for it in a:
