@@ -42,7 +42,7 @@ from otr_megatron.core.config import OTRConfig
 from otr_megatron.core.contract import Backend, Prologue, Spec
 from otr_megatron.core.loss import Rows, _default_chunk_tokens, _tp_layout, forward_rows, grad_rows, prepare_call
 
-__all__ = ["vocab_parallel_linear_otr_loss", "default_linear_chunk"]
+__all__ = ["vocab_parallel_linear_otr_loss", "default_linear_chunk", "default_loss_chunk"]
 
 _FLOAT_DTYPES = (torch.float32, torch.bfloat16, torch.float16, torch.float64)
 
@@ -57,6 +57,13 @@ def default_linear_chunk(shard: int, on_gpu: bool, one_pass: bool = False) -> in
     if not on_gpu:
         return 256
     return max(16, (1 << 26 if one_pass else 1 << 24) // max(shard, 1))
+
+
+def default_loss_chunk(shard: int, on_gpu: bool) -> int:
+    """The loss's own chunk inside a fused chunk (torch backend): half the unfused loss's default on
+    CPU (512K logits: three fp32 temporaries of 2 MB, still cache-sized), where the fused path is
+    chosen for memory; the unfused default on a GPU."""
+    return max(1, _default_chunk_tokens(shard, on_gpu) // (1 if on_gpu else 2))
 
 
 def _check_linear(hidden, weight, sequence_parallel):
@@ -219,8 +226,8 @@ def vocab_parallel_linear_otr_loss(
         flat = flat.contiguous()
     on_gpu = hidden.device.type == "cuda"
     chunk = cfg.fused_chunk_tokens or default_linear_chunk(weight.size(0), on_gpu, call.backend.one_pass)
-    # the loss's own chunk inside each: bounds its fp32 temporaries as in the unfused loss
-    sub = cfg.chunk_tokens or (chunk if call.backend.one_pass else _default_chunk_tokens(weight.size(0), on_gpu))
+    # the loss's own chunk inside each bounds its fp32 temporaries (three [sub, V/tp] buffers)
+    sub = cfg.chunk_tokens or (chunk if call.backend.one_pass else default_loss_chunk(weight.size(0), on_gpu))
     out = _LinearOTR.apply(flat, weight, call.pro, call.keys, call.spec, call.backend, tp_group, sp, chunk, sub,
                            return_stats)
     return call.results(out, return_stats)

@@ -264,10 +264,10 @@ def loss_memory(dims: ModelDims, layout: Layout, loss: LossSettings) -> dict[str
     block_table = 8.0 * tokens * (v_local // block)  # float64 prefix sums, forward only
     otr_temporaries = 4.0 * chunk * v_local * loss.chunk_fp32_temporaries + block_table
     otr_saved = tokens * (8.0 * loss.stats_per_token + loss.bytes_per_sample * loss.num_samples)
-    from otr_megatron.core.linear_loss import default_linear_chunk
+    from otr_megatron.core.linear_loss import default_linear_chunk, default_loss_chunk
 
     fchunk = min(loss.fused_chunk_tokens or default_linear_chunk(v_local, on_gpu=True), tokens)
-    sub = min(chunk, fchunk)  # the loss's own chunk inside it bounds the fp32 temporaries
+    sub = min(loss.chunk_tokens or default_loss_chunk(v_local, on_gpu=True), fchunk)  # bounds the fp32 temporaries
     fused_chunk = (2.0 * fchunk * v_local + 4.0 * sub * v_local * loss.chunk_fp32_temporaries
                    + 8.0 * fchunk * (v_local // block))
     unfused = logits + otr_saved + otr_temporaries
