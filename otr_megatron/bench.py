@@ -178,11 +178,24 @@ def run_layout(rank: int, world: int, args, port: int) -> list[str]:
     return lines
 
 
-def _worker(rank, world, args, port, out):
+def _worker(rank, world, args, port, out, run):
     torch.set_num_threads(args.threads or max(1, (os.cpu_count() or 1) // world))
-    lines = run_layout(rank, world, args, port)
+    result = run(rank, world, args, port)
     if rank == 0:
-        out.put(lines)
+        out.put(result)
+
+
+def run_on_ranks(run, world: int, args):
+    """``run(rank, world, args, port)`` in ``world`` spawned processes (gloo on CPU; ``args.threads``
+    torch threads each, default cores / world); returns rank 0's result. ``run`` must be importable."""
+    import torch.multiprocessing as mp
+
+    if args.vocab % world:
+        raise SystemExit(f"--vocab {args.vocab} must be divisible by every --tp value (got {world})")
+    out = mp.get_context("spawn").SimpleQueue()
+    mp.start_processes(_worker, args=(world, args, free_port(), out, run), nprocs=world, join=True,
+                       start_method="spawn")
+    return out.get()
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -198,16 +211,8 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--threads", type=int, default=None,
                    help="torch threads per rank (default: CPU cores / TP); 1 is robust on a shared machine")
     args = p.parse_args(argv)
-    import torch.multiprocessing as mp
-
-    ctx = mp.get_context("spawn")
     for world in args.tp:
-        if args.vocab % world:
-            raise SystemExit(f"--vocab {args.vocab} must be divisible by every --tp value (got {world})")
-        out = ctx.SimpleQueue()
-        mp.start_processes(_worker, args=(world, args, free_port(), out), nprocs=world, join=True,
-                           start_method="spawn")
-        print("\n".join(out.get()), "\n", flush=True)
+        print("\n".join(run_on_ranks(run_layout, world, args)), "\n", flush=True)
     return 0
 
 

@@ -29,9 +29,8 @@ import torch
 import torch.distributed as dist
 
 import otr_megatron as otr
-from otr_megatron.bench import _measure
+from otr_megatron.bench import _measure, run_on_ranks
 from otr_megatron.core.linear_loss import default_linear_chunk
-from otr_megatron.distributed import free_port
 
 MEM_TARGET = 0.10  # fused extra peak memory / unfused OTR's
 TIME_TARGET = 1.3  # fused time / unfused OTR's
@@ -163,13 +162,6 @@ def format_layout(result: dict) -> list[str]:
     return lines
 
 
-def _worker(rank, world, args, port, out):
-    torch.set_num_threads(args.threads or max(1, (os.cpu_count() or 1) // world))
-    result = run_layout(rank, world, args, port)
-    if rank == 0:
-        out.put(result)
-
-
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(prog="python -m otr_megatron.bench_linear", description=__doc__,
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -188,17 +180,9 @@ def main(argv: list[str] | None = None) -> int:
     args = p.parse_args(argv)
     if min(args.chunk_tokens) < 1 or args.repeats < 1:
         p.error("--chunk-tokens and --repeats must be >= 1")
-    import torch.multiprocessing as mp
-
-    ctx = mp.get_context("spawn")
     results = []
     for world in args.tp:
-        if args.vocab % world:
-            raise SystemExit(f"--vocab {args.vocab} must be divisible by every --tp value (got {world})")
-        out = ctx.SimpleQueue()
-        mp.start_processes(_worker, args=(world, args, free_port(), out), nprocs=world, join=True,
-                           start_method="spawn")
-        result = out.get()
+        result = run_on_ranks(run_layout, world, args)
         results.append(result)
         print("\n".join(format_layout(result)), "\n", flush=True)
         if args.json:

@@ -48,14 +48,16 @@ _FLOAT_DTYPES = (torch.float32, torch.bfloat16, torch.float16, torch.float64)
 
 
 def default_linear_chunk(shard: int, on_gpu: bool, one_pass: bool = False) -> int:
-    """Rows of logits materialised at a time. CPU: 256 rows, where BLAS runs near full speed (the four
-    matmuls of a fused call cost 1.26x the unfused three at 256 rows, 1.64x at 64); the loss's fp32
-    temporaries stay bounded separately by its own chunk (`OTRConfig.chunk_tokens`). GPU: about 16M
-    logits with the torch backend, 64M with the Triton kernels (``one_pass``: no temporaries, the
-    gradient written in place of the chunk's bf16 logits: 128 MB), so a long sequence over a 150k
-    vocabulary at TP=1 is ~20 chunks, not ~80: each chunk costs a fixed number of host launches."""
+    """Rows of logits materialised at a time. CPU: at least 256 rows, where BLAS runs near full speed
+    (the four matmuls of a fused call cost 1.26x the unfused three at 256 rows, 1.64x at 64), and at
+    least 4M logits (8 MB of bf16), so a small vocabulary is not chunked at all (one chunk: the
+    unfused numbers bit for bit); the loss's fp32 temporaries stay bounded separately by its own chunk
+    (`OTRConfig.chunk_tokens`). GPU: about 16M logits with the torch backend, 64M with the Triton
+    kernels (``one_pass``: no temporaries, the gradient written in place of the chunk's bf16 logits:
+    128 MB), so a long sequence over a 150k vocabulary at TP=1 is ~20 chunks, not ~80: each chunk
+    costs a fixed number of host launches."""
     if not on_gpu:
-        return 256
+        return max(256, (1 << 22) // max(shard, 1))
     return max(16, (1 << 26 if one_pass else 1 << 24) // max(shard, 1))
 
 
@@ -139,11 +141,7 @@ class _LinearOTR(torch.autograd.Function):
         ctx.save_for_backward(hidden, weight)
         ctx.rows, ctx.spec, ctx.backend, ctx.group, ctx.sp = rows.saved(), spec, backend, group, sp
         ctx.chunk, ctx.sub = chunk, sub
-        if not want_stats:
-            return rows.loss
-        outs = rows.stat_outputs(h.device)
-        ctx.mark_non_differentiable(*outs)
-        return (rows.loss,) + outs
+        return rows.outputs(ctx, h.device, want_stats)
 
     @staticmethod
     def backward(ctx, grad_loss, *unused):

@@ -212,8 +212,14 @@ class Rows:
         """The part the backward reads (the statistics outputs are returned, not saved)."""
         return Rows(None, self.coef_pi, self.coef_q, self.cols, self.weights, self.valid, self.local)
 
-    def stat_outputs(self, device) -> tuple:
-        return tuple(torch.empty(0, device=device) if t is None else t for t in self.stats)
+    def outputs(self, ctx, device, want_stats: bool):
+        """An autograd function's return value: the loss, with ``want_stats`` also the statistics
+        (empty where the estimator has none), marked non-differentiable."""
+        if not want_stats:
+            return self.loss
+        outs = tuple(torch.empty(0, device=device) if t is None else t for t in self.stats)
+        ctx.mark_non_differentiable(*outs)
+        return (self.loss,) + outs
 
     def take(self, lo: int, hi: int) -> "Rows":
         def part(t):
@@ -301,11 +307,7 @@ class _VocabParallelOTR(torch.autograd.Function):
         ctx.set_materialize_grads(False)  # the statistics outputs get no gradient: none is built
         ctx.save_for_backward(logits)
         ctx.rows, ctx.spec, ctx.backend, ctx.chunk, ctx.inplace = rows.saved(), spec, backend, chunk, inplace
-        if not want_stats:
-            return rows.loss
-        outs = rows.stat_outputs(logits.device)
-        ctx.mark_non_differentiable(*outs)
-        return (rows.loss,) + outs
+        return rows.outputs(ctx, logits.device, want_stats)
 
     @staticmethod
     def backward(ctx, grad_loss, *unused):
