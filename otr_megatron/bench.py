@@ -107,10 +107,10 @@ def _methods(args):
     return methods
 
 
-def run_layout(rank: int, world: int, args, port: int) -> list[str]:
-    """Runs on every TP rank; returns the printable table on rank 0."""
+def init_rank(rank: int, world: int, port: int, dtype: str):
+    """This benchmark rank's process group and megatron-core TP group of ``world`` ranks (NCCL on
+    CUDA, gloo on CPU); returns (device, TP group, torch dtype of ``dtype``)."""
     from megatron.core import parallel_state as ps
-    from megatron.core.tensor_parallel import vocab_parallel_cross_entropy
 
     device = torch.device("cuda", rank) if torch.cuda.is_available() else torch.device("cpu")
     if device.type == "cuda":
@@ -118,8 +118,16 @@ def run_layout(rank: int, world: int, args, port: int) -> list[str]:
     os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
     dist.init_process_group("nccl" if device.type == "cuda" else "gloo", rank=rank, world_size=world)
     ps.initialize_model_parallel(tensor_model_parallel_size=world)
-    group = ps.get_tensor_model_parallel_group()
-    dtype = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}[args.dtype]
+    return device, ps.get_tensor_model_parallel_group(), {"bf16": torch.bfloat16, "fp16": torch.float16,
+                                                          "fp32": torch.float32}[dtype]
+
+
+def run_layout(rank: int, world: int, args, port: int) -> list[str]:
+    """Runs on every TP rank; returns the printable table on rank 0."""
+    from megatron.core import parallel_state as ps
+    from megatron.core.tensor_parallel import vocab_parallel_cross_entropy
+
+    device, group, dtype = init_rank(rank, world, port, args.dtype)
 
     n, v = args.tokens, args.vocab
     shard = v // world

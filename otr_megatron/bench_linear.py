@@ -23,13 +23,12 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
 
 import torch
 import torch.distributed as dist
 
 import otr_megatron as otr
-from otr_megatron.bench import _measure, run_on_ranks
+from otr_megatron.bench import _measure, init_rank, run_on_ranks
 from otr_megatron.core.linear_loss import default_linear_chunk
 
 MEM_TARGET = 0.10  # fused extra peak memory / unfused OTR's
@@ -55,14 +54,8 @@ def run_layout(rank: int, world: int, args, port: int) -> dict:
     from megatron.core import parallel_state as ps
     from megatron.core.tensor_parallel import vocab_parallel_cross_entropy
 
-    device = torch.device("cuda", rank) if torch.cuda.is_available() else torch.device("cpu")
-    if device.type == "cuda":
-        torch.cuda.set_device(device)
-    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
-    dist.init_process_group("nccl" if device.type == "cuda" else "gloo", rank=rank, world_size=world)
-    ps.initialize_model_parallel(tensor_model_parallel_size=world)
-    group = ps.get_tensor_model_parallel_group() if world > 1 else None
-    dtype = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}[args.dtype]
+    device, group, dtype = init_rank(rank, world, port, args.dtype)
+    group = group if world > 1 else None
 
     n, d, v = args.tokens, args.hidden, args.vocab
     shard = v // world
