@@ -76,6 +76,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--seeds", help="comma-separated seeds (default 1,2,3)")
     p.add_argument("--sweep", action="append", default=None, metavar="KEY=V1,V2",
                    help="a config key and its values; repeat for a product grid (default study: task x finetune_lr)")
+    p.add_argument("--vary", action="append", default=None, metavar="KEY=V1,V2",
+                   help="a config key moved alone from the config's value (one at a time, not crossed); repeat "
+                        "for a settings map; crossed with every --sweep point")
     p.add_argument("--output-dir", "-o", help="where runs and the report go (default runs/compare[_quick])")
     p.add_argument("--jobs", "-j", type=int, default=None,
                    help="runs at a time (default: number of cores, at most 2; threads per run = cores / jobs)")
@@ -207,10 +210,12 @@ def _parse_study(args, argv: list[str]) -> _Study:
     else:
         sweep_texts = []
     sweeps = [parse_sweep(s) for s in sweep_texts]
-    for sw in sweeps:
-        for given, kept in sw.duplicates:
-            print(f"otr-megatron compare: --sweep {sw.key}: {given} is the same value as {kept}; "
-                  "running that arm once", file=sys.stderr)
+    varies = [parse_sweep(s, option="--vary") for s in args.vary or []]
+    for opt, sws in (("--sweep", sweeps), ("--vary", varies)):
+        for sw in sws:
+            for given, kept in sw.duplicates:
+                print(f"otr-megatron compare: {opt} {sw.key}: {given} is the same value as {kept}; "
+                      "running that arm once", file=sys.stderr)
     rules = dict(AB_RULES) if default_study else {}
     for r in args.answer_rule or []:
         if "=" not in r:
@@ -220,7 +225,7 @@ def _parse_study(args, argv: list[str]) -> _Study:
     if args.jobs is not None and args.jobs < 1:
         raise ConfigError(f"--jobs={args.jobs}; expected an integer >= 1")
     out = args.output_dir or ("runs/compare_quick" if args.quick else "runs/compare")
-    plan = build_plan(out, args.config, overrides, losses, seeds, sweeps)
+    plan = build_plan(out, args.config, overrides, losses, seeds, sweeps, varies)
     for split, rule in rules.items():
         if rule not in RULES:
             raise ConfigError(f"--answer-rule {split}={rule}: unknown rule; expected one of {RULES}")
@@ -275,6 +280,7 @@ def _study_record(st: _Study, args, tasks, missing: list[str], started: str, wal
         "git_commit": _git_commit(),
         "machine": _machine(),
         "losses": st.losses, "seeds": st.seeds, "sweeps": [s.key + "=" + ",".join(s.labels) for s in st.sweeps],
+        "varies": [s.key + "=" + ",".join(s.labels) for s in st.plan.varies],
         "jobs": st.jobs, "answer_rules": st.rules, "overrides": st.overrides, "config": args.config,
         "invocations": prev.get("invocations", []) + ([] if args.report_only or not ran else [
             {"started": started, "wall_s": wall, "tasks_run": ran, "git_commit": _git_commit(), "command": command}]),

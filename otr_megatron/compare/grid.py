@@ -1,5 +1,10 @@
 """The grid of a comparison: arms (loss x knob values), seeds, and the warm start each run shares.
 
+Knobs are crossed (``--sweep``: every combination) or varied one at a time around the config's own
+values (``--vary``: a settings map, e.g. K, kappa and beta each moved alone from the default). An arm
+whose knobs differ from another arm of the same loss only in keys that loss does not read
+(`IGNORED_BY_LOSS`: SFT does not read K) is not run again: it shares that arm's runs (`Plan.shared`).
+
 A *run* is one arm at one seed. Every run's config is resolved and validated here, in the harness
 process, with the train job's own config code (defaults, YAML file, ``KEY=VALUE`` overrides), so a
 typo fails before anything is launched. Runs whose configs agree on everything that affects the
@@ -38,6 +43,10 @@ FINETUNE_ONLY = (
     "log_interval",
     "save_interval",
 )
+# The OTR knobs a loss does not read: arms of that loss that differ only in these share one run.
+# (otr.estimator and otr.seed follow `loss` and `seed` in the train job.)
+_OTR_MATH = ("otr.num_samples", "otr.temperature", "otr.neg_reward")
+IGNORED_BY_LOSS = {"sft": _OTR_MATH, "dft": _OTR_MATH, "otr-expected": ("otr.num_samples",), "otr": ()}
 # Set on every child run: the harness shows progress and makes its own plots.
 CHILD_SETTINGS = {"progress_bar": False, "plot": False}
 
@@ -92,7 +101,7 @@ def _same_value(v) -> str:
     return "json:" + json.dumps(v, sort_keys=True, default=str)
 
 
-def parse_sweep(text: str) -> Sweep:
+def parse_sweep(text: str, option: str = "--sweep") -> Sweep:
     """``KEY=V1,V2,...`` (values parsed as YAML) or ``KEY=[V1, V2]`` for values that contain commas.
 
     A value given twice (also in another spelling, e.g. ``1e-4`` and ``0.0001``) is one arm, run
@@ -100,18 +109,18 @@ def parse_sweep(text: str) -> Sweep:
     from otr_megatron.config.reader import OverrideError, safe_yaml_load
 
     if "=" not in text:
-        raise ConfigError(f"--sweep {text!r}: expected KEY=V1,V2,... e.g. finetune_lr=3e-4,1e-3")
+        raise ConfigError(f"{option} {text!r}: expected KEY=V1,V2,... e.g. finetune_lr=3e-4,1e-3")
     key, raw = (s.strip() for s in text.split("=", 1))
     if not key or not raw:
-        raise ConfigError(f"--sweep {text!r}: expected KEY=V1,V2,... with at least one value")
+        raise ConfigError(f"{option} {text!r}: expected KEY=V1,V2,... with at least one value")
     if key in ("loss", "seed"):
-        raise ConfigError(f"--sweep {text!r}: use --losses / --seeds for {key!r}")
-    source = f"--sweep {text[:80]!r}"
+        raise ConfigError(f"{option} {text!r}: use --losses / --seeds for {key!r}")
+    source = f"{option} {text[:80]!r}"
     try:
         if raw.startswith("["):
             values = safe_yaml_load(raw, source)
             if not isinstance(values, list):
-                raise ConfigError(f"--sweep {text!r}: expected a YAML list of values")
+                raise ConfigError(f"{option} {text!r}: expected a YAML list of values")
             pieces = [json.dumps(v, default=str) for v in values]
             labels = [value_label(v) for v in values]
         else:
@@ -119,11 +128,11 @@ def parse_sweep(text: str) -> Sweep:
             values = [safe_yaml_load(v, source) for v in pieces]  # the shared reader: 3e-4 is a number
             labels = [value_label(v) if isinstance(v, str) else value_label(p) for v, p in zip(values, pieces)]
     except yaml.YAMLError as e:
-        raise ConfigError(f"--sweep {text!r}: values are not valid YAML ({' '.join(str(e).split())})") from None
+        raise ConfigError(f"{option} {text!r}: values are not valid YAML ({' '.join(str(e).split())})") from None
     except OverrideError as e:
         raise ConfigError(str(e)) from None
     if not values:
-        raise ConfigError(f"--sweep {text!r}: no values")
+        raise ConfigError(f"{option} {text!r}: no values")
     kept: dict[str, int] = {}
     keep, dups = [], []
     for i, v in enumerate(values):
@@ -135,7 +144,7 @@ def parse_sweep(text: str) -> Sweep:
             keep.append(i)
     values, labels = [values[i] for i in keep], [labels[i] for i in keep]
     if len(set(labels)) != len(labels):
-        raise ConfigError(f"--sweep {text!r}: different values must have different names, got labels {labels}")
+        raise ConfigError(f"{option} {text!r}: different values must have different names, got labels {labels}")
     return Sweep(key, tuple(values), tuple(labels), tuple(dups))
 
 
@@ -236,6 +245,9 @@ class Plan:
     runs: list[Run]
     base_overrides: list[str]
     config_path: str | None
+    varies: list[Sweep] = field(default_factory=list)
+    # (arm, run): arms whose results are another arm's run (the knobs that differ are ignored by the loss)
+    shared: list[tuple[Arm, "Run"]] = field(default_factory=list)
 
 
 def _warm_dict(cfg: TrainConfig) -> dict:
@@ -249,6 +261,19 @@ def _warm_dict(cfg: TrainConfig) -> dict:
     return d
 
 
+def _one_at_a_time(varies: list[Sweep], short: list[str], base: dict) -> list[tuple]:
+    """The base point (no knob moved) first, then each varied key moved alone to each of its values
+    that differs from the base config's own."""
+    combos: list[tuple] = [()]
+    for s, sk in zip(varies, short):
+        try:
+            at = _same_value(_get(base, s.key))
+        except (KeyError, TypeError):
+            raise ConfigError(f"--vary {s.key}=...: no such config key") from None
+        combos += [((s.key, v, lab, sk),) for v, lab in zip(s.values, s.labels) if _same_value(v) != at]
+    return combos
+
+
 def build_plan(
     out: str,
     config_path: str | None,
@@ -256,28 +281,45 @@ def build_plan(
     losses: list[str],
     seeds: list[int],
     sweeps: list[Sweep],
+    varies: list[Sweep] = (),
 ) -> Plan:
     """Resolve every run's config (raises ConfigError naming the bad key) and group warm starts."""
-    keys = [s.key for s in sweeps]
+    varies = list(varies)
+    keys = [s.key for s in [*sweeps, *varies]]
     if len(set(keys)) != len(keys):
-        raise ConfigError(f"--sweep: a key is swept twice ({keys})")
+        raise ConfigError(f"--sweep/--vary: a key is given twice ({keys})")
     # Names use the last part of each key (data.train -> train) unless two keys share it.
     last = [k.rsplit(".", 1)[-1] for k in keys]
     short = last if len(set(last)) == len(last) else keys
     combos: list[tuple] = [()]
     for s, sk in zip(sweeps, short):
         combos = [c + ((s.key, v, lab, sk),) for c in combos for v, lab in zip(s.values, s.labels)]
-    arms = [Arm(loss, c) for c in combos for loss in losses]
     base = load_config(config_path, overrides)
+    if varies:
+        around = _one_at_a_time(varies, short[len(sweeps):], to_dict(base))
+        combos = [c + a for c in combos for a in around]
+    arms = [Arm(loss, c) for c in combos for loss in losses]
     if base.pretrain_iters < 1:
         raise ConfigError(
             f"pretrain_iters={base.pretrain_iters}: the harness shares a cross-entropy warm start between "
             "arms; expected pretrain_iters >= 1"
         )
+    # An arm shares the runs of the first arm of its loss that agrees on every knob the loss reads.
+    owner: dict[tuple, Arm] = {}
+    runs_of: dict[Arm, list[Run]] = {}
+    shared_arms: list[tuple[Arm, Arm]] = []
+    for arm in arms:
+        ignored = IGNORED_BY_LOSS.get(arm.loss, ())
+        reads = (arm.loss, tuple((k, _same_value(v)) for k, v, _, _ in arm.knobs if k not in ignored))
+        if reads in owner:
+            shared_arms.append((arm, owner[reads]))
+        else:
+            owner[reads] = arm
+            runs_of[arm] = []
     warm: dict[str, WarmStart] = {}
     runs: list[Run] = []
     for seed in seeds:
-        for arm in arms:
+        for arm in runs_of:
             cfg = load_config(config_path, [*overrides, *arm.overrides(), f"seed={seed}"])
             if cfg.finetune_iters < 1:
                 raise ConfigError(f"arm {arm.name}: finetune_iters={cfg.finetune_iters}; expected >= 1")
@@ -297,7 +339,10 @@ def build_plan(
             run = Run(arm, seed, from_dict(TrainConfig, d).validate(), w, d["output_dir"])
             w.runs.append(run)
             runs.append(run)
-    return Plan(out, losses, seeds, list(sweeps), arms, list(warm.values()), runs, list(overrides), config_path)
+            runs_of[arm].append(run)
+    shared = [(arm, run) for arm, own in shared_arms for run in runs_of[own]]
+    return Plan(out, losses, seeds, list(sweeps), arms, list(warm.values()), runs, list(overrides), config_path,
+                varies, shared)
 
 
 def dump_config(cfg: TrainConfig, path: str) -> str:

@@ -49,8 +49,9 @@ def collect(plan: Plan, tasks) -> dict:
         if t.kind == "probe" and t.dir in ok:
             probes[t.warm.dir] = _load_json(os.path.join(t.dir, "probe.json")) or {}
     table: dict = defaultdict(lambda: defaultdict(dict))
-    for r in plan.runs:
-        panel = r.arm.panel
+    # An arm that shares another arm's run (`Plan.shared`) gets that run's numbers in its own panel.
+    for arm, r in [(r.arm, r) for r in plan.runs] + list(plan.shared):
+        panel = arm.panel
         pr = probes.get(r.warm.dir, {})
         if r.warm.dir in ok:
             m = _eval_metrics(r.warm.dir)
@@ -61,7 +62,7 @@ def collect(plan: Plan, tasks) -> dict:
             m = _eval_metrics(r.dir)
             if m is not None:
                 m.update({k: v for k, v in pr.get(r.arm.name, {}).items() if k != "iteration"})
-                table[panel][r.arm.loss][r.seed] = m
+                table[panel][arm.loss][r.seed] = m
     return table
 
 

@@ -285,10 +285,15 @@ class Runner:
         self.check_existing()
         todo = [t for t in self.tasks if t.status == "pending"]
         n_total, n_skip = len(self.tasks), len(self.tasks) - len(todo)
-        self.log(f"compare: {len(self.plan.runs)} runs ({len(self.plan.arms)} arms x {len(self.plan.seeds)} seeds), "
+        n_shared = len({a for a, _ in self.plan.shared})
+        arms = f"{len(self.plan.arms)} arms" + (f", {n_shared} of them sharing another arm's runs" if n_shared else "")
+        self.log(f"compare: {len(self.plan.runs)} runs ({arms}; x {len(self.plan.seeds)} seeds), "
                  f"{len(self.plan.warm_starts)} warm starts, {sum(t.kind == 'probe' for t in self.tasks)} probes; "
                  f"{n_skip} of {n_total} tasks already finished; {self.jobs} at a time -> {self.plan.out}")
         if self.dry_run:
+            for arm, r in self.plan.shared:
+                if r.seed == self.plan.seeds[0]:
+                    self.log(f"  {arm.name}: shares {r.arm.name} (the knobs that differ are not read by {arm.loss})")
             for t in todo:
                 self.log(f"  would run {t.kind:5s} {t.name}: {' '.join(self._command_preview(t))}")
             return self.tasks

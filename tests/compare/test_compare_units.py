@@ -58,12 +58,17 @@ def test_plan_shares_one_warm_start_per_seed_and_arms_differ_only_in_the_grid(tm
     sweeps = [parse_sweep("data.train=assets:ab_parity_fixed.jsonl,assets:ab_parity_uniform.jsonl"),
               parse_sweep("finetune_lr=3e-4,1e-3"), parse_sweep("otr.temperature=1.0,1.3")]
     plan = build_plan(str(tmp_path), None, compare_cli._ab_overrides(), ["sft", "otr"], [1, 2], sweeps)
-    assert len(plan.arms) == 2 * 2 * 2 * 2 and len(plan.runs) == 2 * len(plan.arms)
+    assert len(plan.arms) == 2 * 2 * 2 * 2
+    # sft does not read kappa: its temperature=1.3 arms share the temperature=1.0 arms' runs
+    assert len(plan.runs) == 2 * (len(plan.arms) - 4) and len(plan.shared) == 2 * 4
+    for arm, run in plan.shared:
+        assert arm.loss == run.arm.loss == "sft" and arm.name.endswith("temperature=1.3")
+        assert run.arm.name == arm.name.replace("temperature=1.3", "temperature=1.0")
     assert [w.seed for w in plan.warm_starts] == [1, 2]  # every knob here acts after the warm start
     assert len({w.family for w in plan.warm_starts}) == 1
     for w in plan.warm_starts:
         assert w.cfg.finetune_iters == 0 and w.cfg.pretrain_iters == 800 and w.cfg.seed == w.seed
-        assert len(w.runs) == len(plan.arms)
+        assert len(w.runs) == len(plan.arms) - 4
     swept = {"loss", "data.train", "finetune_lr", "otr.temperature", "output_dir"}
     runs = plan.warm_starts[0].runs
     ref = _flat(to_dict(runs[0].cfg))
@@ -72,6 +77,58 @@ def test_plan_shares_one_warm_start_per_seed_and_arms_differ_only_in_the_grid(tm
         assert {k for k in d if d[k] != ref[k]} <= swept, r.arm.name
         assert r.cfg.resume and not r.cfg.progress_bar and r.dir.endswith(r.arm.name)
     assert runs[0].arm.name == "sft__train=ab_parity_fixed__finetune_lr=3e-4__temperature=1.0"
+
+
+def test_vary_moves_one_knob_at_a_time_and_runs_an_arm_only_for_losses_that_read_it(tmp_path):
+    varies = [parse_sweep("otr.num_samples=4,32", option="--vary"),
+              parse_sweep("otr.temperature=1.0,1.3,2.0", option="--vary")]
+    plan = build_plan(str(tmp_path), None, compare_cli._ab_overrides() + ["otr.num_samples=32"],
+                      ["sft", "otr-expected", "otr"], [1], [parse_sweep("finetune_lr=1e-4,3e-4")], varies)
+    # per learning rate: the base point, K=4, kappa=1.0, kappa=2.0 (K=32 and kappa=1.3 are the base)
+    panels = list(dict.fromkeys(a.panel for a in plan.arms))
+    assert panels[:4] == ["finetune_lr=1e-4", "finetune_lr=1e-4, num_samples=4", "finetune_lr=1e-4, temperature=1.0",
+                          "finetune_lr=1e-4, temperature=2.0"] and len(panels) == 8
+    ran = {r.arm.name for r in plan.runs}
+    assert "otr__finetune_lr=1e-4__num_samples=4" in ran and "otr-expected__finetune_lr=1e-4__temperature=2.0" in ran
+    assert "sft__finetune_lr=1e-4__temperature=2.0" not in ran and "otr-expected__finetune_lr=1e-4__num_samples=4" not in ran
+    assert len(plan.runs) == 2 * (1 + 3 + 4)  # sft once, otr-expected at 3 kappas, otr at all 4 points
+    for r in plan.runs:
+        moved = {k: v for k, v, _, _ in r.arm.knobs}
+        assert r.cfg.otr.num_samples == moved.get("otr.num_samples", 32)
+        assert r.cfg.otr.temperature == moved.get("otr.temperature", 1.3)
+    shared = {a.name: r.arm.name for a, r in plan.shared}
+    assert shared["sft__finetune_lr=3e-4__temperature=1.0"] == "sft__finetune_lr=3e-4"
+    assert shared["otr-expected__finetune_lr=3e-4__num_samples=4"] == "otr-expected__finetune_lr=3e-4"
+    with pytest.raises(ConfigError, match="given twice"):
+        build_plan(str(tmp_path), None, [], ["sft"], [1], [parse_sweep("otr.beta=0,1")],
+                   [parse_sweep("otr.beta=0,1", option="--vary")])
+    with pytest.raises(ConfigError, match="--vary"):
+        parse_sweep("otr.neg_reward", option="--vary")
+
+
+def test_sft_and_dft_do_not_read_the_otr_knobs_they_share_runs_over(tmp_path):
+    """The sharing rule's premise, on the core loss: sft/dft give the same loss and gradient at any K,
+    kappa, beta; otr-expected at any K."""
+    import torch
+
+    from otr_megatron import OTRConfig, vocab_parallel_otr_loss
+    from otr_megatron.compare.grid import IGNORED_BY_LOSS
+    from otr_megatron.train.config import LOSS_TO_ESTIMATOR
+
+    torch.manual_seed(0)
+    logits = torch.randn(6, 2, 40, dtype=torch.float64)
+    labels = torch.randint(0, 40, (6, 2))
+    knobs = {"otr.num_samples": (4, 64), "otr.temperature": (0.7, 2.0), "otr.neg_reward": (0.0, -1.0)}
+    for loss, ignored in IGNORED_BY_LOSS.items():
+        outs = []
+        for i in range(2):
+            kw = {k.split(".")[1]: v[i] for k, v in knobs.items() if k in ignored}
+            x = logits.clone().requires_grad_(True)
+            val = vocab_parallel_otr_loss(x, labels, OTRConfig(estimator=LOSS_TO_ESTIMATOR[loss], **kw)).sum()
+            val.backward()
+            outs.append((val.detach(), x.grad))
+        if ignored:
+            assert torch.equal(outs[0][0], outs[1][0]) and torch.equal(outs[0][1], outs[1][1]), loss
 
 
 def test_plan_gives_a_knob_that_changes_the_warm_start_its_own_warm_start(tmp_path):
