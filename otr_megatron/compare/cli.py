@@ -310,7 +310,8 @@ def _header(study: dict, n_seeds: int, jobs: int, missing: list[str]) -> str:
 
 def _report(st: _Study, args, tasks, started: str, wall: float) -> int:
     """results.json, study.json, results.md and the plots; exit 1 if any run has no result."""
-    from otr_megatron.compare.report import collect, default_metrics, markdown, plot, plot_frontier, summarize
+    from otr_megatron.compare.report import (collect, default_metrics, frontier_gap, frontier_markdown, markdown,
+                                             plot, plot_frontier, summarize)
 
     table = collect(st.plan, tasks)
     summary = summarize(st.plan, table, st.reference)
@@ -321,18 +322,25 @@ def _report(st: _Study, args, tasks, started: str, wall: float) -> int:
     pending = [t for t in tasks if t.status == "pending"]
     study = _study_record(st, args, tasks, missing, started, wall)
     summary["study"] = study
+    fr = [m.strip() for m in args.frontier.split(",")] if args.frontier else (
+        list(AB_FRONTIER) if st.default_study else None)
+    if fr and len(fr) != 2:
+        print(f"otr-megatron compare: --frontier {args.frontier!r}: expected X,Y (two metrics); no frontier made",
+              file=sys.stderr)
+        fr = None
+    summary["frontier"] = frontier_gap(summary, fr[0], fr[1], st.reference) if fr and st.reference else []
     _write_atomic(os.path.join(st.out, "results.json"), json.dumps(summary, indent=1))
     _write_atomic(os.path.join(st.out, "study.json"), json.dumps(study, indent=1))
-    md = markdown(summary, metrics, _header(study, len(st.seeds), st.jobs, missing))
+    md = markdown(summary, metrics, _header(study, len(st.seeds), st.jobs, missing)) + frontier_markdown(
+        summary["frontier"])
     _write_atomic(os.path.join(st.out, "results.md"), md)
     png = None
     if summary["panels"]:
         commits = sorted({str(i.get("git_commit")) for i in study["invocations"]}) or [str(study["git_commit"])]
         png = plot(summary, metrics, os.path.join(st.out, "results.png"), st.losses,
                    title=f"mean ± std over seeds, dots = seeds; runs at commit {', '.join(c[:12] for c in commits)}")
-        fr = args.frontier.split(",") if args.frontier else (AB_FRONTIER if st.default_study else None)
         if fr:
-            plot_frontier(summary, fr[0].strip(), fr[1].strip(), os.path.join(st.out, "frontier.png"), st.losses)
+            plot_frontier(summary, fr[0], fr[1], os.path.join(st.out, "frontier.png"), st.losses)
     print(md)
     print(f"compare: results {os.path.join(st.out, 'results.md')}, {os.path.join(st.out, 'results.json')}"
           + (f", plot {png}" if png else ""))

@@ -16,6 +16,12 @@ Per split and run, over the response tokens of the split (real vocabulary, float
   ``kl_valid`` (KL(base || tuned) of the two distributions restricted to the correct answers and
   renormalised: how far the preference among correct answers moved, without the wrong answers'
   removal, which dominates ``kl_answer`` once they are gone).
+* ``number_forms`` (the prompt is ``N:<n>=``; the correct answers are the 8 surface forms of
+  `otr_megatron.data.synthetic.number_forms`, several tokens each, whose choices lie at different
+  positions): the same three names at the level of whole responses, from each form's teacher-forced
+  probability (every token and the closing EOS): ``valid_mass`` = P(the response is one of the
+  forms), ``base_mode_mass`` = P(the base model's most probable form), ``kl_valid`` = KL(base ||
+  tuned) over the forms, renormalised. (No ``greedy_valid``: that needs decoding.)
 """
 
 from __future__ import annotations
@@ -28,7 +34,7 @@ import sys
 
 import torch
 
-RULES = ("parity_digit",)
+RULES = ("parity_digit", "number_forms")
 
 
 def valid_ids_parity_digit(prompt: str, tokenizer) -> list[int]:
@@ -43,6 +49,66 @@ def valid_ids_parity_digit(prompt: str, tokenizer) -> list[int]:
             raise ValueError(f"answer rule parity_digit: digit {d} is {len(enc)} tokens, expected one")
         ids.append(enc[0])
     return ids
+
+
+def number_forms_of(prompt: str) -> list[str]:
+    """The correct answers to a prompt ``N:<n>=`` (canonical form first)."""
+    from otr_megatron.data.synthetic import number_forms
+
+    m = re.fullmatch(r"N:(\d+)=", prompt.strip())
+    if m is None:
+        raise ValueError(f"answer rule number_forms: prompt {prompt!r} is not of the form 'N:<n>='")
+    return number_forms(int(m.group(1)))
+
+
+def forms_metrics(lp_base: torch.Tensor, lp_tuned: torch.Tensor) -> dict[str, float]:
+    """Whole-response metrics from log-probabilities ``[N, F]`` of each sample's F correct forms."""
+    lp_base, lp_tuned = lp_base.double(), lp_tuned.double()
+    mode = lp_base.argmax(-1, keepdim=True)
+    vb, vt = torch.log_softmax(lp_base, -1), torch.log_softmax(lp_tuned, -1)
+    return {"valid_mass": float(lp_tuned.exp().sum(-1).mean()),
+            "base_mode_mass": float(lp_tuned.gather(-1, mode).exp().mean()),
+            "kl_valid": float((vb.exp() * (vb - vt)).sum(-1).mean())}
+
+
+@torch.no_grad()
+def sample_logprobs(trainer, ds) -> torch.Tensor:
+    """log P(response | prompt) per sample of `ds` (sum over its supervised tokens, EOS included), float64."""
+    from otr_megatron.mcore.hook import unwrap_model
+
+    vocab = trainer.tokenizer.vocab_size
+    model = unwrap_model(trainer.model[0])
+    model.eval()
+    dev = next(model.parameters()).device
+    out = torch.zeros(ds.num_samples, dtype=torch.float64)
+    mbs = trainer.cfg.micro_batch_size
+    for start in range(0, len(ds), mbs):
+        b = ds.collate(list(range(start, min(start + mbs, len(ds)))))
+        logits = model(b["tokens"].to(dev), b["position_ids"].to(dev),
+                       None if b["attention_mask"] is None else b["attention_mask"].to(dev))
+        sel = (b["loss_mask"] > 0).to(dev)
+        lp = torch.log_softmax(logits.float()[..., :vocab][sel].double(), dim=-1).cpu()
+        out.index_add_(0, b["sample_ids"][sel.cpu()], lp.gather(-1, b["labels"][sel.cpu()].unsqueeze(-1)).squeeze(-1))
+    model.train()
+    return out
+
+
+def _forms_datasets(trainer, prompts: list[str], tmp: str) -> list:
+    """One dataset per surface form (form f of every prompt, in the split's sample order), built as the
+    job builds its evaluation splits."""
+    from otr_megatron.data.sft import build_sft_dataset
+
+    forms = [number_forms_of(p) for p in prompts]
+    out = []
+    for f in range(len(forms[0])):
+        path = os.path.join(tmp, f"form{f}.jsonl")
+        with open(path, "w", encoding="utf-8") as fh:
+            fh.writelines(json.dumps({"prompt": p, "response": fs[f]}) + "\n" for p, fs in zip(prompts, forms))
+        ds = build_sft_dataset([path], trainer.tokenizer, trainer.cfg.data.seq_length, name=f"form{f}", verbose=False)
+        if ds.stats.truncated:
+            raise ValueError(f"answer rule number_forms: form {f} does not fit seq_length={trainer.cfg.data.seq_length}")
+        out.append(ds)
+    return out
 
 
 def distribution_metrics(lp_base: torch.Tensor, lp_tuned: torch.Tensor, first: torch.Tensor,
@@ -153,10 +219,19 @@ def run_probe(spec: dict) -> dict:
         tr.setup()
         it = load_checkpoint(tr, _checkpoint_of(spec["base"]))
         base = {s: split_logprobs(tr, s) for s in tr.eval_data}
-        valid = {}
+        valid, forms = {}, {}
         for s, rule in spec.get("rules", {}).items():
             ds = tr.eval_data[s]
-            valid[s] = [valid_ids_parity_digit(_prompt_of(ds, tr.tokenizer, i), tr.tokenizer) for i in base[s][2]]
+            prompts = [_prompt_of(ds, tr.tokenizer, i) for i in base[s][2]]
+            if rule == "parity_digit":
+                valid[s] = [valid_ids_parity_digit(p, tr.tokenizer) for p in prompts]
+            else:
+                forms[s] = _forms_datasets(tr, prompts, tmp)
+
+        def forms_lp(s):
+            return torch.stack([sample_logprobs(tr, d) for d in forms[s]], -1)
+
+        base_forms = {s: forms_lp(s) for s in forms}
         runs = {"__warm_start__": spec["base"], **spec["runs"]}
         for name, run_dir in runs.items():
             it = load_checkpoint(tr, _checkpoint_of(run_dir)) if name != "__warm_start__" else it
@@ -167,6 +242,9 @@ def run_probe(spec: dict) -> dict:
                     raise RuntimeError(f"split {s}: sample order differs between the base and {name}")
                 for k, v in distribution_metrics(base[s][0], lp, first, valid.get(s)).items():
                     rec[f"{s}/{k}"] = v
+                if s in forms:  # whole-response metrics replace the answer-position ones of the same name
+                    lpf = forms_lp(s) if name != "__warm_start__" else base_forms[s]
+                    rec.update({f"{s}/{k}": v for k, v in forms_metrics(base_forms[s], lpf).items()})
             results[name] = rec
             print(f"probe {name} (iteration {it}): " + " ".join(f"{k}={v:.4g}" for k, v in rec.items()
                                                                   if k != "iteration"), flush=True)

@@ -19,6 +19,37 @@ from otr_megatron.compare.grid import Plan
 WARM = "warm start (CE)"
 
 
+# Two-sided 95% quantiles of Student's t, df = 1..30 (beyond: the Cornish-Fisher expansion below).
+_T975 = (12.706, 4.303, 3.182, 2.776, 2.571, 2.447, 2.365, 2.306, 2.262, 2.228, 2.201, 2.179, 2.160, 2.145,
+         2.131, 2.120, 2.110, 2.101, 2.093, 2.086, 2.080, 2.074, 2.069, 2.064, 2.060, 2.056, 2.052, 2.048,
+         2.045, 2.042)
+
+
+def t975(df: int) -> float:
+    """The 0.975 quantile of Student's t with `df` degrees of freedom (df >= 1)."""
+    if df < 1:
+        raise ValueError(f"df={df}; expected >= 1")
+    if df <= len(_T975):
+        return _T975[df - 1]
+    z = 1.959964
+    return z + (z**3 + z) / (4 * df) + (5 * z**5 + 16 * z**3 + 3 * z) / (96 * df**2)
+
+
+def paired_stats(diffs: list[float]) -> dict:
+    """mean, std, n and the 95% t-interval of the mean of paired differences over seeds; `shown` when
+    the interval excludes 0 (n >= 2). The t-interval assumes the per-seed differences are roughly
+    normal; with n = 3 it is wide (half-width 2.48 std), which is the honest price of 3 seeds."""
+    mean, std = _mean_std(diffs)
+    n = len(diffs)
+    out = {"mean": mean, "std": std, "n": n}
+    if n >= 2:
+        half = t975(n - 1) * std / math.sqrt(n)
+        out.update(ci95=[mean - half, mean + half], shown=bool(mean - half > 0 or mean + half < 0))
+    else:
+        out.update(ci95=None, shown=False)
+    return out
+
+
 def _mean_std(xs: list[float]) -> tuple[float, float]:
     n = len(xs)
     m = sum(xs) / n
@@ -97,8 +128,7 @@ def summarize(plan: Plan, table: dict, reference: str | None) -> dict:
                     if not seeds:
                         continue
                     diffs = [rows[row][s][k] - ref[s][k] for s in seeds]
-                    mean, std = _mean_std(diffs)
-                    stats[k] = {"mean": mean, "std": std, "n": len(diffs), "seeds": seeds, "values": diffs}
+                    stats[k] = {**paired_stats(diffs), "seeds": seeds, "values": diffs}
                 paired.append({"row": f"{row} - {reference}", "metrics": stats})
         panels.append({"panel": panel, "rows": rows_out, "paired": paired})
     return {"panels": panels, "reference": reference}
@@ -114,6 +144,40 @@ def _fmt(st: dict | None, n_row: int) -> str:
         digits = 3 if a < 100 else 1
         text = f"{st['mean']:.{digits}f} ± {st['std']:.{digits}f}"
     return text if st["n"] == n_row else f"{text} (n={st['n']})"
+
+
+def _num(x: float) -> str:
+    a = abs(x)
+    return f"{x:+.2e}" if 0 < a < 0.01 else f"{x:+.3f}" if a < 100 else f"{x:+.1f}"
+
+
+def fmt_paired(st: dict | None, n_row: int | None = None) -> str:
+    """``mean ± std [95% interval]``, bold when the interval excludes 0 ("shown"), else plain."""
+    if st is None:
+        return "-"
+    text = f"{_num(st['mean'])} ± {abs(st['std']):.3g}"
+    if st.get("ci95"):
+        text += f" [{_num(st['ci95'][0])}, {_num(st['ci95'][1])}]"
+    if n_row is not None and st["n"] != n_row:
+        text += f" (n={st['n']})"
+    return f"**{text}**" if st.get("shown") else text
+
+
+PAIRED_LEGEND = ("mean ± std over seeds [95% t-interval of the mean, df = n - 1]; **bold** = shown (the interval "
+                 "excludes 0), plain = not shown")
+
+
+def paired_overview(summary: dict, metrics: list[str], rows: list[str] | None = None) -> str:
+    """Every panel's paired differences in one table (one line per panel and arm): the settings map."""
+    lines = [f"| panel | difference | n | " + " | ".join(metrics) + " |", "|---|---|---|" + "---|" * len(metrics)]
+    for p in summary["panels"]:
+        for r in p["paired"]:
+            if rows is not None and r["row"].split(" - ")[0] not in rows:
+                continue
+            n = max((st["n"] for st in r["metrics"].values()), default=0)
+            lines.append(f"| {p['panel']} | {r['row']} | {n} | " + " | ".join(fmt_paired(r["metrics"].get(m), n)
+                                                                           for m in metrics) + " |")
+    return "\n".join(lines) + "\n"
 
 
 def default_metrics(summary: dict) -> list[str]:
@@ -141,12 +205,13 @@ def markdown(summary: dict, metrics: list[str], header: str = "") -> str:
             cells = [_fmt(r["metrics"].get(m), r["n"]) for m in metrics]
             lines.append(f"| {r['row']} | {r['n']} | " + " | ".join(cells) + " |")
         if p["paired"]:
-            lines += ["", f"paired difference vs {summary['reference']} (same seed, same warm start):", ""]
+            lines += ["", f"paired difference vs {summary['reference']} (same seed, same warm start; "
+                      f"{PAIRED_LEGEND}):", ""]
             lines.append("| difference | n | " + " | ".join(metrics) + " |")
             lines.append("|---|---|" + "---|" * len(metrics))
             for r in p["paired"]:
                 n = max((st["n"] for st in r["metrics"].values()), default=0)
-                cells = [_fmt(r["metrics"].get(m), n) for m in metrics]
+                cells = [fmt_paired(r["metrics"].get(m), n) for m in metrics]
                 lines.append(f"| {r['row']} | {n} | " + " | ".join(cells) + " |")
     return "\n".join(lines) + "\n"
 
@@ -199,11 +264,69 @@ def plot(summary: dict, metrics: list[str], path: str, losses: list[str], title:
     return path
 
 
+def _interp(xs: list[float], ys: list[float], x: float) -> float:
+    """Piecewise-linear y(x) through points sorted by x (x inside their range)."""
+    for (x0, y0), (x1, y1) in zip(zip(xs, ys), zip(xs[1:], ys[1:])):
+        if x0 <= x <= x1:
+            return y0 if x1 == x0 else y0 + (y1 - y0) * (x - x0) / (x1 - x0)
+    raise ValueError(f"x={x} outside [{xs[0]}, {xs[-1]}]")
+
+
+def frontier_gap(summary: dict, x_metric: str, y_metric: str, reference: str, points: int = 5) -> list[dict]:
+    """Each loss's y minus the reference's y at equal x (e.g. forgetting at equal new-task accuracy), seed
+    by seed: per seed, each loss's panels (e.g. its learning rates) are joined into a piecewise-linear
+    curve y(x); the two curves are compared at `points` x values spread over the x range that every
+    seed's two curves cover. Paired over seeds like the tables (`paired_stats`): the warm start's
+    spread cancels. Empty where the curves do not overlap."""
+    per: dict = defaultdict(lambda: defaultdict(list))  # loss -> seed -> [(x, y)]
+    for p in summary["panels"]:
+        for r in p["rows"]:
+            mx, my = r["metrics"].get(x_metric), r["metrics"].get(y_metric)
+            if r["row"] == WARM or not mx or not my:
+                continue
+            ys = dict(zip(my["seeds"], my["values"]))
+            for sd, xv in zip(mx["seeds"], mx["values"]):
+                if sd in ys:
+                    per[r["row"]][sd].append((xv, ys[sd]))
+    out = []
+    ref = per.get(reference, {})
+    for loss, seeds in per.items():
+        if loss == reference:
+            continue
+        common = [sd for sd in seeds if sd in ref and len(seeds[sd]) >= 2 and len(ref[sd]) >= 2]
+        if len(common) < 2:
+            continue
+        curves = {sd: (sorted(seeds[sd]), sorted(ref[sd])) for sd in common}
+        lo = max(max(c[0][0][0], c[1][0][0]) for c in curves.values())
+        hi = min(min(c[0][-1][0], c[1][-1][0]) for c in curves.values())
+        if not lo < hi:
+            continue
+        for i in range(points):
+            x = lo + (hi - lo) * i / (points - 1)
+            diffs = [_interp([a for a, _ in c[0]], [b for _, b in c[0]], x)
+                     - _interp([a for a, _ in c[1]], [b for _, b in c[1]], x) for c in curves.values()]
+            out.append({"loss": loss, "reference": reference, "x_metric": x_metric, "y_metric": y_metric, "x": x,
+                        **paired_stats(diffs), "seeds": common, "values": diffs})
+    return out
+
+
+def frontier_markdown(gaps: list[dict]) -> str:
+    if not gaps:
+        return ""
+    g0 = gaps[0]
+    lines = ["", f"**Frontier**: {g0['y_metric']} of each loss minus {g0['reference']}'s at equal {g0['x_metric']} "
+             f"(per seed, each loss's points joined piecewise-linearly; {PAIRED_LEGEND}):", "",
+             f"| difference | at {g0['x_metric']} | n | {g0['y_metric']} |", "|---|---|---|---|"]
+    for g in gaps:
+        lines.append(f"| {g['loss']} - {g['reference']} | {g['x']:.3f} | {g['n']} | {fmt_paired(g)} |")
+    return "\n".join(lines) + "\n"
+
+
 def plot_frontier(summary: dict, x_metric: str, y_metric: str, path: str, losses: list[str]) -> str | None:
     """Trade-off view: every (panel, arm) as a point (mean, std error bars) of two metrics, so a
     loss can be compared with another at a matched value of one of them (e.g. a learning-rate sweep).
-    Colour = arm, marker = panel; the points of one arm within panels that differ in one knob only
-    are not joined (the panels need not be ordered)."""
+    Colour = arm, marker = panel; each arm's points are joined in order of x (its curve, e.g. over
+    learning rates) and labelled with their panel's knob values."""
     import matplotlib
 
     matplotlib.use("Agg")
@@ -215,6 +338,7 @@ def plot_frontier(summary: dict, x_metric: str, y_metric: str, path: str, losses
     markers = "osD^v<>PX*"
     fig, ax = plt.subplots(figsize=(8, 5.5))
     used_rows, used_panels = [], []
+    curve: dict = defaultdict(list)  # row -> [(x, y, panel label)]: each arm's points joined in x order
     for pi, p in enumerate(summary["panels"]):
         for row in rows_order:
             r = next((x for x in p["rows"] if x["row"] == row), None)
@@ -225,6 +349,13 @@ def plot_frontier(summary: dict, x_metric: str, y_metric: str, path: str, losses
                         color=colors[row], ms=6, capsize=2, lw=0.8, alpha=0.85)
             used_rows += [row] if row not in used_rows else []
             used_panels += [pi] if pi not in used_panels else []
+            curve[row].append((sx["mean"], sy["mean"], _short_panel(p["panel"]).replace("\n", ", ")))
+    for row, pts in curve.items():
+        pts.sort()
+        if row != WARM and len(pts) > 1:
+            ax.plot([a for a, _, _ in pts], [b for _, b, _ in pts], color=colors[row], lw=1, alpha=0.6)
+        for a, b, lab in pts:
+            ax.annotate(lab, (a, b), fontsize=6, xytext=(3, 3), textcoords="offset points", color=colors[row])
     if not used_rows:
         plt.close(fig)
         return None

@@ -48,6 +48,18 @@ length trained: a harder split where this tiny model stays at exact match 0),
 ``ab_parity_eval`` (unseen numbers; response = last digit, so the job's own exact match there is
 "greedy answer = last digit"; the harness measures parity accuracy and KL from the distributions).
 Every (op, word) and every n is in at most one split.
+
+**Surface forms** (files ``ab_forms_*.jsonl``, `otr-megatron compare --config configs/compare_forms.yaml`):
+many valid answers as real SFT data has them, several equivalent ways to write one answer, with the
+choices spread over the response rather than at one token. Prompt ``N:<n>=`` (n of 4-5 digits); an
+answer is n with a unit, in one of 8 forms: word order (number first or unit first) x synonym
+(``pts`` / ``points``) x number format (``12345`` / ``12,345``), e.g. ``12345 pts``, ``points 12,345``.
+The warm start (``ab_forms_pretrain``: the old task, the parity prior and this one) answers with the
+canonical form ``12345 pts`` half of the time and a uniformly random form otherwise (the base puts ~0.56
+on it). Fine-tuning: ``ab_forms_fixed`` (always the canonical form: one correct answer, the null
+control) or ``ab_forms_many`` (a uniformly random form per record). ``ab_forms_eval``: unseen numbers,
+canonical form (the job's exact match there is "greedy gives the canonical form"; the harness's
+``number_forms`` answer rule scores the probability of all 8 forms).
 """
 
 from __future__ import annotations
@@ -92,7 +104,15 @@ AB_PARITY_SPLITS = {"parity_eval": 400, "parity_train": 4000, "parity_pretrain":
 AB_FILES = ("pretrain", "strings_train", "strings_eval", "strings_ood", "strings_long", "parity_fixed",
             "parity_uniform", "parity_eval")
 
-ASSET_NAMES = tuple(sorted([f"{n}.jsonl" for n in DEMO_SPLITS] + [f"{AB_PREFIX}{n}.jsonl" for n in AB_FILES]))
+# Surface-forms task (a second random stream, so the files above keep their bytes).
+FORMS_SEED = AB_SEED + 1
+FORMS_UNITS = ("pts", "points")
+FORMS_PRIOR_CANONICAL = 0.5  # share of warm-start answers in the canonical form (else a uniform form)
+FORMS_SPLITS = {"forms_eval": 400, "forms_train": 4000, "forms_pretrain": 3000}
+FORMS_FILES = ("forms_pretrain", "forms_fixed", "forms_many", "forms_eval")
+
+ASSET_NAMES = tuple(sorted([f"{n}.jsonl" for n in DEMO_SPLITS] + [f"{AB_PREFIX}{n}.jsonl" for n in AB_FILES]
+                           + [f"{AB_PREFIX}{n}.jsonl" for n in FORMS_FILES]))
 
 
 def string_rows(rng: random.Random, seen: set, count: int, lo: int, hi: int, accept=None) -> list[dict]:
@@ -169,6 +189,42 @@ def ab_splits(seed: int = AB_SEED) -> dict[str, list[dict]]:
     }
 
 
+def number_forms(n: int) -> list[str]:
+    """The 8 equivalent answers to ``N:<n>=``, the canonical one (``12345 pts``) first."""
+    out = []
+    for number in (str(n), f"{n:,}"):
+        for unit in FORMS_UNITS:
+            out += [f"{number} {unit}", f"{unit} {number}"]
+    return out
+
+
+def forms_splits(seed: int = FORMS_SEED) -> dict[str, list[dict]]:
+    """The surface-forms files (names without the ``ab_`` prefix), in `FORMS_FILES` order."""
+    rng = random.Random(seed)
+    seen: set[int] = set()
+    nums = {}
+    for name, count in FORMS_SPLITS.items():
+        nums[name] = []
+        while len(nums[name]) < count:
+            n = rng.randint(1000, 99999)
+            if n not in seen:
+                seen.add(n)
+                nums[name].append(n)
+
+    def prior(n: int) -> str:
+        forms = number_forms(n)
+        return forms[0] if rng.random() < FORMS_PRIOR_CANONICAL else rng.choice(forms)
+
+    pretrain = ab_splits()["pretrain"] + [{"prompt": f"N:{n}=", "response": prior(n)} for n in nums["forms_pretrain"]]
+    rng.shuffle(pretrain)
+    return {
+        "forms_pretrain": pretrain,
+        "forms_fixed": [{"prompt": f"N:{n}=", "response": number_forms(n)[0]} for n in nums["forms_train"]],
+        "forms_many": [{"prompt": f"N:{n}=", "response": rng.choice(number_forms(n))} for n in nums["forms_train"]],
+        "forms_eval": [{"prompt": f"N:{n}=", "response": number_forms(n)[0]} for n in nums["forms_eval"]],
+    }
+
+
 def jsonl_bytes(rows: list[dict]) -> bytes:
     """Compact JSON lines, ASCII, LF: the same bytes on every platform (the checksums depend on it)."""
     return "".join(json.dumps(r, separators=(",", ":")) + "\n" for r in rows).encode("utf-8")
@@ -178,5 +234,6 @@ def asset_files() -> dict[str, bytes]:
     """Every ``assets:`` file, name -> content (0.3 s: cheap enough to make all of them at once)."""
     files = {f"{name}.jsonl": jsonl_bytes(rows) for name, rows in demo_splits().items()}
     files.update({f"{AB_PREFIX}{name}.jsonl": jsonl_bytes(rows) for name, rows in ab_splits().items()})
+    files.update({f"{AB_PREFIX}{name}.jsonl": jsonl_bytes(rows) for name, rows in forms_splits().items()})
     assert tuple(sorted(files)) == ASSET_NAMES, "ASSET_NAMES is out of step with the generators"
     return files
