@@ -1,5 +1,5 @@
 #!/usr/bin/env python
-"""Write the A/B study's data (``assets:ab_*.jsonl``, used by `otr-megatron compare`) to a directory.
+"""Write the A/B studies' data (``assets:ab_*.jsonl``, used by `otr-megatron compare`) to a directory.
 
 Nothing needs this to run the study: the package generates the files on first use; the tasks and
 splits are described in `otr_megatron.data.synthetic`. It is for reading them, copying them
@@ -23,7 +23,9 @@ def main(argv=None) -> int:
     ap.add_argument("--out", default=None, help="output directory (default: the assets: cache)")
     ap.add_argument("--seed", type=int, default=synthetic.AB_SEED)
     args = ap.parse_args(argv)
-    write(args.out, synthetic.ab_splits(args.seed), synthetic.AB_PREFIX, args.seed, synthetic.AB_SEED)
+    splits = {**synthetic.ab_splits(args.seed),
+              **synthetic.forms_splits(args.seed - synthetic.AB_SEED + synthetic.FORMS_SEED, args.seed)}
+    write(args.out, splits, synthetic.AB_PREFIX, args.seed, synthetic.AB_SEED)
     return 0
 
 

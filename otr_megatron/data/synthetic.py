@@ -198,8 +198,9 @@ def number_forms(n: int) -> list[str]:
     return out
 
 
-def forms_splits(seed: int = FORMS_SEED) -> dict[str, list[dict]]:
-    """The surface-forms files (names without the ``ab_`` prefix), in `FORMS_FILES` order."""
+def forms_splits(seed: int = FORMS_SEED, ab_seed: int = AB_SEED) -> dict[str, list[dict]]:
+    """The surface-forms files (names without the ``ab_`` prefix), in `FORMS_FILES` order; the warm
+    start holds the A/B study's (made with `ab_seed`) plus the forms prior."""
     rng = random.Random(seed)
     seen: set[int] = set()
     nums = {}
@@ -215,7 +216,7 @@ def forms_splits(seed: int = FORMS_SEED) -> dict[str, list[dict]]:
         forms = number_forms(n)
         return forms[0] if rng.random() < FORMS_PRIOR_CANONICAL else rng.choice(forms)
 
-    pretrain = ab_splits()["pretrain"] + [{"prompt": f"N:{n}=", "response": prior(n)} for n in nums["forms_pretrain"]]
+    pretrain = ab_splits(ab_seed)["pretrain"] + [{"prompt": f"N:{n}=", "response": prior(n)} for n in nums["forms_pretrain"]]
     rng.shuffle(pretrain)
     return {
         "forms_pretrain": pretrain,

@@ -13,8 +13,8 @@ import yaml
 
 from otr_megatron.compare import cli as compare_cli
 from otr_megatron.compare.grid import build_plan, parse_losses, parse_seeds, parse_sweep
-from otr_megatron.compare.probe import distribution_metrics, valid_ids_parity_digit
-from otr_megatron.compare.report import WARM, markdown, summarize
+from otr_megatron.compare.probe import distribution_metrics, forms_metrics, number_forms_of, valid_ids_parity_digit
+from otr_megatron.compare.report import WARM, fmt_paired, frontier_gap, markdown, paired_stats, summarize, t975
 from otr_megatron.data.tokenizer import ByteTokenizer
 from otr_megatron.train.config import ConfigError, to_dict
 
@@ -182,7 +182,67 @@ def test_parity_rule():
         valid_ids_parity_digit("rev:abc=", tok)
 
 
+def test_number_forms_rule_and_whole_response_metrics_match_a_direct_computation():
+    assert number_forms_of("N:12345=") == ["12345 pts", "pts 12345", "12345 points", "points 12345",
+                                           "12,345 pts", "pts 12,345", "12,345 points", "points 12,345"]
+    with pytest.raises(ValueError, match="N:<n>="):
+        number_forms_of("P:12=")
+    g = torch.Generator().manual_seed(3)
+    lp_b = torch.log(torch.rand(5, 8, generator=g, dtype=torch.float64) / 9)  # masses sum below 1: some elsewhere
+    lp_t = torch.log(torch.rand(5, 8, generator=g, dtype=torch.float64) / 9)
+    m = forms_metrics(lp_b, lp_t)
+    pb, pt = lp_b.exp().numpy(), lp_t.exp().numpy()
+    assert m["valid_mass"] == pytest.approx(pt.sum(1).mean(), rel=1e-12)
+    assert m["base_mode_mass"] == pytest.approx(pt[np.arange(5), pb.argmax(1)].mean(), rel=1e-12)
+    qb, qt = pb / pb.sum(1, keepdims=True), pt / pt.sum(1, keepdims=True)
+    assert m["kl_valid"] == pytest.approx((qb * np.log(qb / qt)).sum(1).mean(), rel=1e-10)
+    assert forms_metrics(lp_b, lp_b)["kl_valid"] == pytest.approx(0, abs=1e-12)
+
+
 # -- report ----------------------------------------------------------------------------------------
+
+
+def test_paired_intervals_are_student_t_and_shown_only_when_they_exclude_zero():
+    assert t975(1) == 12.706 and t975(2) == 4.303 and t975(30) == 2.042
+    assert t975(60) == pytest.approx(2.000, abs=2e-3) and t975(10_000) == pytest.approx(1.960, abs=1e-3)
+    half = 4.303 / math.sqrt(3)  # std 1, n = 3
+    st = paired_stats([1.0, 2.0, 3.0])
+    assert st["ci95"] == pytest.approx([2 - half, 2 + half]) and not st["shown"]  # crosses 0
+    st = paired_stats([2.0, 3.0, 4.0])
+    assert st["ci95"] == pytest.approx([3 - half, 3 + half]) and st["shown"]
+    assert fmt_paired(st) == f"**+3.000 ± 1 [{3 - half:+.3f}, {3 + half:+.3f}]**"
+    assert paired_stats([-4.0, -3.0, -2.0])["shown"] and not paired_stats([5.0])["shown"]
+    assert "**" not in fmt_paired(paired_stats([1.0, 2.0, 3.0]))
+
+
+def test_frontier_gap_compares_curves_at_equal_x_seed_by_seed():
+    """otr's curve is sft's shifted down by 0.2 (plus seed noise that cancels in the pairing): the gap is
+    -0.2 at every x of the common range and shown; dft's curve crosses sft's: not shown in the middle."""
+    def row(name, pts):  # pts: seed -> [(x, y)] per panel
+        return name, pts
+
+    seeds = (1, 2, 3)
+    curves = {"sft": lambda x, s: 1.0 + x + 0.1 * s, "otr": lambda x, s: 0.8 + x + 0.1 * s,
+              "dft": lambda x, s: 1.0 + x + 0.1 * s + (0.3 * (x - 0.5) if s != 2 else -0.1 * (x - 0.5))}
+    xs = {"sft": [0.1, 0.5, 0.9], "otr": [0.2, 0.6, 1.0], "dft": [0.0, 0.5, 1.0]}
+    panels = []
+    for i in range(3):
+        rows = []
+        for loss, f in curves.items():
+            xv = [xs[loss][i] + 0.01 * s for s in seeds]
+            yv = [f(x, s) for x, s in zip(xv, seeds)]
+            rows.append({"row": loss, "n": 3, "metrics": {"x": {"seeds": list(seeds), "values": xv},
+                                                           "y": {"seeds": list(seeds), "values": yv}}})
+        panels.append({"panel": f"lr={i}", "rows": rows, "paired": []})
+    gaps = frontier_gap({"panels": panels}, "x", "y", "sft")
+    otr = [g for g in gaps if g["loss"] == "otr"]
+    assert len(otr) == 5 and otr[0]["x"] == pytest.approx(0.23) and otr[-1]["x"] == pytest.approx(0.91)
+    for g in otr:
+        assert g["mean"] == pytest.approx(-0.2, abs=1e-9) and g["shown"]
+    mid = [g for g in gaps if g["loss"] == "dft"][2]
+    assert abs(mid["mean"]) < 0.05 and not mid["shown"]
+
+
 
 
 def test_summary_mean_std_n_and_paired_differences(tmp_path):
@@ -250,6 +310,32 @@ def test_ab_data_assets_are_the_generator_output_and_have_the_designed_propertie
     assert set("".join(gen.HELD_OUT_FIRST.values())) <= firsts
     assert all(3 <= len(r["response"]) <= 8 for r in splits["strings_ood"])
     assert all(9 <= len(r["response"]) <= 10 for r in splits["strings_long"])
+
+
+def test_surface_forms_assets_have_the_designed_properties():
+    from otr_megatron.data import synthetic as gen
+
+    splits = gen.forms_splits()
+    for name, rows in splits.items():
+        assert _read(name) == rows, f"assets:ab_{name}.jsonl differs from otr_megatron.data.synthetic.forms_splits()"
+    n = lambda r: int(r["prompt"][2:-1])  # noqa: E731
+    fixed, many, ev = splits["forms_fixed"], splits["forms_many"], splits["forms_eval"]
+    assert [r["prompt"] for r in fixed] == [r["prompt"] for r in many]  # paired conditions
+    assert all(r["response"] == gen.number_forms(n(r))[0] for r in fixed + ev)
+    assert all(len(set(gen.number_forms(n(r)))) == 8 for r in ev)
+    # (b): uniform over the 8 forms, canonical share ~1/8 (binomial, 4000 draws)
+    canon = np.mean([r["response"] == gen.number_forms(n(r))[0] for r in many])
+    assert abs(canon - 1 / 8) < 4 * math.sqrt(1 / 8 * 7 / 8 / len(many))
+    assert all(r["response"] in gen.number_forms(n(r)) for r in many)
+    pre = splits["forms_pretrain"]
+    prior = [r for r in pre if r["prompt"].startswith("N:")]
+    canon = np.mean([r["response"] == gen.number_forms(n(r))[0] for r in prior])  # 0.5 + 0.5 / 8
+    assert abs(canon - 0.5625) < 4 * math.sqrt(0.5625 * 0.4375 / len(prior))
+    nums = [set(map(n, rows)) for rows in (prior, fixed, ev)]
+    assert not (nums[0] & nums[1]) and not (nums[0] & nums[2]) and not (nums[1] & nums[2])
+    # the rest of the warm start is the shipped study's, row for row
+    assert sorted(map(json.dumps, (r for r in pre if not r["prompt"].startswith("N:")))) == sorted(
+        map(json.dumps, gen.ab_splits()["pretrain"]))
 
 
 def test_configs_compare_ab_yaml_equals_the_embedded_study():
