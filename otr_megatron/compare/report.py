@@ -272,12 +272,28 @@ def _interp(xs: list[float], ys: list[float], x: float) -> float:
     raise ValueError(f"x={x} outside [{xs[0]}, {xs[-1]}]")
 
 
+def is_curve(summary: dict) -> bool:
+    """The panels are the values of one numeric knob (e.g. learning rates): an arm's points form a curve."""
+    parts = [p["panel"].split(", ") for p in summary["panels"]]
+    if len(parts) < 2 or any(len(x) != 1 or "=" not in x[0] for x in parts):
+        return False
+    keys = {x[0].split("=", 1)[0] for x in parts}
+    try:
+        [float(x[0].split("=", 1)[1]) for x in parts]
+    except ValueError:
+        return False
+    return len(keys) == 1
+
+
 def frontier_gap(summary: dict, x_metric: str, y_metric: str, reference: str, points: int = 5) -> list[dict]:
     """Each loss's y minus the reference's y at equal x (e.g. forgetting at equal new-task accuracy), seed
     by seed: per seed, each loss's panels (e.g. its learning rates) are joined into a piecewise-linear
     curve y(x); the two curves are compared at `points` x values spread over the x range that every
     seed's two curves cover. Paired over seeds like the tables (`paired_stats`): the warm start's
-    spread cancels. Empty where the curves do not overlap."""
+    spread cancels. Empty where the curves do not overlap or the panels are not one numeric knob's values
+    (`is_curve`: points of different tasks are not a curve)."""
+    if not is_curve(summary):
+        return []
     per: dict = defaultdict(lambda: defaultdict(list))  # loss -> seed -> [(x, y)]
     for p in summary["panels"]:
         for r in p["rows"]:
@@ -352,7 +368,9 @@ def plot_frontier(summary: dict, x_metric: str, y_metric: str, path: str, losses
             curve[row].append((sx["mean"], sy["mean"], _short_panel(p["panel"]).replace("\n", ", ")))
     for row, pts in curve.items():
         pts.sort()
-        if row != WARM and len(pts) > 1:
+        if row == WARM:  # one point, repeated in every panel: not labelled
+            continue
+        if len(pts) > 1 and is_curve(summary):
             ax.plot([a for a, _, _ in pts], [b for _, b, _ in pts], color=colors[row], lw=1, alpha=0.6)
         for a, b, lab in pts:
             ax.annotate(lab, (a, b), fontsize=6, xytext=(3, 3), textcoords="offset points", color=colors[row])

@@ -241,6 +241,9 @@ def test_frontier_gap_compares_curves_at_equal_x_seed_by_seed():
         assert g["mean"] == pytest.approx(-0.2, abs=1e-9) and g["shown"]
     mid = [g for g in gaps if g["loss"] == "dft"][2]
     assert abs(mid["mean"]) < 0.05 and not mid["shown"]
+    for i, p in enumerate(panels):  # panels that are different tasks, not one knob's values: no curve
+        p["panel"] = f"train=task{i}"
+    assert frontier_gap({"panels": panels}, "x", "y", "sft") == []
 
 
 
