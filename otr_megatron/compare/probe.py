@@ -71,25 +71,12 @@ def forms_metrics(lp_base: torch.Tensor, lp_tuned: torch.Tensor) -> dict[str, fl
             "kl_valid": float((vb.exp() * (vb - vt)).sum(-1).mean())}
 
 
-@torch.no_grad()
 def sample_logprobs(trainer, ds) -> torch.Tensor:
     """log P(response | prompt) per sample of `ds` (sum over its supervised tokens, EOS included), float64."""
-    from otr_megatron.mcore.hook import unwrap_model
-
-    vocab = trainer.tokenizer.vocab_size
-    model = unwrap_model(trainer.model[0])
-    model.eval()
-    dev = next(model.parameters()).device
     out = torch.zeros(ds.num_samples, dtype=torch.float64)
-    mbs = trainer.cfg.micro_batch_size
-    for start in range(0, len(ds), mbs):
-        b = ds.collate(list(range(start, min(start + mbs, len(ds)))))
-        logits = model(b["tokens"].to(dev), b["position_ids"].to(dev),
-                       None if b["attention_mask"] is None else b["attention_mask"].to(dev))
-        sel = (b["loss_mask"] > 0).to(dev)
-        lp = torch.log_softmax(logits.float()[..., :vocab][sel].double(), dim=-1).cpu()
-        out.index_add_(0, b["sample_ids"][sel.cpu()], lp.gather(-1, b["labels"][sel.cpu()].unsqueeze(-1)).squeeze(-1))
-    model.train()
+    for lp, b in _response_logprobs(trainer, ds):
+        sel = b["loss_mask"] > 0
+        out.index_add_(0, b["sample_ids"][sel], lp.gather(-1, b["labels"][sel].unsqueeze(-1)).squeeze(-1))
     return out
 
 
@@ -146,26 +133,35 @@ def distribution_metrics(lp_base: torch.Tensor, lp_tuned: torch.Tensor, first: t
 
 
 @torch.no_grad()
-def split_logprobs(trainer, name: str) -> tuple[torch.Tensor, torch.Tensor, list[int]]:
-    """(log-probs [N, V] at every response position, index of each sample's first one, sample ids)."""
+def _response_logprobs(trainer, ds):
+    """Per micro-batch of `ds`: (log-probs [n, V] over the real vocabulary at its n response positions,
+    float64 on the CPU, and the batch). The model is in eval mode meanwhile."""
     from otr_megatron.mcore.hook import unwrap_model
 
-    ds = trainer.eval_data[name]
     vocab = trainer.tokenizer.vocab_size
     model = unwrap_model(trainer.model[0])
     model.eval()
-    lps, sids, pos = [], [], []
+    dev = next(model.parameters()).device
     mbs = trainer.cfg.micro_batch_size
-    for start in range(0, len(ds), mbs):
-        b = ds.collate(list(range(start, min(start + mbs, len(ds)))))
-        dev = next(model.parameters()).device
-        logits = model(b["tokens"].to(dev), b["position_ids"].to(dev),
-                       None if b["attention_mask"] is None else b["attention_mask"].to(dev))
+    try:
+        for start in range(0, len(ds), mbs):
+            b = ds.collate(list(range(start, min(start + mbs, len(ds)))))
+            logits = model(b["tokens"].to(dev), b["position_ids"].to(dev),
+                           None if b["attention_mask"] is None else b["attention_mask"].to(dev))
+            sel = b["loss_mask"] > 0
+            yield torch.log_softmax(logits.float()[..., :vocab][sel.to(dev)].double(), dim=-1).cpu(), b
+    finally:
+        model.train()
+
+
+def split_logprobs(trainer, name: str) -> tuple[torch.Tensor, torch.Tensor, list[int]]:
+    """(log-probs [N, V] at every response position, index of each sample's first one, sample ids)."""
+    lps, sids, pos = [], [], []
+    for lp, b in _response_logprobs(trainer, trainer.eval_data[name]):
         sel = b["loss_mask"] > 0
-        lps.append(torch.log_softmax(logits.float()[..., :vocab][sel.to(dev)].double(), dim=-1).cpu())
+        lps.append(lp)
         sids.append(b["sample_ids"][sel])
         pos.append(b["position_ids"][sel])
-    model.train()
     lp, sid, p = torch.cat(lps), torch.cat(sids), torch.cat(pos)
     order = torch.argsort(sid * (int(p.max()) + 1) + p)  # by sample, then position
     lp, sid = lp[order], sid[order]

@@ -167,19 +167,6 @@ PAIRED_LEGEND = ("mean ± std over seeds [95% t-interval of the mean, df = n - 1
                  "excludes 0), plain = not shown")
 
 
-def paired_overview(summary: dict, metrics: list[str], rows: list[str] | None = None) -> str:
-    """Every panel's paired differences in one table (one line per panel and arm): the settings map."""
-    lines = [f"| panel | difference | n | " + " | ".join(metrics) + " |", "|---|---|---|" + "---|" * len(metrics)]
-    for p in summary["panels"]:
-        for r in p["paired"]:
-            if rows is not None and r["row"].split(" - ")[0] not in rows:
-                continue
-            n = max((st["n"] for st in r["metrics"].values()), default=0)
-            lines.append(f"| {p['panel']} | {r['row']} | {n} | " + " | ".join(fmt_paired(r["metrics"].get(m), n)
-                                                                           for m in metrics) + " |")
-    return "\n".join(lines) + "\n"
-
-
 def default_metrics(summary: dict) -> list[str]:
     """Every split's exact match and CE, then the probe's headline metrics, in a stable order."""
     keys = set()
